@@ -1,0 +1,142 @@
+"""Option groups shared by the module, the search and the CLI.
+
+Every field has a docstring: LightningCLI turns them into `--help` and `--print_config`.
+"""
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from abliterate.errors import AbliterateError
+
+
+@dataclass
+class LoadOptions:
+    """How the model is loaded."""
+
+    dtypes: list[str] = field(default_factory=lambda: ["auto", "bfloat16", "float16", "float32"])
+    """dtypes to try in order; the next is tried only when one is unsupported."""
+    device_map: str | None = None
+    """accelerate placement, e.g. "auto" to spread a model too big for one device."""
+    revision: str | None = None
+    """hub revision (branch, tag or commit)."""
+    trust_remote_code: bool = False
+    """allow the model repo's own code to run; only when you trust it."""
+    gguf_file: str | None = None
+    """a GGUF file name inside the model dir (weights are dequantised on load)."""
+    load_in_4bit: bool = False
+    """bitsandbytes 4-bit loading (CUDA only)."""
+
+
+@dataclass
+class DirectionOptions:
+    """How refusal directions are computed from residuals."""
+
+    method: Literal["mean_diff", "contrastive_pca"] = "mean_diff"
+    """mean difference of harmful and harmless residuals, or contrastive PCA around it."""
+    k: int = 1
+    """directions per layer (contrastive_pca only; 1 means the mean difference)."""
+    alpha: float = 1.0
+    """contrastive PCA weight of the harmless covariance: C = S_harmful - alpha * S_harmless."""
+    projected: bool = False
+    """make the mean difference orthogonal to the harmless mean first."""
+
+
+@dataclass
+class EvalOptions:
+    """How refusals and KL divergence are measured."""
+
+    markers: list[str] | None = None
+    """refusal marker substrings; None uses the packaged list."""
+    max_new_tokens: int = 32
+    """greedy tokens generated per harmful prompt (a sequence stops early on a marker)."""
+    kl_tokens: int = 1
+    """positions of the KL divergence: 1 is the first reply token; n follows the original's greedy reply."""
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens < 1 or self.kl_tokens < 1:
+            raise AbliterateError("evaluation.max_new_tokens and evaluation.kl_tokens must be >= 1")
+
+
+def check_range(name: str, bounds: tuple[float, float] | list[float], low: float, high: float) -> tuple[float, float]:
+    """Validate a [lo, hi] search range inside [low, high]."""
+    if len(bounds) != 2:
+        raise AbliterateError(f"search space {name} must be [low, high], got {bounds}")
+    lo, hi = float(bounds[0]), float(bounds[1])
+    if not (low <= lo <= hi <= high):
+        raise AbliterateError(f"search space {name}={[lo, hi]} is invalid: need {low} <= low <= high <= {high}")
+    return lo, hi
+
+
+@dataclass
+class SearchSpace:
+    """Ranges Optuna searches. Layer positions are fractions of depth (0 = first layer, 1 = last)."""
+
+    direction_scope: list[Literal["global", "per_layer"]] = field(default_factory=lambda: ["global", "per_layer"])
+    """global: one direction interpolated at direction_index for all layers; per_layer: each layer its own."""
+    direction_index: tuple[float, float] = (0.2, 0.9)
+    """where the global direction is taken, as a fraction of depth."""
+    max_weight: tuple[float, float] = (0.8, 1.5)
+    """peak ablation weight per component."""
+    max_weight_position: tuple[float, float] = (0.4, 1.0)
+    """layer of the peak weight, as a fraction of depth."""
+    min_weight: tuple[float, float] = (0.0, 1.0)
+    """weight at the kernel's edge, as a fraction of the peak weight."""
+    min_weight_distance: tuple[float, float] = (0.1, 0.6)
+    """kernel half-width, as a fraction of depth (at least one layer)."""
+    components: list[Literal["attn", "mlp"]] = field(default_factory=lambda: ["attn", "mlp"])
+    """residual writers to ablate: attention out-projections and MLP down-projections."""
+    direction_methods: list[Literal["mean_diff", "contrastive_pca"]] = field(default_factory=lambda: ["mean_diff"])
+    """direction methods to choose from; add contrastive_pca to search k, alpha and decay."""
+    k: tuple[int, int] = (2, 4)
+    """contrastive PCA directions per layer."""
+    alpha: tuple[float, float] = (0.0, 2.0)
+    """contrastive PCA harmless-covariance weight."""
+    direction_decay: tuple[float, float] = (0.0, 1.0)
+    """weight of direction j is decay**j times the kernel weight."""
+    norm_preserving: list[bool] = field(default_factory=lambda: [False])
+    """choices for rescaling each weight column back to its original norm."""
+
+    def __post_init__(self) -> None:
+        check_range("direction_index", self.direction_index, 0.0, 1.0)
+        check_range("max_weight", self.max_weight, 0.0, 10.0)
+        check_range("max_weight_position", self.max_weight_position, 0.0, 1.0)
+        check_range("min_weight", self.min_weight, 0.0, 1.0)
+        check_range("min_weight_distance", self.min_weight_distance, 0.0, 1.0)
+        check_range("alpha", self.alpha, 0.0, 100.0)
+        check_range("direction_decay", self.direction_decay, 0.0, 1.0)
+        check_range("k", self.k, 1, 64)
+        for name in ("direction_scope", "components", "direction_methods", "norm_preserving"):
+            if not getattr(self, name):
+                raise AbliterateError(f"search space {name} must list at least one choice")
+
+
+@dataclass
+class SearchOptions:
+    """How the Optuna search runs and which trial is picked."""
+
+    n_trials: int = 100
+    """total trials in the study (a resumed study counts the trials it already has)."""
+    n_startup_trials: int = 20
+    """random trials before TPE takes over."""
+    seed: int = 0
+    """sampler seed."""
+    storage: str | None = None
+    """Optuna storage URL; default: SQLite file study.db in the output dir."""
+    study_name: str = "abliterate"
+    """study name inside the storage."""
+    prune: bool = True
+    """stop a trial early once its (KL, refusals so far) is dominated by a completed trial."""
+    refusal_target: float = 0.05
+    """min_kl_under picks the lowest KL among trials with refusal rate at or below this."""
+    select: str = "min_kl_under"
+    """trial selection: min_kl_under, knee, or a trial number."""
+    workers: int = 1
+    """trial worker processes sharing the storage (one per device when >1 GPU)."""
+
+    def __post_init__(self) -> None:
+        if self.n_trials < 1:
+            raise AbliterateError("search.n_trials must be >= 1")
+        if not 0.0 <= self.refusal_target <= 1.0:
+            raise AbliterateError("search.refusal_target must be a fraction in [0, 1]")
+        if self.select not in ("min_kl_under", "knee") and not self.select.isdigit():
+            raise AbliterateError(f"search.select={self.select!r}: use min_kl_under, knee, or a trial number")

@@ -1,0 +1,428 @@
+"""AbliterationTrainer: a Lightning Trainer whose methods are the CLI verbs.
+
+Every verb takes the LightningModule as `model` and the PromptDataModule as `datamodule`
+(LightningCLI passes them under these names).
+"""
+
+import json
+import logging
+import os
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import asdict
+from pathlib import Path
+
+import lightning as L
+import optuna
+import torch
+from torch import Tensor
+
+from abliterate.ablation import AblationParams
+from abliterate.cache import fingerprint, load_tensors, save_tensors
+from abliterate.callbacks import ApplyAblation
+from abliterate.data import EVAL_ROLES, RESIDUAL_ROLES, PromptDataModule
+from abliterate.errors import AbliterateError
+from abliterate.export import check_writable, save_checkpoint
+from abliterate.module import AbliterationModule
+from abliterate.options import DirectionOptions, SearchOptions, SearchSpace
+from abliterate.search import (
+    TrialPlan,
+    make_study,
+    pareto_front,
+    plot_pareto,
+    run_search,
+    sample_plan,
+    select_trial,
+    write_trials_csv,
+)
+
+log = logging.getLogger("abliterate")
+
+CACHE_VERSION = "1"
+
+
+class AbliterationTrainer(L.Trainer):
+    """A Trainer with abliteration verbs. Defaults suit inference: no logger, no checkpoints."""
+
+    def __init__(
+        self,
+        *args,
+        logger=False,
+        enable_checkpointing: bool = False,
+        enable_model_summary: bool = False,
+        inference_mode: bool = False,
+        **kwargs,
+    ):
+        # inference_mode=False: weight edits and cached tensors must stay usable outside predict.
+        super().__init__(
+            *args,
+            logger=logger,
+            enable_checkpointing=enable_checkpointing,
+            enable_model_summary=enable_model_summary,
+            inference_mode=inference_mode,
+            **kwargs,
+        )
+        self.reused: dict[str, bool] = {}
+
+    # ---- building blocks (also for programmatic use) ---------------------------------
+    def collect_residuals(self, model: AbliterationModule, datamodule: PromptDataModule, cache_dir: Path | None) -> Tensor:
+        """Residuals of the direction roles (cached on disk), then the configured directions."""
+        key = fingerprint(
+            CACHE_VERSION, model.model_id, asdict(model.load_options), datamodule.fingerprint_parts(RESIDUAL_ROLES)
+        )
+        path = cache_dir / "residuals.safetensors" if cache_dir else None
+        cached = load_tensors(path, key) if path else None
+        self.reused["residuals"] = cached is not None
+        if cached is not None:
+            log.info("reusing cached residuals from %s (%s)", path, ", ".join(f"{k} {tuple(v.shape)}" for k, v in cached.items()))
+            model.set_residuals(cached)
+            return model.directions
+        start = time.perf_counter()
+        model.task = "residuals"
+        datamodule.use(RESIDUAL_ROLES)
+        self.predict(model, datamodule=datamodule, return_predictions=False)
+        log.info("collected residuals in %.1fs", time.perf_counter() - start)
+        if path and self.is_global_zero:
+            save_tensors(path, model.residuals, key)
+        return model.directions
+
+    def compute_baseline(self, model: AbliterationModule, datamodule: PromptDataModule, cache_dir: Path | None) -> float:
+        """The original model's reference log-probs and refusal rate (cached on disk)."""
+        key = fingerprint(
+            CACHE_VERSION,
+            model.model_id,
+            asdict(model.load_options),
+            asdict(model.eval_options),
+            model.markers,
+            datamodule.fingerprint_parts(EVAL_ROLES),
+        )
+        path = cache_dir / "baseline.safetensors" if cache_dir else None
+        cached = load_tensors(path, key) if path else None
+        self.reused["baseline"] = cached is not None
+        if cached is not None:
+            log.info("reusing cached baseline from %s", path)
+            model.reference_logprobs = cached["logprobs"]
+            model.reference_continuation = cached["continuation"]
+            model.result = {"refusal_rate": float(cached["refusal_rate"])}
+            return model.result["refusal_rate"]
+        start = time.perf_counter()
+        model.task = "baseline"
+        datamodule.use(EVAL_ROLES)
+        self.predict(model, datamodule=datamodule, return_predictions=False)
+        log.info(
+            "baseline: refusal rate %.3f on %d harmful prompts (%.1fs)",
+            model.result["refusal_rate"],
+            len(datamodule.dataset("eval_harmful")),
+            time.perf_counter() - start,
+        )
+        if path and self.is_global_zero:
+            tensors = {
+                "logprobs": model.reference_logprobs,
+                "continuation": model.reference_continuation,
+                "refusal_rate": torch.tensor(model.result["refusal_rate"]),
+            }
+            save_tensors(path, tensors, key)
+        return model.result["refusal_rate"]
+
+    def evaluate_plan(
+        self,
+        model: AbliterationModule,
+        datamodule: PromptDataModule,
+        ablation: AblationParams,
+        directions: Tensor,
+        extra_callbacks: Sequence[L.Callback] = (),
+    ) -> dict[str, float]:
+        """One trial: KL on the harmless eval prompts, then refusals on the harmful ones."""
+        if model.reference_logprobs is None:
+            raise RuntimeError("compute_baseline must run before evaluate_plan")
+        model.task = "evaluate"
+        datamodule.use(EVAL_ROLES)
+        added = [ApplyAblation(ablation, directions), *extra_callbacks]
+        self.callbacks.extend(added)
+        try:
+            self.predict(model, datamodule=datamodule, return_predictions=False)
+        finally:
+            for callback in added:
+                self.callbacks.remove(callback)
+        return dict(model.result)
+
+    def prepare(self, model: AbliterationModule, datamodule: PromptDataModule, output_dir: str) -> tuple[Path, float]:
+        """Directions and baseline, reusing the run dir's cache."""
+        out = Path(output_dir)
+        try:
+            (out / "cache").mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise AbliterateError(f"cannot create {out}: {err.strerror}; choose a writable --output_dir") from err
+        datamodule.attach_tokenizer(model.tokenizer)
+        self.collect_residuals(model, datamodule, out / "cache")
+        baseline = self.compute_baseline(model, datamodule, out / "cache")
+        return out, baseline
+
+    def open_study(self, output_dir: Path, search: SearchOptions) -> optuna.Study:
+        storage = search.storage or f"sqlite:///{(output_dir / 'study.db').resolve()}"
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
+        study = make_study(search, storage)
+        if search.workers <= 1:
+            # A single worker owns the study: RUNNING trials were left by a killed run.
+            for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
+                study._storage.set_trial_state_values(t._trial_id, optuna.trial.TrialState.FAIL)
+                log.info("trial %d was interrupted in an earlier run; marked FAIL", t.number)
+        return study
+
+    def plan_for(self, model: AbliterationModule, trial: optuna.trial.FrozenTrial, space: SearchSpace) -> TrialPlan:
+        return sample_plan(trial, space, model.n_layers)
+
+    # ---- verbs --------------------------------------------------------------------
+    def run(
+        self,
+        model: AbliterationModule,
+        datamodule: PromptDataModule,
+        search: SearchOptions = SearchOptions(),
+        space: SearchSpace = SearchSpace(),
+        output_dir: str = "outputs",
+        export_dir: str | None = None,
+        overwrite: bool = False,
+    ) -> Path:
+        """Main job: directions, search, select a trial, export the model.
+
+        Args:
+            search: how trials run and which is picked.
+            space: the ablation parameter ranges.
+            output_dir: run dir: study.db, cache/, trials.csv, pareto.png (rerun to resume).
+            export_dir: where the model is written; default OUTPUT_DIR/model.
+            overwrite: replace an existing export.
+        """
+        start = time.perf_counter()
+        target = Path(export_dir) if export_dir else Path(output_dir) / "model"
+        check_writable(target, overwrite)
+        out, baseline = self.prepare(model, datamodule, output_dir)
+        study = self.open_study(out, search)
+        self._search(model, datamodule, study, search, space)
+        chosen = self._report(study, search, out)
+        plan = self.plan_for(model, chosen, space)
+        self._export(model, plan, chosen, baseline, target, overwrite)
+        summary = {
+            "refusal_before": baseline,
+            "refusal_after": chosen.values[0],
+            "kl": chosen.values[1],
+            "trial": chosen.number,
+            "export": str(target),
+            "seconds": round(time.perf_counter() - start, 1),
+        }
+        print(json.dumps(summary))
+        return target
+
+    def directions(
+        self,
+        model: AbliterationModule,
+        datamodule: PromptDataModule,
+        output_dir: str = "outputs",
+        direction_method: str | None = None,
+        k: int | None = None,
+        alpha: float | None = None,
+    ) -> Path:
+        """Collect residuals and compute refusal directions, saved to OUTPUT_DIR/directions.safetensors.
+
+        Args:
+            output_dir: run dir (its cache is reused).
+            direction_method: shortcut for --module.directions.method.
+            k: shortcut for --module.directions.k.
+            alpha: shortcut for --module.directions.alpha.
+        """
+        opts = model.direction_options
+        model.direction_options = DirectionOptions(
+            method=direction_method or opts.method,
+            k=k if k is not None else opts.k,
+            alpha=alpha if alpha is not None else opts.alpha,
+            projected=opts.projected,
+        )
+        out = Path(output_dir)
+        try:
+            (out / "cache").mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise AbliterateError(f"cannot create {out}: {err.strerror}; choose a writable --output_dir") from err
+        datamodule.attach_tokenizer(model.tokenizer)
+        directions = self.collect_residuals(model, datamodule, out / "cache")
+        path = out / "directions.safetensors"
+        if self.is_global_zero:
+            info = {"model": str(model.model_id), "options": json.dumps(asdict(model.direction_options))}
+            save_tensors(path, {"directions": directions}, key=fingerprint(info), info=info)
+            log.info("saved directions %s to %s", tuple(directions.shape), path)
+        return path
+
+    def search(
+        self,
+        model: AbliterationModule,
+        datamodule: PromptDataModule,
+        search: SearchOptions = SearchOptions(),
+        space: SearchSpace = SearchSpace(),
+        output_dir: str = "outputs",
+    ) -> optuna.Study:
+        """Run Optuna trials (resumes the study in OUTPUT_DIR) and write trials.csv and pareto.png.
+
+        Args:
+            search: how trials run and which is picked.
+            space: the ablation parameter ranges.
+            output_dir: run dir: study.db, cache/, trials.csv, pareto.png.
+        """
+        out, _ = self.prepare(model, datamodule, output_dir)
+        study = self.open_study(out, search)
+        self._search(model, datamodule, study, search, space)
+        self._report(study, search, out)
+        return study
+
+    def evaluate(
+        self,
+        model: AbliterationModule,
+        datamodule: PromptDataModule,
+        search: SearchOptions = SearchOptions(),
+        space: SearchSpace = SearchSpace(),
+        output_dir: str = "outputs",
+        trial: int | None = None,
+    ) -> dict[str, float]:
+        """Refusals and KL of the model, or of a trial of the study applied to it, against the original.
+
+        Args:
+            search: where the study is (storage, study_name).
+            space: the search space the study used.
+            output_dir: run dir.
+            trial: trial number to apply; None evaluates the unmodified model.
+        """
+        out, baseline = self.prepare(model, datamodule, output_dir)
+        result = {"refusal_before": baseline}
+        if trial is not None:
+            frozen = self._trial(self.open_study(out, search), trial)
+            plan = self.plan_for(model, frozen, space)
+            after = self.evaluate_plan(model, datamodule, plan.ablation, model.directions_for(plan.directions))
+            result.update({"trial": trial, "refusal_after": after["refusal_rate"], "kl": after["kl"]})
+        print(json.dumps(result))
+        return result
+
+    def export(
+        self,
+        model: AbliterationModule,
+        datamodule: PromptDataModule,
+        search: SearchOptions = SearchOptions(),
+        space: SearchSpace = SearchSpace(),
+        output_dir: str = "outputs",
+        export_dir: str | None = None,
+        trial: int | None = None,
+        overwrite: bool = False,
+    ) -> Path:
+        """Merge a trial into the weights and save a normal HF checkpoint.
+
+        Args:
+            search: the study (storage, study_name) and the selection policy.
+            space: the search space the study used.
+            output_dir: run dir.
+            export_dir: where the model is written; default OUTPUT_DIR/model.
+            trial: trial number; None applies search.select.
+            overwrite: replace an existing export.
+        """
+        target = Path(export_dir) if export_dir else Path(output_dir) / "model"
+        check_writable(target, overwrite)
+        out, baseline = self.prepare(model, datamodule, output_dir)
+        study = self.open_study(out, search)
+        chosen = self._trial(study, trial) if trial is not None else self._report(study, search, out)
+        self._export(model, self.plan_for(model, chosen, space), chosen, baseline, target, overwrite)
+        return target
+
+    def chat(
+        self,
+        model: AbliterationModule,
+        datamodule: PromptDataModule,
+        search: SearchOptions = SearchOptions(),
+        space: SearchSpace = SearchSpace(),
+        output_dir: str = "outputs",
+        trial: int | None = None,
+        max_new_tokens: int = 256,
+    ) -> None:
+        """A streaming chat REPL with the model, or with a trial applied (empty line or Ctrl-D quits).
+
+        Args:
+            search: the study (storage, study_name).
+            space: the search space the study used.
+            output_dir: run dir.
+            trial: trial number to apply; None chats with the unmodified model.
+            max_new_tokens: reply length limit.
+        """
+        from abliterate.chat import chat_loop
+
+        model.configure_model()
+        if trial is not None:
+            out, _ = self.prepare(model, datamodule, output_dir)
+            frozen = self._trial(self.open_study(out, search), trial)
+            plan = self.plan_for(model, frozen, space)
+            model.weight_editor().apply(plan.ablation, model.directions_for(plan.directions))
+        chat_loop(model.model, model.tokenizer, datamodule, max_new_tokens=max_new_tokens)
+
+    def demo(
+        self,
+        model: AbliterationModule,
+        datamodule: PromptDataModule,
+        output_dir: str = "abliterate-demo",
+        n_trials: int = 30,
+        overwrite: bool = False,
+        cache_dir: str | None = None,
+    ) -> Path:
+        """Offline demo: train a tiny refusing model, abliterate it, print before/after.
+
+        Args:
+            output_dir: run dir; the abliterated model goes to OUTPUT_DIR/model.
+            n_trials: search budget.
+            overwrite: replace an existing exported model.
+            cache_dir: where the trained organism is cached (default ~/.cache/abliterate).
+        """
+        from abliterate.demo import configure_demo
+
+        torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
+        search, space = configure_demo(model, datamodule, n_trials=n_trials, cache_dir=cache_dir)
+        return self.run(model, datamodule, search=search, space=space, output_dir=output_dir, overwrite=overwrite)
+
+    # ---- helpers ------------------------------------------------------------------
+    def _search(self, model, datamodule, study, search: SearchOptions, space: SearchSpace) -> None:
+        if search.workers > 1:
+            from abliterate.workers import run_workers
+
+            run_workers(study, search)
+            return
+        try:
+            run_search(self, model, datamodule, search, space, study)
+        except KeyboardInterrupt as err:
+            raise SystemExit(
+                f"interrupted; finished trials are kept in {study.study_name}. Rerun the same command to resume."
+            ) from err
+
+    def _trial(self, study: optuna.Study, number: int) -> optuna.trial.FrozenTrial:
+        return select_trial(study.get_trials(deepcopy=False), str(number), 0.0)
+
+    def _report(self, study: optuna.Study, search: SearchOptions, out: Path) -> optuna.trial.FrozenTrial:
+        trials = study.get_trials(deepcopy=False)
+        chosen = select_trial(trials, search.select, search.refusal_target)
+        if self.is_global_zero:
+            write_trials_csv(trials, out / "trials.csv")
+            plot_pareto(trials, chosen, out / "pareto.png")
+        states = {s.name: sum(t.state == s for t in trials) for s in optuna.trial.TrialState}
+        front = pareto_front(trials)
+        log.info("study: %s", ", ".join(f"{n} {c}" for n, c in states.items() if c))
+        for t in front:
+            log.info("  Pareto trial %d: refusals %.3f, KL %.4f", t.number, t.values[0], t.values[1])
+        log.info("selected trial %d by %s", chosen.number, search.select)
+        return chosen
+
+    def _export(self, model, plan: TrialPlan, chosen, baseline: float, target: Path, overwrite: bool) -> None:
+        if not self.is_global_zero:
+            return
+        model.configure_model()
+        card = {
+            "base_model": model.model_id,
+            "trial": chosen.number,
+            "refusal_before": round(baseline, 4),
+            "refusal_after": round(chosen.values[0], 4),
+            "kl": round(chosen.values[1], 5),
+            "params": chosen.params,
+        }
+        directions = model.directions_for(plan.directions)
+        with model.weight_editor().applied(plan.ablation, directions):
+            save_checkpoint(model.model, model.tokenizer, target, overwrite, card)
