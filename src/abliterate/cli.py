@@ -4,6 +4,7 @@ import logging
 import os
 import sys
 
+import jsonargparse
 from lightning.pytorch.cli import LightningCLI
 
 from abliterate.data import PromptDataModule
@@ -48,6 +49,8 @@ def configure_logging() -> None:
 
 
 def build_cli(args=None, run: bool = True) -> AbliterateCLI:
+    # Field docstrings of the option dataclasses become --help text.
+    jsonargparse.set_parsing_settings(docstring_parse_attribute_docstrings=True)
     return AbliterateCLI(
         AbliterationModule,
         PromptDataModule,

@@ -163,8 +163,11 @@ class MarkerStoppingCriteria(StoppingCriteria):
         self.prompt_length = prompt_length
         # Sequences that emitted eos are finished by `generate` itself; skip decoding them.
         # (Not named `eos_token_id`: generate() treats any criterion with that attribute as an eos criterion.)
-        eos = [] if eos_token_id is None else [eos_token_id] if isinstance(eos_token_id, int) else eos_token_id
-        self._eos_ids = torch.tensor(list(eos), dtype=torch.long)
+        if eos_token_id is None:
+            eos_token_id = []
+        elif isinstance(eos_token_id, int):
+            eos_token_id = [eos_token_id]
+        self._eos_ids = torch.tensor(list(eos_token_id), dtype=torch.long)
         self.done: Tensor | None = None
         self.stop_lengths: list[int | None] = []
 
@@ -320,7 +323,8 @@ def next_token_logprobs(
     if continuation is not None:
         continuation = continuation.to(input_ids)
         input_ids = torch.cat([input_ids, continuation], dim=1)
-        attention_mask = torch.cat([attention_mask, torch.ones_like(continuation, dtype=attention_mask.dtype)], dim=1)
+        ones = torch.ones_like(continuation, dtype=attention_mask.dtype)
+        attention_mask = torch.cat([attention_mask, ones], dim=1)
         n_positions = continuation.shape[1] + 1
     # Positions count real tokens only, as in generate(): left padding must not shift them.
     position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)

@@ -1,0 +1,137 @@
+import random
+
+import optuna
+import pytest
+from optuna.distributions import FloatDistribution
+from optuna.trial import TrialState, create_trial
+
+from abliterate.callbacks import prunable, strictly_dominates
+from abliterate.errors import AbliterateError
+from abliterate.options import SearchOptions, SearchSpace
+from abliterate.search import knee, pareto_front, sample_plan, select_trial
+
+
+def front_points(points):
+    return sorted({p for p in points if not any(strictly_dominates(q, p) for q in points)})
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_pruning_never_removes_a_pareto_trial(seed):
+    """Simulate searches trial by trial, chunk by chunk: pruning keeps the front of the unpruned search."""
+    rng = random.Random(seed)
+    n_prompts, chunk = 20, 4
+    trials = []
+    for _ in range(30):
+        kl = round(rng.choice([rng.random(), rng.random() * 0.1]), 2)  # ties on KL happen
+        refusals = [rng.random() < rng.random() for _ in range(n_prompts)]
+        trials.append((kl, refusals))
+
+    completed = []
+    for kl, refusals in trials:
+        final = (sum(refusals) / n_prompts, kl)
+        pruned = False
+        for seen in range(chunk, n_prompts, chunk):  # the last chunk completes the trial
+            bound = (sum(refusals[:seen]) / n_prompts, kl)
+            assert bound[0] <= final[0]
+            if prunable(bound, completed):
+                pruned = True
+                # sound: the full evaluation would have been strictly dominated
+                assert any(strictly_dominates(c, final) for c in completed)
+                break
+        if not pruned:
+            completed.append(final)
+
+    unpruned = [(sum(r) / n_prompts, kl) for kl, r in trials]
+    assert front_points(completed) == front_points(unpruned)
+
+
+def test_prunable_needs_strict_domination():
+    assert not prunable((0.2, 0.1), [(0.2, 0.1)])  # equal is not dominated
+    assert prunable((0.2, 0.1), [(0.2, 0.05)])
+    assert prunable((0.3, 0.1), [(0.2, 0.1)])
+    assert not prunable((0.1, 0.1), [(0.2, 0.05)])
+
+
+def synthetic_trials(points):
+    dist = {"x": FloatDistribution(0, 1)}
+    trials = []
+    for i, values in enumerate(points):
+        if values is None:
+            t = create_trial(state=TrialState.PRUNED, params={"x": 0.5}, distributions=dist)
+        else:
+            t = create_trial(values=list(values), params={"x": 0.5}, distributions=dist)
+        t.number = i
+        trials.append(t)
+    return trials
+
+
+def test_select_min_kl_under_target():
+    trials = synthetic_trials([(0.5, 0.01), (0.04, 0.3), (0.02, 0.5), (0.0, 0.9), None, (0.04, 0.4)])
+    assert select_trial(trials, "min_kl_under", 0.05).number == 1
+    assert select_trial(trials, "min_kl_under", 0.01).number == 3
+    assert select_trial(trials, "min_kl_under", 1.0).number == 0
+
+
+def test_select_min_kl_under_falls_back_to_fewest_refusals_with_a_warning(caplog):
+    trials = synthetic_trials([(0.5, 0.01), (0.3, 0.2), (0.3, 0.1)])
+    with caplog.at_level("WARNING"):
+        assert select_trial(trials, "min_kl_under", 0.05).number == 2
+    assert "no trial reaches" in caplog.text
+
+
+def test_select_knee_and_number():
+    # a convex front whose knee is (0.1, 0.1)
+    trials = synthetic_trials([(1.0, 0.0), (0.1, 0.1), (0.05, 0.6), (0.0, 1.0), (0.5, 0.5)])
+    front = pareto_front(trials)
+    assert [t.number for t in front] == [3, 2, 1, 0]
+    assert knee(front).number == 1
+    assert select_trial(trials, "knee", 0.05).number == 1
+    assert select_trial(trials, "2", 0.05).number == 2
+
+
+def test_select_errors_name_the_fix():
+    trials = synthetic_trials([None, (0.1, 0.1)])
+    with pytest.raises(AbliterateError, match="PRUNED"):
+        select_trial(trials, "0", 0.05)
+    with pytest.raises(AbliterateError, match="trials.csv"):
+        select_trial(trials, "9", 0.05)
+    with pytest.raises(AbliterateError, match="n_trials"):
+        select_trial(synthetic_trials([None]), "min_kl_under", 0.05)
+
+
+def test_sample_plan_replays_from_frozen_trial():
+    space = SearchSpace(direction_methods=["mean_diff", "contrastive_pca"])
+    study = optuna.create_study(directions=["minimize", "minimize"], sampler=optuna.samplers.RandomSampler(seed=3))
+    for _ in range(8):
+        trial = study.ask()
+        plan = sample_plan(trial, space, n_layers=12)
+        study.tell(trial, [0.1, 0.1])
+        replay = sample_plan(study.trials[-1], space, n_layers=12)
+        assert replay == plan
+        for kernel in plan.ablation.components.values():
+            assert 0.8 <= kernel.max_weight <= 1.5
+            assert 0.0 <= kernel.min_weight <= kernel.max_weight
+            assert 0.4 * 11 <= kernel.max_weight_position <= 11
+        if plan.ablation.direction_index is not None:
+            assert 0.2 * 11 <= plan.ablation.direction_index <= 0.9 * 11
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"max_weight": (1.5, 0.8)}, "max_weight"),
+        ({"direction_index": (0.2, 1.2)}, "direction_index"),
+        ({"components": []}, "components"),
+        ({"k": (0, 3)}, "k"),
+    ],
+)
+def test_search_space_rejects_bad_bounds(kwargs, match):
+    with pytest.raises(AbliterateError, match=match):
+        SearchSpace(**kwargs)
+
+
+def test_search_options_validate():
+    with pytest.raises(AbliterateError, match="select"):
+        SearchOptions(select="best")
+    with pytest.raises(AbliterateError, match="refusal_target"):
+        SearchOptions(refusal_target=5)
