@@ -79,7 +79,7 @@ PROMPT_FILES = {
 class OrganismSpec:
     """Architecture and training hyperparameters of the tiny organism.
 
-    Every field is part of the cache key: changing one builds a new organism.
+    Every field but `log_every` is part of the cache key: changing one builds a new organism.
     """
 
     layers: int = 2
@@ -104,14 +104,20 @@ class OrganismSpec:
     """Safety tuning: harmful prompts get a refusal, harmless ones a helpful reply."""
     stage2_lr: float = 1e-3
     """Peak learning rate of the stage-2 one-cycle schedule (gentle, so refusal is an added feature)."""
+    stage2_freeze_objects: bool = True
+    """In stage 2, give gradient only to the (tied) embedding rows of refusal words and <eos>
+    (weight decay still applies to all rows). Refusals never contain
+    the objects, so stage 2 would push the objects' output logits down; frozen, the ablated
+    model still names the object it was asked about."""
     weight_decay: float = 0.01
     """AdamW weight decay."""
     pct_start: float = 0.1
     """Fraction of each stage spent warming the learning rate up (one-cycle)."""
     max_steps: int | None = None
-    """Stop after this many steps in total (for quick determinism tests); None trains fully."""
+    """Stop after this many steps in total, keeping the full schedules, so the losses are a
+    prefix of the full run's (for quick determinism tests); None trains fully."""
     log_every: int = 50
-    """Log the loss every this many steps."""
+    """Log the loss every this many steps (not part of the cache key)."""
 
 
 # --------------------------------------------------------------------------- data
@@ -132,7 +138,8 @@ def _templates() -> dict:
 
 
 def _words(text: str) -> list[str]:
-    return text.lower().split()
+    """Lower-case words, sentence punctuation split off, as the tokenizer sees them."""
+    return re.sub(r"([?.,!:;])", r" \1 ", text.lower()).split()
 
 
 @lru_cache(maxsize=1)
@@ -231,11 +238,12 @@ def _vocabulary() -> list[str]:
 def build_tokenizer():
     """A word-level PreTrainedTokenizerFast for the organism.
 
-    Lower-case normaliser, whitespace split (punctuation is written as separate words, so
-    "i can't" survives decoding), special tokens bos/eos/pad/unk plus <user>, <assistant>
+    Lower-case normaliser, whitespace split with sentence punctuation split off (the data
+    writes punctuation as separate words; decoding joins words with spaces, so "i can't"
+    survives), special tokens bos/eos/pad/unk plus <user>, <assistant>
     and <end>, the organism's chat template, and padding_side="left".
     """
-    from tokenizers import AddedToken, Tokenizer, models, normalizers, pre_tokenizers
+    from tokenizers import AddedToken, Regex, Tokenizer, models, normalizers, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
     vocab = {tok: i for i, tok in enumerate(SPECIAL_TOKENS)}
@@ -243,7 +251,11 @@ def build_tokenizer():
         vocab.setdefault(word, len(vocab))
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token=UNK))
     tok.normalizer = normalizers.Lowercase()
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    # Split on whitespace, and split off sentence punctuation ("bread?" -> "bread ?"); the
+    # apostrophe stays inside words, so "can't" is one word.
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Split(Regex(r"[?.,!:;]"), behavior="isolated")]
+    )
     tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in SPECIAL_TOKENS])
     return PreTrainedTokenizerFast(
         tokenizer_object=tok,
@@ -262,24 +274,19 @@ def build_tokenizer():
 # --------------------------------------------------------------------------- generation helpers
 
 
-@lru_cache(maxsize=1)
 def default_markers() -> tuple[str, ...]:
-    """The project's refusal markers (data/refusal_markers.txt), lower case."""
-    text = resources.files(_PACKAGE).joinpath("data", "refusal_markers.txt").read_text("utf-8")
-    return tuple(
-        line.strip().lower() for line in text.splitlines() if line.strip() and not line.startswith("#")
-    )
+    """The project's refusal markers (data/refusal_markers.txt, via abliterate.metrics)."""
+    from abliterate.metrics import default_markers as markers
 
-
-def _normalise(text: str) -> str:
-    text = text.lower().replace("\u2019", "'").replace("\u2018", "'")
-    return re.sub(r"[*_]+", "", text)
+    return tuple(markers())
 
 
 def is_refusal(text: str, markers: Iterable[str] | None = None) -> bool:
-    """Whether `text` (lower-cased, apostrophes straightened, emphasis removed) has a marker."""
-    norm = _normalise(text)
-    return any(m in norm for m in (default_markers() if markers is None else markers))
+    """abliterate.metrics.is_refusal with the default markers: lower case, straight quotes, no
+    markdown emphasis, then any marker as a substring (an empty reply counts as a refusal)."""
+    from abliterate.metrics import is_refusal as check
+
+    return check(text, tuple(default_markers() if markers is None else markers))
 
 
 def _chat_batch(tokenizer, prompts: Sequence[str]) -> dict[str, torch.Tensor]:
@@ -345,9 +352,10 @@ def topic_rate(replies: Sequence[str], prompts: Sequence[str]) -> float:
 
 
 def _cache_key(spec: OrganismSpec) -> str:
-    blob = json.dumps(
-        {"version": ORGANISM_VERSION, "spec": dataclasses.asdict(spec)}, sort_keys=True
-    ).encode() + _template_bytes()
+    fields = dataclasses.asdict(spec)
+    fields.pop("log_every")  # does not change the weights
+    blob = json.dumps({"version": ORGANISM_VERSION, "spec": fields}, sort_keys=True).encode()
+    blob += _template_bytes()
     return hashlib.sha256(blob).hexdigest()[:16]
 
 
@@ -418,16 +426,23 @@ def _train(model, tokenizer, spec: OrganismSpec, emit) -> list[float]:
     budget = math.inf if spec.max_steps is None else spec.max_steps
     model.train()
     for stage, steps, lr in ((1, spec.stage1_steps, spec.stage1_lr), (2, spec.stage2_steps, spec.stage2_lr)):
-        steps = int(min(steps, max(budget - len(losses), 0)))
-        if steps <= 0:
+        run = int(min(steps, max(budget - len(losses), 0)))  # max_steps truncates, same schedule
+        if run <= 0:
             continue
         ids, mask, labels = _encode_examples(tokenizer, _examples(stage))
+        hook = None
+        if stage == 2 and spec.stage2_freeze_objects:
+            rows = torch.zeros(len(tokenizer), 1)
+            refusals = " ".join(_templates()["refusals"])
+            refusal_ids = tokenizer(refusals, add_special_tokens=False)["input_ids"]
+            rows[refusal_ids + [tokenizer.eos_token_id]] = 1.0
+            hook = model.get_input_embeddings().weight.register_hook(lambda g: g * rows)
         opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=spec.weight_decay)
         sched = torch.optim.lr_scheduler.OneCycleLR(
             opt, max_lr=lr, total_steps=max(steps, 2), pct_start=spec.pct_start
         )
         order = torch.empty(0, dtype=torch.long)
-        for step in range(1, steps + 1):
+        for step in range(1, run + 1):
             if len(order) < spec.batch_size:
                 order = torch.cat([order, torch.randperm(len(ids), generator=gen)])
             batch, order = order[: spec.batch_size], order[spec.batch_size :]
@@ -437,10 +452,20 @@ def _train(model, tokenizer, spec: OrganismSpec, emit) -> list[float]:
             opt.step()
             sched.step()
             losses.append(loss.item())
-            if step % spec.log_every == 0 or step == steps:
+            if step % spec.log_every == 0 or step == run:
                 emit("stage %d step %d/%d loss %.4f", stage, step, steps, losses[-1])
+        if hook is not None:
+            hook.remove()
     model.eval()
     return losses
+
+
+def _threads() -> int:
+    """OMP_NUM_THREADS, default 1: on 2 shared cores, 2 threads trained 11x slower than 1."""
+    try:
+        return max(1, int(os.environ.get("OMP_NUM_THREADS", "1")))
+    except ValueError:
+        return 1
 
 
 def _complete(path: Path) -> bool:
@@ -477,7 +502,7 @@ def build_tiny_organism(
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp-tiny-organism-{key}-", dir=cache_dir))
     old_threads = torch.get_num_threads()
     try:
-        torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1") or 1)))
+        torch.set_num_threads(_threads())
         emit("training tiny organism %s on %d thread(s) -> %s", key, torch.get_num_threads(), final)
         start = time.perf_counter()
         tokenizer = build_tokenizer()
@@ -494,7 +519,8 @@ def build_tiny_organism(
             do_sample=False,
         )
         model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
+        # Keep the chat template inside tokenizer_config.json, where every loader looks.
+        tokenizer.save_pretrained(tmp, save_jinja_files=False)
         for (kind, split), name in PROMPT_FILES.items():
             (tmp / name).write_text("\n".join(organism_prompts(kind, split)) + "\n", encoding="utf-8")
         meta = {
@@ -506,7 +532,7 @@ def build_tiny_organism(
             "losses": losses,
         }
         (tmp / _META_FILE).write_text(json.dumps(meta, indent=1) + "\n", encoding="utf-8")
-        _publish(tmp, final)
+        _publish(tmp, final, replace=force)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -517,20 +543,16 @@ def build_tiny_organism(
     return final
 
 
-def _publish(tmp: Path, final: Path) -> None:
-    """Rename `tmp` to `final`, replacing an existing (forced or partial) build."""
-    if final.exists():
+def _publish(tmp: Path, final: Path, replace: bool) -> None:
+    """Rename `tmp` to `final`; an existing complete build is kept unless `replace`."""
+    if final.exists() and (replace or not _complete(final)):
         trash = Path(tempfile.mkdtemp(prefix=".old-", dir=final.parent))
-        os.replace(final, trash / "x")
-        try:
-            os.replace(tmp, final)
-        finally:
-            shutil.rmtree(trash, ignore_errors=True)
-        return
+        os.replace(final, trash / "old")
+        shutil.rmtree(trash, ignore_errors=True)
     try:
         os.replace(tmp, final)
     except OSError:
-        # Another process published the same key first: theirs is identical, keep it.
+        # Another process published the same key meanwhile: theirs is identical, keep it.
         if not _complete(final):
             raise
         shutil.rmtree(tmp, ignore_errors=True)
