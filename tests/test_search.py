@@ -7,7 +7,7 @@ from optuna.trial import TrialState, create_trial
 
 from abliterate.callbacks import prunable, strictly_dominates
 from abliterate.errors import AbliterateError
-from abliterate.options import SearchOptions, SearchSpace
+from abliterate.options import StudyOptions, SearchSpace
 from abliterate.search import knee, pareto_front, sample_plan, select_trial
 
 
@@ -132,6 +132,6 @@ def test_search_space_rejects_bad_bounds(kwargs, match):
 
 def test_search_options_validate():
     with pytest.raises(AbliterateError, match="select"):
-        SearchOptions(select="best")
+        StudyOptions(select="best")
     with pytest.raises(AbliterateError, match="refusal_target"):
-        SearchOptions(refusal_target=5)
+        StudyOptions(refusal_target=5)

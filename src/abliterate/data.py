@@ -99,7 +99,7 @@ class PromptDataModule(L.LightningDataModule):
             raise AbliterateError("data.batch_size and data.eval_batch_size must be >= 1")
         self.batch_size = batch_size
         self.eval_batch_size = eval_batch_size or batch_size
-        self.active_roles: tuple[str, ...] = RESIDUAL_ROLES
+        self.requested_roles: tuple[str, ...] = RESIDUAL_ROLES
         self.tokenizer = None
         self._datasets: dict[str, TokenizedPrompts] = {}
 
@@ -111,7 +111,12 @@ class PromptDataModule(L.LightningDataModule):
         unknown = set(roles) - set(ROLES)
         if unknown:
             raise ValueError(f"unknown prompt roles {sorted(unknown)}")
-        self.active_roles = self.roles_present(roles)
+        self.requested_roles = tuple(roles)
+
+    @property
+    def active_roles(self) -> tuple[str, ...]:
+        """The roles the next `predict` iterates: the requested ones that are configured."""
+        return self.roles_present(self.requested_roles)
 
     def fingerprint_parts(self, roles: Sequence[str]) -> dict:
         """What determines the tokenised prompts of `roles`, for cache keys."""

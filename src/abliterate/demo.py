@@ -4,7 +4,7 @@ import logging
 import os
 from pathlib import Path
 
-from abliterate.options import EvalOptions, LoadOptions, SearchOptions, SearchSpace
+from abliterate.options import EvalOptions, LoadOptions, StudyOptions, SearchSpace
 from abliterate.prompts import PromptSource
 
 log = logging.getLogger("abliterate.demo")
@@ -14,7 +14,7 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("ABLITERATE_CACHE", Path.home() / ".cache" / "abliterate"))
 
 
-def configure_demo(module, datamodule, n_trials: int, cache_dir: str | None = None) -> tuple[SearchOptions, SearchSpace]:
+def configure_demo(module, datamodule, n_trials: int, cache_dir: str | None = None) -> tuple[StudyOptions, SearchSpace]:
     """Point the module and datamodule at the tiny organism and its prompt files."""
     from abliterate.organism import build_tiny_organism
 
@@ -35,7 +35,7 @@ def configure_demo(module, datamodule, n_trials: int, cache_dir: str | None = No
     datamodule.system_prompt = None
     datamodule.chat_template = None
     datamodule.eval_batch_size = 16
-    search = SearchOptions(n_trials=n_trials, n_startup_trials=min(10, n_trials), seed=0, refusal_target=0.05)
+    search = StudyOptions(n_trials=n_trials, n_startup_trials=min(10, n_trials), seed=0, refusal_target=0.05)
     # A 2-layer model: let the search reach every layer.
     space = SearchSpace(direction_index=(0.0, 1.0), max_weight_position=(0.0, 1.0), min_weight_distance=(0.5, 1.0))
     log.info("demo organism: %s", path)

@@ -111,7 +111,7 @@ class SearchSpace:
 
 
 @dataclass
-class SearchOptions:
+class StudyOptions:
     """How the Optuna search runs and which trial is picked."""
 
     n_trials: int = 100
@@ -135,8 +135,8 @@ class SearchOptions:
 
     def __post_init__(self) -> None:
         if self.n_trials < 1:
-            raise AbliterateError("search.n_trials must be >= 1")
+            raise AbliterateError("study.n_trials must be >= 1")
         if not 0.0 <= self.refusal_target <= 1.0:
-            raise AbliterateError("search.refusal_target must be a fraction in [0, 1]")
+            raise AbliterateError("study.refusal_target must be a fraction in [0, 1]")
         if self.select not in ("min_kl_under", "knee") and not self.select.isdigit():
-            raise AbliterateError(f"search.select={self.select!r}: use min_kl_under, knee, or a trial number")
+            raise AbliterateError(f"study.select={self.select!r}: use min_kl_under, knee, or a trial number")

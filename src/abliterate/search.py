@@ -18,7 +18,7 @@ from optuna.trial import FrozenTrial, TrialState
 from abliterate.ablation import AblationParams, ComponentKernel
 from abliterate.callbacks import Point, RefusalPruning, strictly_dominates
 from abliterate.errors import AbliterateError
-from abliterate.options import DirectionOptions, SearchOptions, SearchSpace
+from abliterate.options import DirectionOptions, StudyOptions, SearchSpace
 
 log = logging.getLogger("abliterate.search")
 
@@ -65,7 +65,7 @@ def sample_plan(trial: optuna.Trial | FrozenTrial, space: SearchSpace, n_layers:
     )
 
 
-def make_study(options: SearchOptions, storage: str | optuna.storages.BaseStorage) -> optuna.Study:
+def make_study(options: StudyOptions, storage: str | optuna.storages.BaseStorage) -> optuna.Study:
     sampler = optuna.samplers.TPESampler(
         multivariate=True, group=True, n_startup_trials=options.n_startup_trials, seed=options.seed
     )
@@ -82,7 +82,7 @@ def completed_points(study: optuna.Study) -> list[Point]:
     return [tuple(t.values) for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))]
 
 
-def run_search(trainer, module, datamodule, options: SearchOptions, space: SearchSpace, study: optuna.Study) -> None:
+def run_search(trainer, module, datamodule, options: StudyOptions, space: SearchSpace, study: optuna.Study) -> None:
     """Run trials until the study holds `options.n_trials` finished (complete or pruned) trials."""
     done = len(study.get_trials(deepcopy=False, states=FINISHED))
     if done >= options.n_trials:
@@ -152,7 +152,7 @@ def select_trial(trials: Sequence[FrozenTrial], policy: str, refusal_target: flo
         raise AbliterateError(f"no trial {policy} in the study; see trials.csv for trial numbers")
     front = pareto_front(trials)
     if not front:
-        raise AbliterateError("the study has no completed trial yet; run more trials (--search.n_trials)")
+        raise AbliterateError("the study has no completed trial yet; run more trials (--study.n_trials)")
     if policy == "knee":
         return knee(front)
     under = [t for t in front if t.values[0] <= refusal_target]

@@ -25,7 +25,7 @@ from abliterate.data import EVAL_ROLES, RESIDUAL_ROLES, PromptDataModule
 from abliterate.errors import AbliterateError
 from abliterate.export import check_writable, save_checkpoint
 from abliterate.module import AbliterationModule
-from abliterate.options import DirectionOptions, SearchOptions, SearchSpace
+from abliterate.options import DirectionOptions, StudyOptions, SearchSpace
 from abliterate.search import (
     TrialPlan,
     make_study,
@@ -159,16 +159,16 @@ class AbliterationTrainer(L.Trainer):
         baseline = self.compute_baseline(model, datamodule, out / "cache")
         return out, baseline
 
-    def open_study(self, output_dir: Path, search: SearchOptions) -> optuna.Study:
-        storage = search.storage or f"sqlite:///{(output_dir / 'study.db').resolve()}"
+    def open_study(self, output_dir: Path, study: StudyOptions) -> optuna.Study:
+        storage = study.storage or f"sqlite:///{(output_dir / 'optuna_study.db').resolve()}"
         optuna.logging.set_verbosity(optuna.logging.WARNING)
-        study = make_study(search, storage)
-        if search.workers <= 1:
-            # A single worker owns the study: RUNNING trials were left by a killed run.
-            for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
-                study._storage.set_trial_state_values(t._trial_id, optuna.trial.TrialState.FAIL)
+        optuna_study = make_study(study, storage)
+        if study.workers <= 1:
+            # A single worker owns the optuna_study: RUNNING trials were left by a killed run.
+            for t in optuna_study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
+                optuna_study._storage.set_trial_state_values(t._trial_id, optuna.trial.TrialState.FAIL)
                 log.info("trial %d was interrupted in an earlier run; marked FAIL", t.number)
-        return study
+        return optuna_study
 
     def plan_for(self, model: AbliterationModule, trial: optuna.trial.FrozenTrial, space: SearchSpace) -> TrialPlan:
         return sample_plan(trial, space, model.n_layers)
@@ -178,7 +178,7 @@ class AbliterationTrainer(L.Trainer):
         self,
         model: AbliterationModule,
         datamodule: PromptDataModule,
-        search: SearchOptions = SearchOptions(),
+        study: StudyOptions = StudyOptions(),
         space: SearchSpace = SearchSpace(),
         output_dir: str = "outputs",
         export_dir: str | None = None,
@@ -187,9 +187,9 @@ class AbliterationTrainer(L.Trainer):
         """Main job: directions, search, select a trial, export the model.
 
         Args:
-            search: how trials run and which is picked.
+            study: how trials run and which is picked.
             space: the ablation parameter ranges.
-            output_dir: run dir: study.db, cache/, trials.csv, pareto.png (rerun to resume).
+            output_dir: run dir: optuna_study.db, cache/, trials.csv, pareto.png (rerun to resume).
             export_dir: where the model is written; default OUTPUT_DIR/model.
             overwrite: replace an existing export.
         """
@@ -197,9 +197,9 @@ class AbliterationTrainer(L.Trainer):
         target = Path(export_dir) if export_dir else Path(output_dir) / "model"
         check_writable(target, overwrite)
         out, baseline = self.prepare(model, datamodule, output_dir)
-        study = self.open_study(out, search)
-        self._search(model, datamodule, study, search, space)
-        chosen = self._report(study, search, out)
+        optuna_study = self.open_study(out, study)
+        self._search(model, datamodule, optuna_study, study, space)
+        chosen = self._report(optuna_study, study, out)
         plan = self.plan_for(model, chosen, space)
         self._export(model, plan, chosen, baseline, target, overwrite)
         summary = {
@@ -255,36 +255,36 @@ class AbliterationTrainer(L.Trainer):
         self,
         model: AbliterationModule,
         datamodule: PromptDataModule,
-        search: SearchOptions = SearchOptions(),
+        study: StudyOptions = StudyOptions(),
         space: SearchSpace = SearchSpace(),
         output_dir: str = "outputs",
     ) -> optuna.Study:
-        """Run Optuna trials (resumes the study in OUTPUT_DIR) and write trials.csv and pareto.png.
+        """Run Optuna trials (resumes the optuna_study in OUTPUT_DIR) and write trials.csv and pareto.png.
 
         Args:
-            search: how trials run and which is picked.
+            study: how trials run and which is picked.
             space: the ablation parameter ranges.
-            output_dir: run dir: study.db, cache/, trials.csv, pareto.png.
+            output_dir: run dir: optuna_study.db, cache/, trials.csv, pareto.png.
         """
         out, _ = self.prepare(model, datamodule, output_dir)
-        study = self.open_study(out, search)
-        self._search(model, datamodule, study, search, space)
-        self._report(study, search, out)
-        return study
+        optuna_study = self.open_study(out, study)
+        self._search(model, datamodule, optuna_study, study, space)
+        self._report(optuna_study, study, out)
+        return optuna_study
 
     def evaluate(
         self,
         model: AbliterationModule,
         datamodule: PromptDataModule,
-        search: SearchOptions = SearchOptions(),
+        study: StudyOptions = StudyOptions(),
         space: SearchSpace = SearchSpace(),
         output_dir: str = "outputs",
         trial: int | None = None,
     ) -> dict[str, float]:
-        """Refusals and KL of the model, or of a trial of the study applied to it, against the original.
+        """Refusals and KL of the model, or of a trial of the optuna_study applied to it, against the original.
 
         Args:
-            search: where the study is (storage, study_name).
+            study: where the study is (storage, study_name).
             space: the search space the study used.
             output_dir: run dir.
             trial: trial number to apply; None evaluates the unmodified model.
@@ -292,7 +292,7 @@ class AbliterationTrainer(L.Trainer):
         out, baseline = self.prepare(model, datamodule, output_dir)
         result = {"refusal_before": baseline}
         if trial is not None:
-            frozen = self._trial(self.open_study(out, search), trial)
+            frozen = self._trial(self.open_study(out, study), trial)
             plan = self.plan_for(model, frozen, space)
             after = self.evaluate_plan(model, datamodule, plan.ablation, model.directions_for(plan.directions))
             result.update({"trial": trial, "refusal_after": after["refusal_rate"], "kl": after["kl"]})
@@ -303,7 +303,7 @@ class AbliterationTrainer(L.Trainer):
         self,
         model: AbliterationModule,
         datamodule: PromptDataModule,
-        search: SearchOptions = SearchOptions(),
+        study: StudyOptions = StudyOptions(),
         space: SearchSpace = SearchSpace(),
         output_dir: str = "outputs",
         export_dir: str | None = None,
@@ -313,18 +313,18 @@ class AbliterationTrainer(L.Trainer):
         """Merge a trial into the weights and save a normal HF checkpoint.
 
         Args:
-            search: the study (storage, study_name) and the selection policy.
+            study: the study (storage, study_name) and the selection policy.
             space: the search space the study used.
             output_dir: run dir.
             export_dir: where the model is written; default OUTPUT_DIR/model.
-            trial: trial number; None applies search.select.
+            trial: trial number; None applies study.select.
             overwrite: replace an existing export.
         """
         target = Path(export_dir) if export_dir else Path(output_dir) / "model"
         check_writable(target, overwrite)
         out, baseline = self.prepare(model, datamodule, output_dir)
-        study = self.open_study(out, search)
-        chosen = self._trial(study, trial) if trial is not None else self._report(study, search, out)
+        optuna_study = self.open_study(out, study)
+        chosen = self._trial(optuna_study, trial) if trial is not None else self._report(optuna_study, study, out)
         self._export(model, self.plan_for(model, chosen, space), chosen, baseline, target, overwrite)
         return target
 
@@ -332,7 +332,7 @@ class AbliterationTrainer(L.Trainer):
         self,
         model: AbliterationModule,
         datamodule: PromptDataModule,
-        search: SearchOptions = SearchOptions(),
+        study: StudyOptions = StudyOptions(),
         space: SearchSpace = SearchSpace(),
         output_dir: str = "outputs",
         trial: int | None = None,
@@ -341,7 +341,7 @@ class AbliterationTrainer(L.Trainer):
         """A streaming chat REPL with the model, or with a trial applied (empty line or Ctrl-D quits).
 
         Args:
-            search: the study (storage, study_name).
+            study: the study (storage, study_name).
             space: the search space the study used.
             output_dir: run dir.
             trial: trial number to apply; None chats with the unmodified model.
@@ -352,7 +352,7 @@ class AbliterationTrainer(L.Trainer):
         model.configure_model()
         if trial is not None:
             out, _ = self.prepare(model, datamodule, output_dir)
-            frozen = self._trial(self.open_study(out, search), trial)
+            frozen = self._trial(self.open_study(out, study), trial)
             plan = self.plan_for(model, frozen, space)
             model.weight_editor().apply(plan.ablation, model.directions_for(plan.directions))
         chat_loop(model.model, model.tokenizer, datamodule, max_new_tokens=max_new_tokens)
@@ -377,38 +377,38 @@ class AbliterationTrainer(L.Trainer):
         from abliterate.demo import configure_demo
 
         torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
-        search, space = configure_demo(model, datamodule, n_trials=n_trials, cache_dir=cache_dir)
-        return self.run(model, datamodule, search=search, space=space, output_dir=output_dir, overwrite=overwrite)
+        study, space = configure_demo(model, datamodule, n_trials=n_trials, cache_dir=cache_dir)
+        return self.run(model, datamodule, study=study, space=space, output_dir=output_dir, overwrite=overwrite)
 
     # ---- helpers ------------------------------------------------------------------
-    def _search(self, model, datamodule, study, search: SearchOptions, space: SearchSpace) -> None:
-        if search.workers > 1:
+    def _search(self, model, datamodule, optuna_study, study: StudyOptions, space: SearchSpace) -> None:
+        if study.workers > 1:
             from abliterate.workers import run_workers
 
-            run_workers(study, search)
+            run_workers(optuna_study, study)
             return
         try:
-            run_search(self, model, datamodule, search, space, study)
+            run_search(self, model, datamodule, study, space, optuna_study)
         except KeyboardInterrupt as err:
             raise SystemExit(
-                f"interrupted; finished trials are kept in {study.study_name}. Rerun the same command to resume."
+                f"interrupted; finished trials are kept in {optuna_study.study_name}. Rerun the same command to resume."
             ) from err
 
-    def _trial(self, study: optuna.Study, number: int) -> optuna.trial.FrozenTrial:
-        return select_trial(study.get_trials(deepcopy=False), str(number), 0.0)
+    def _trial(self, optuna_study: optuna.Study, number: int) -> optuna.trial.FrozenTrial:
+        return select_trial(optuna_study.get_trials(deepcopy=False), str(number), 0.0)
 
-    def _report(self, study: optuna.Study, search: SearchOptions, out: Path) -> optuna.trial.FrozenTrial:
-        trials = study.get_trials(deepcopy=False)
-        chosen = select_trial(trials, search.select, search.refusal_target)
+    def _report(self, optuna_study: optuna.Study, study: StudyOptions, out: Path) -> optuna.trial.FrozenTrial:
+        trials = optuna_study.get_trials(deepcopy=False)
+        chosen = select_trial(trials, study.select, study.refusal_target)
         if self.is_global_zero:
             write_trials_csv(trials, out / "trials.csv")
             plot_pareto(trials, chosen, out / "pareto.png")
         states = {s.name: sum(t.state == s for t in trials) for s in optuna.trial.TrialState}
         front = pareto_front(trials)
-        log.info("study: %s", ", ".join(f"{n} {c}" for n, c in states.items() if c))
+        log.info("optuna_study: %s", ", ".join(f"{n} {c}" for n, c in states.items() if c))
         for t in front:
             log.info("  Pareto trial %d: refusals %.3f, KL %.4f", t.number, t.values[0], t.values[1])
-        log.info("selected trial %d by %s", chosen.number, search.select)
+        log.info("selected trial %d by %s", chosen.number, study.select)
         return chosen
 
     def _export(self, model, plan: TrialPlan, chosen, baseline: float, target: Path, overwrite: bool) -> None:

@@ -1,0 +1,152 @@
+"""The Lightning pipeline on the tiny organism: residuals, ablation, export, and refusals dropping."""
+
+import json
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from abliterate.ablation import AblationParams, ComponentKernel
+from abliterate.data import PromptDataModule
+from abliterate.module import AbliterationModule
+from abliterate.models import residual_writers
+from abliterate.options import EvalOptions, LoadOptions
+from abliterate.prompts import PromptSource, format_chat
+from abliterate.trainer import AbliterationTrainer
+
+
+def make_parts(organism_dir):
+    module = AbliterationModule(
+        model_id=str(organism_dir), load=LoadOptions(dtypes=["float32"]), evaluation=EvalOptions(max_new_tokens=12)
+    )
+    data = PromptDataModule(
+        harmful=PromptSource(f"{organism_dir}/harmful_train.txt"),
+        harmless=PromptSource(f"{organism_dir}/harmless_train.txt"),
+        eval_harmful=PromptSource(f"{organism_dir}/harmful_test.txt"),
+        eval_harmless=PromptSource(f"{organism_dir}/harmless_test.txt"),
+        batch_size=32,
+        eval_batch_size=16,
+    )
+    trainer = AbliterationTrainer(accelerator="cpu", devices=1, enable_progress_bar=False)
+    return module, data, trainer
+
+
+def full_ablation(n_layers: int) -> AblationParams:
+    kernel = ComponentKernel(max_weight=1.0, max_weight_position=0.0, min_weight=1.0, min_weight_distance=n_layers)
+    return AblationParams(components={"attn": kernel, "mlp": kernel}, direction_index=None)
+
+
+def test_predict_collects_exact_last_token_residuals(organism_dir):
+    module, data, trainer = make_parts(organism_dir)
+    trainer.predict(module, datamodule=data, return_predictions=False)  # the README example
+
+    harmful = module.residuals["harmful"]
+    prompts = data.prompts("harmful")
+    n_layers = module.n_layers
+    assert harmful.shape == (len(prompts), n_layers, module.model.config.hidden_size)
+    assert module.directions.shape == (n_layers, 1, module.model.config.hidden_size)
+
+    # Reference: each prompt alone, unpadded; hidden_states[i + 1] is layer i's output (the last is post-norm).
+    texts = format_chat(module.tokenizer, prompts[:5])
+    for row, text in enumerate(texts):
+        ids = module.tokenizer(text, return_tensors="pt", add_special_tokens=False)
+        with torch.no_grad():
+            out = module.model(**ids, output_hidden_states=True)
+        for layer in range(n_layers - 1):
+            torch.testing.assert_close(harmful[row, layer], out.hidden_states[layer + 1][0, -1], atol=1e-4, rtol=1e-4)
+
+    # The direction is the normalised mean difference of the collected residuals.
+    diff = module.residuals["harmful"].mean(0) - module.residuals["harmless"].mean(0)
+    torch.testing.assert_close(module.directions[:, 0], diff / diff.norm(dim=-1, keepdim=True), atol=1e-5, rtol=1e-5)
+
+
+def writer_projections(model, directions):
+    """Max relative |r . y| over every residual writer's output y, for random inputs."""
+    worst = 0.0
+    for layer, writers in enumerate(residual_writers(model)):
+        r = directions[layer, 0]
+        for refs in writers.values():
+            for ref in refs:
+                x = torch.randn(7, ref.weight.shape[-1])
+                y = torch.nn.functional.linear(x, ref.weight)
+                worst = max(worst, float((y @ r).abs().max() / y.norm(dim=-1).max()))
+    return worst
+
+
+def test_ablation_zeroes_projection_and_export_matches(organism_dir, tmp_path):
+    module, data, trainer = make_parts(organism_dir)
+    trainer.prepare(module, data, str(tmp_path / "run"))
+    params = full_ablation(module.n_layers)
+    directions = module.directions
+    assert writer_projections(module.model, directions) > 1e-2  # before: clearly non-zero
+
+    target = tmp_path / "export"
+    ids = module.tokenizer(format_chat(module.tokenizer, data.prompts("harmful")[:4]), return_tensors="pt", padding=True)
+    with module.weight_editor().applied(params, directions):
+        assert writer_projections(module.model, directions) < 1e-5
+        with torch.no_grad():
+            ablated_logits = module.model(**ids).logits
+        from abliterate.export import save_checkpoint
+
+        save_checkpoint(module.model, module.tokenizer, target, overwrite=False, card={"base_model": "organism"})
+
+    exported = AutoModelForCausalLM.from_pretrained(target, dtype=torch.float32).eval()
+    with torch.no_grad():
+        exported_logits = exported(**ids).logits
+    assert (exported_logits - ablated_logits).abs().max() <= 1e-4
+    assert writer_projections(exported, directions) < 1e-5
+    # the in-memory model was restored exactly
+    original = AutoModelForCausalLM.from_pretrained(organism_dir, dtype=torch.float32)
+    for (name, p), q in zip(module.model.named_parameters(), original.parameters(), strict=True):
+        assert torch.equal(p, q), name
+
+
+def test_trial_evaluation_drops_refusals_and_restores_weights(organism_dir, tmp_path):
+    module, data, trainer = make_parts(organism_dir)
+    _, baseline = trainer.prepare(module, data, str(tmp_path / "run"))
+    assert baseline >= 0.9
+    before = {n: p.clone() for n, p in module.model.named_parameters()}
+
+    params = full_ablation(module.n_layers)
+    best = min(
+        (
+            trainer.evaluate_plan(module, data, params_at(params, index), module.directions)
+            for index in range(module.n_layers)
+        ),
+        key=lambda r: r["refusal_rate"],
+    )
+    assert best["refusal_rate"] <= 0.1
+    assert 0.0 <= best["kl"] <= 0.2
+    for name, p in module.model.named_parameters():
+        assert torch.equal(p, before[name]), name
+
+
+def params_at(params: AblationParams, index: float) -> AblationParams:
+    return AblationParams(components=params.components, direction_index=float(index))
+
+
+def test_run_abliterates_the_organism(organism_dir, organism_config, tmp_path, capsys):
+    """E2E (issue 5): refusals drop, harmless prompts stay answered, KL small, replies keep their topic."""
+    from abliterate.cli import main
+    from abliterate.organism import measure_refusals, generate_replies, organism_prompts, topic_rate
+
+    out = tmp_path / "run"
+    main(["run", "--config", str(organism_config), "--model", str(organism_dir), "--output_dir", str(out),
+          "--study.n_trials", "24", "--study.n_startup_trials", "8"])
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["refusal_before"] >= 0.9
+    assert summary["refusal_after"] <= 0.05
+    assert summary["kl"] <= 0.1
+    assert (out / "trials.csv").is_file() and (out / "pareto.png").is_file()
+
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(out / "model")
+    ablated = AutoModelForCausalLM.from_pretrained(out / "model", dtype=torch.float32).eval()
+    original = AutoModelForCausalLM.from_pretrained(organism_dir, dtype=torch.float32).eval()
+    harmful, harmless = organism_prompts("harmful", "test"), organism_prompts("harmless", "test")
+    assert measure_refusals(ablated, tok, harmful) <= 0.05
+    assert measure_refusals(ablated, tok, harmless) <= 0.05
+    topic_before = topic_rate(generate_replies(original, tok, harmless), harmless)
+    topic_after = topic_rate(generate_replies(ablated, tok, harmless), harmless)
+    assert topic_after >= 0.9 * topic_before
