@@ -3,6 +3,9 @@
 import logging
 import os
 import sys
+import warnings
+
+import optuna
 
 import jsonargparse
 from lightning.pytorch.cli import LightningCLI
@@ -40,6 +43,10 @@ class AbliterateCLI(LightningCLI):
 
 
 def configure_logging() -> None:
+    # predict_step returns nothing on purpose; results live on the module.
+    warnings.filterwarnings("ignore", message=".*predict returned None.*")
+    warnings.filterwarnings("ignore", message=".*LeafSpec.*")
+    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     # Lightning repeats its device banner on every Trainer call (one per trial).
     for name in ("lightning.pytorch.utilities.rank_zero", "lightning.pytorch.accelerators.cuda", "lightning.fabric"):

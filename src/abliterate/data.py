@@ -145,8 +145,7 @@ class PromptDataModule(L.LightningDataModule):
         if self.tokenizer is None:
             raise RuntimeError("PromptDataModule needs a tokenizer: call attach_tokenizer() or run it under a Trainer")
         for role in self.active_roles:
-            if role not in self._datasets:
-                self._datasets[role] = self._tokenize(role)
+            self.dataset(role)
 
     def _tokenize(self, role: str) -> TokenizedPrompts:
         start = time.perf_counter()
@@ -169,6 +168,11 @@ class PromptDataModule(L.LightningDataModule):
         return TokenizedPrompts(role, input_ids)
 
     def dataset(self, role: str) -> TokenizedPrompts:
+        """The tokenised prompts of `role`, tokenised on first use."""
+        if role not in self._datasets:
+            if self.tokenizer is None:
+                raise RuntimeError("PromptDataModule needs a tokenizer: call attach_tokenizer() first")
+            self._datasets[role] = self._tokenize(role)
         return self._datasets[role]
 
     @override

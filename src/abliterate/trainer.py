@@ -157,14 +157,15 @@ class AbliterationTrainer(L.Trainer):
         datamodule.attach_tokenizer(model.tokenizer)
         self.collect_residuals(model, datamodule, out / "cache")
         baseline = self.compute_baseline(model, datamodule, out / "cache")
+        model.configure_model()  # with both caches hit, nothing has loaded the model yet
         return out, baseline
 
     def open_study(self, output_dir: Path, study: StudyOptions) -> optuna.Study:
-        storage = study.storage or f"sqlite:///{(output_dir / 'optuna_study.db').resolve()}"
+        storage = study.storage or f"sqlite:///{(output_dir / 'study.db').resolve()}"
         optuna.logging.set_verbosity(optuna.logging.WARNING)
         optuna_study = make_study(study, storage)
         if study.workers <= 1:
-            # A single worker owns the optuna_study: RUNNING trials were left by a killed run.
+            # A single worker owns the study: RUNNING trials were left by a killed run.
             for t in optuna_study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
                 optuna_study._storage.set_trial_state_values(t._trial_id, optuna.trial.TrialState.FAIL)
                 log.info("trial %d was interrupted in an earlier run; marked FAIL", t.number)
@@ -189,7 +190,7 @@ class AbliterationTrainer(L.Trainer):
         Args:
             study: how trials run and which is picked.
             space: the ablation parameter ranges.
-            output_dir: run dir: optuna_study.db, cache/, trials.csv, pareto.png (rerun to resume).
+            output_dir: run dir: study.db, cache/, trials.csv, pareto.png (rerun to resume).
             export_dir: where the model is written; default OUTPUT_DIR/model.
             overwrite: replace an existing export.
         """
@@ -264,7 +265,7 @@ class AbliterationTrainer(L.Trainer):
         Args:
             study: how trials run and which is picked.
             space: the ablation parameter ranges.
-            output_dir: run dir: optuna_study.db, cache/, trials.csv, pareto.png.
+            output_dir: run dir: study.db, cache/, trials.csv, pareto.png.
         """
         out, _ = self.prepare(model, datamodule, output_dir)
         optuna_study = self.open_study(out, study)
@@ -391,7 +392,7 @@ class AbliterationTrainer(L.Trainer):
             run_search(self, model, datamodule, study, space, optuna_study)
         except KeyboardInterrupt as err:
             raise SystemExit(
-                f"interrupted; finished trials are kept in {optuna_study.study_name}. Rerun the same command to resume."
+                f"interrupted; finished trials are kept in study {optuna_study.study_name!r}. Rerun the same command to resume."
             ) from err
 
     def _trial(self, optuna_study: optuna.Study, number: int) -> optuna.trial.FrozenTrial:
@@ -405,7 +406,7 @@ class AbliterationTrainer(L.Trainer):
             plot_pareto(trials, chosen, out / "pareto.png")
         states = {s.name: sum(t.state == s for t in trials) for s in optuna.trial.TrialState}
         front = pareto_front(trials)
-        log.info("optuna_study: %s", ", ".join(f"{n} {c}" for n, c in states.items() if c))
+        log.info("study: %s", ", ".join(f"{n} {c}" for n, c in states.items() if c))
         for t in front:
             log.info("  Pareto trial %d: refusals %.3f, KL %.4f", t.number, t.values[0], t.values[1])
         log.info("selected trial %d by %s", chosen.number, study.select)

@@ -1,0 +1,182 @@
+"""The `abliterate` CLI: config precedence, clear errors, resume with cached inputs."""
+
+import json
+
+import optuna
+import pytest
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+from abliterate.cli import AbliterateCLI, main
+from abliterate.module import AbliterationModule
+
+
+def run_cli(args, capsys):
+    """main(args) -> (exit code, stdout, stderr)."""
+    try:
+        main(args)
+        code = 0
+    except SystemExit as exit_:
+        code = exit_.code if isinstance(exit_.code, int) else 1
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.fixture
+def parsed(monkeypatch):
+    """Parse a command line without running the verb; returns the verb's instantiated config."""
+    seen = {}
+
+    def record(self, subcommand):
+        seen["config"] = self.config_init[subcommand]
+        seen["module"] = self.model
+        seen["data"] = self.datamodule
+
+    monkeypatch.setattr(AbliterateCLI, "_run_subcommand", record)
+
+    def parse(args):
+        main(args)
+        return seen
+
+    return parse
+
+
+def test_help_lists_the_verbs(capsys):
+    code, out, _ = run_cli(["--help"], capsys)
+    assert code == 0
+    for verb in ("run", "directions", "search", "evaluate", "export", "chat", "demo"):
+        assert verb in out
+
+
+def test_print_config_shows_defaults_and_docs(capsys):
+    code, out, _ = run_cli(["run", "--model", "some/model", "--print_config"], capsys)
+    assert code == 0
+    assert "model: some/model" in out
+    assert "n_trials: 100" in out and "refusal_target: 0.05" in out
+    assert "mlabonne/harmful_behaviors" in out
+    code, out, _ = run_cli(["run", "--help"], capsys)
+    assert "total trials in the study" in out  # field docstrings become help
+
+
+def test_config_precedence(tmp_path, parsed):
+    a = tmp_path / "a.yaml"
+    b = tmp_path / "b.yaml"
+    a.write_text("model: from-a\nstudy:\n  n_trials: 5\n  seed: 3\ndata:\n  batch_size: 4\n")
+    b.write_text("study:\n  n_trials: 6\nmodule:\n  evaluation:\n    max_new_tokens: 9\n")
+    seen = parsed(["run", "--config", str(a), "--config", str(b), "--study.seed", "11"])
+    assert seen["config"]["study"].n_trials == 6  # later config wins
+    assert seen["config"]["study"].seed == 11  # a flag after the configs wins
+    assert seen["config"]["study"].refusal_target == 0.05  # code default where nothing is set
+    assert seen["data"].batch_size == 4
+    assert seen["module"].model_id == "from-a"
+    assert seen["module"].eval_options.max_new_tokens == 9
+    seen = parsed(["run", "--config", str(a), "--model", "from-flag"])
+    assert seen["module"].model_id == "from-flag"
+
+
+@pytest.mark.parametrize(
+    "args, needle",
+    [
+        (["run", "--model", "m", "--study.bogus", "1"], "study.bogus"),
+        (["run", "--model", "m", "--study.n_trials", "many"], "n_trials"),
+        (["run", "--model", "m", "--space.max_weight", "[2.0, 1.0]"], "max_weight"),
+    ],
+)
+def test_bad_options_give_one_clear_error(args, needle, capsys):
+    code, _, err = run_cli(args, capsys)
+    assert code != 0
+    assert needle in err
+
+
+def test_unknown_yaml_key_is_named(tmp_path, capsys):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model: m\nmodule:\n  evaluation:\n    max_new_tokenz: 3\n")
+    code, _, err = run_cli(["run", "--config", str(bad)], capsys)
+    assert code != 0 and "max_new_tokenz" in err
+
+
+def test_missing_model_names_the_flag(tmp_path, capsys):
+    code, _, err = run_cli(["run", "--output_dir", str(tmp_path / "o")], capsys)
+    assert code == 2
+    assert "--model" in err
+    assert len(err.strip().splitlines()) == 1
+
+
+def organism_args(organism_config, organism_dir, out, *extra):
+    return ["run", "--config", str(organism_config), "--model", str(organism_dir), "--output_dir", str(out), *extra]
+
+
+def test_existing_export_is_not_overwritten(organism_config, organism_dir, tmp_path, capsys):
+    out = tmp_path / "run"
+    (out / "model").mkdir(parents=True)
+    (out / "model" / "keep.txt").write_text("mine")
+    code, _, err = run_cli(organism_args(organism_config, organism_dir, out, "--study.n_trials", "2"), capsys)
+    assert code == 2 and "--overwrite" in err
+    assert (out / "model" / "keep.txt").read_text() == "mine"
+    assert not (out / "cache").exists()  # nothing was computed or written half-way
+
+
+def test_unwritable_output_dir(organism_config, organism_dir, capsys):
+    code, _, err = run_cli(organism_args(organism_config, organism_dir, "/proc/abliterate-out"), capsys)
+    assert code == 2 and "writable" in err
+
+
+def test_empty_prompt_file(organism_config, organism_dir, tmp_path, capsys):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n\n")
+    args = organism_args(organism_config, organism_dir, tmp_path / "run", "--data.harmful.dataset", str(empty))
+    code, _, err = run_cli(args, capsys)
+    assert code == 2 and "no prompts" in err
+
+
+def test_missing_column(organism_config, organism_dir, tmp_path, capsys):
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text('{"prompt": "hello there"}\n')
+    args = organism_args(
+        organism_config, organism_dir, tmp_path / "run", "--data.harmful.dataset", str(rows), "--data.harmful.split", "train"
+    )
+    code, _, err = run_cli(args, capsys)
+    assert code == 2 and "column" in err and "prompt" in err
+
+
+def test_model_without_chat_template(organism_config, tmp_path, capsys):
+    vocab = {w: i for i, w in enumerate(["<pad>", "<eos>", "a", "b"])}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>")
+    model_dir = tmp_path / "plain"
+    LlamaForCausalLM(LlamaConfig(vocab_size=4, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                 num_attention_heads=2)).save_pretrained(model_dir)
+    fast.save_pretrained(model_dir)
+    code, _, err = run_cli(organism_args(organism_config, model_dir, tmp_path / "run"), capsys)
+    assert code == 2 and "chat template" in err and "--data.chat_template" in err
+
+
+def test_resume_keeps_trials_and_reuses_caches(organism_config, organism_dir, tmp_path, capsys, monkeypatch):
+    out = tmp_path / "run"
+    code, _, _ = run_cli(organism_args(organism_config, organism_dir, out, "--study.n_trials", "4"), capsys)
+    assert code == 0
+    study = optuna.load_study(study_name="abliterate", storage=f"sqlite:///{out / 'study.db'}")
+    first = {t.number: t.params for t in study.trials}
+    assert len(first) == 4
+
+    # On resume the residuals and baselines come from the cache: no forward pass may collect them.
+    tasks = []
+    original_step = AbliterationModule.predict_step
+
+    def spy(self, batch, batch_idx, dataloader_idx=0):
+        tasks.append(self.task)
+        return original_step(self, batch, batch_idx, dataloader_idx)
+
+    monkeypatch.setattr(AbliterationModule, "predict_step", spy)
+    code, stdout, err = run_cli(
+        organism_args(organism_config, organism_dir, out, "--study.n_trials", "7", "--overwrite", "true"), capsys
+    )
+    assert code == 0, err
+    assert "residuals" not in tasks and "baseline" not in tasks
+    assert set(tasks) == {"evaluate"}
+    study = optuna.load_study(study_name="abliterate", storage=f"sqlite:///{out / 'study.db'}")
+    finished = [t for t in study.trials if t.state.is_finished()]
+    assert len(finished) == 7  # n_trials is the total
+    assert {t.number: t.params for t in study.trials if t.number in first} == first
+    assert json.loads(stdout.strip().splitlines()[-1])["refusal_before"] >= 0.9
