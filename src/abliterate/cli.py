@@ -8,6 +8,7 @@ import warnings
 import optuna
 
 import jsonargparse
+import yaml
 from lightning.pytorch.cli import LightningCLI
 
 from abliterate.data import PromptDataModule
@@ -40,6 +41,14 @@ class AbliterateCLI(LightningCLI):
         self.datamodule = self._get(self.config_init, "data")
         self.model = self._get(self.config_init, "module")
         self.trainer = self.instantiate_trainer()
+        if self.subcommand is not None:
+            self.trainer.cli_config = self.worker_config()
+
+    def worker_config(self) -> dict:
+        """This command's config as a plain dict, for starting worker processes with it."""
+        text = self._parser(self.subcommand).dump(self.config[self.subcommand], skip_none=False)
+        keep = ("seed_everything", "trainer", "model", "module", "data", "study", "space", "output_dir")
+        return {k: v for k, v in yaml.safe_load(text).items() if k in keep}
 
 
 def configure_logging() -> None:

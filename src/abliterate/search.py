@@ -7,6 +7,7 @@ FrozenTrial's `suggest_*` returns the recorded value.
 import csv
 import logging
 import math
+import os
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -65,13 +66,24 @@ def sample_plan(trial: optuna.Trial | FrozenTrial, space: SearchSpace, n_layers:
     )
 
 
+def open_storage(url: str) -> optuna.storages.BaseStorage:
+    """An Optuna storage from a URL; a path ending in .journal is a journal file (safe for many writers)."""
+    if url.endswith(".journal"):
+        from optuna.storages.journal import JournalFileBackend, JournalStorage
+
+        return JournalStorage(JournalFileBackend(url.removeprefix("journal:///").removeprefix("journal://")))
+    # SQLite serialises writers with a lock; a long busy timeout lets a few local workers share it.
+    engine_kwargs = {"connect_args": {"timeout": 120}} if url.startswith("sqlite") else {}
+    return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs)
+
+
 def make_study(options: StudyOptions, storage: str | optuna.storages.BaseStorage) -> optuna.Study:
     sampler = optuna.samplers.TPESampler(
         multivariate=True, group=True, n_startup_trials=options.n_startup_trials, seed=options.seed
     )
     return optuna.create_study(
         study_name=options.study_name,
-        storage=storage,
+        storage=open_storage(storage) if isinstance(storage, str) else storage,
         directions=["minimize", "minimize"],
         sampler=sampler,
         load_if_exists=True,
@@ -82,40 +94,65 @@ def completed_points(study: optuna.Study) -> list[Point]:
     return [tuple(t.values) for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))]
 
 
+def _claimed(study: optuna.Study, up_to: int | None = None) -> int:
+    """Finished or running trials (numbered below `up_to`): the ones that count towards n_trials."""
+    states = (*FINISHED, TrialState.RUNNING)
+    return sum(1 for t in study.get_trials(deepcopy=False, states=states) if up_to is None or t.number < up_to)
+
+
 def run_search(trainer, module, datamodule, options: StudyOptions, space: SearchSpace, study: optuna.Study) -> None:
-    """Run trials until the study holds `options.n_trials` finished (complete or pruned) trials."""
+    """Run trials until the study holds `options.n_trials` finished (complete or pruned) trials.
+
+    An ask/tell loop rather than `optimize`: several workers can share the study, and a trial
+    asked for past the total (two workers racing for the last one) is failed at once, so the
+    study ends with exactly n_trials finished trials.
+    """
+    n_harmful = len(datamodule.dataset("eval_harmful"))
     done = len(study.get_trials(deepcopy=False, states=FINISHED))
     if done >= options.n_trials:
         log.info("study %s already has %d finished trials; nothing to run", study.study_name, done)
         return
-    n_harmful = len(datamodule.dataset("eval_harmful"))
     log.info("running trials %d..%d of %d", done + 1, options.n_trials, options.n_trials)
-
-    def objective(trial: optuna.Trial) -> tuple[float, float]:
+    while _claimed(study) < options.n_trials:
+        trial = study.ask()
+        if _claimed(study, up_to=trial.number) >= options.n_trials:
+            trial.set_user_attr("surplus", True)
+            study.tell(trial, state=TrialState.FAIL)
+            break
         start = time.perf_counter()
-        plan = sample_plan(trial, space, module.n_layers)
-        directions = module.directions_for(plan.directions)
-        pruning = RefusalPruning(trial, completed_points(study), n_harmful, enabled=options.prune)
-        result = trainer.evaluate_plan(module, datamodule, plan.ablation, directions, extra_callbacks=[pruning])
-        trial.set_user_attr("seconds", time.perf_counter() - start)
+        trial.set_user_attr("worker_pid", os.getpid())
+        try:
+            plan = sample_plan(trial, space, module.n_layers)
+            directions = module.directions_for(plan.directions)
+            pruning = RefusalPruning(trial, completed_points(study), n_harmful, enabled=options.prune)
+            result = trainer.evaluate_plan(module, datamodule, plan.ablation, directions, extra_callbacks=[pruning])
+        except optuna.TrialPruned:
+            trial.set_user_attr("seconds", time.perf_counter() - start)
+            study.tell(trial, state=TrialState.PRUNED)
+            log.info(
+                "trial %d pruned after %s/%d prompts (%.1fs)",
+                trial.number,
+                trial.user_attrs.get("prompts_seen"),
+                n_harmful,
+                time.perf_counter() - start,
+            )
+            continue
+        except BaseException:
+            study.tell(trial, state=TrialState.FAIL)
+            raise
+        seconds = time.perf_counter() - start
+        trial.set_user_attr("seconds", seconds)
+        study.tell(trial, [result["refusal_rate"], result["kl"]])
+        finished = len(study.get_trials(deepcopy=False, states=FINISHED))
         log.info(
-            "trial %d: refusals %.3f, KL %.4f (%.1fs)",
+            "trial %d (%d/%d): refusals %.3f, KL %.4f (%.1fs)",
             trial.number,
+            finished,
+            options.n_trials,
             result["refusal_rate"],
             result["kl"],
-            time.perf_counter() - start,
+            seconds,
         )
-        return result["refusal_rate"], result["kl"]
-
-    def log_pruned(study: optuna.Study, trial: FrozenTrial) -> None:
-        if trial.state == TrialState.PRUNED:
-            log.info("trial %d pruned after %s prompts", trial.number, trial.user_attrs.get("prompts_seen"))
-
-    study.optimize(
-        objective,
-        callbacks=[optuna.study.MaxTrialsCallback(options.n_trials, states=FINISHED), log_pruned],
-        gc_after_trial=False,
-    )
 
 
 # ---- selection ----------------------------------------------------------------------

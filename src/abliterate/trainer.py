@@ -64,6 +64,8 @@ class AbliterationTrainer(L.Trainer):
             **kwargs,
         )
         self.reused: dict[str, bool] = {}
+        # The parsed CLI config, set by the CLI; worker processes are started from it.
+        self.cli_config: dict | None = None
 
     # ---- building blocks (also for programmatic use) ---------------------------------
     def collect_residuals(self, model: AbliterationModule, datamodule: PromptDataModule, cache_dir: Path | None) -> Tensor:
@@ -161,11 +163,13 @@ class AbliterationTrainer(L.Trainer):
         return out, baseline
 
     def open_study(self, output_dir: Path, study: StudyOptions) -> optuna.Study:
+        from abliterate.workers import is_worker
+
         storage = study.storage or f"sqlite:///{(output_dir / 'study.db').resolve()}"
         optuna.logging.set_verbosity(optuna.logging.WARNING)
         optuna_study = make_study(study, storage)
-        if study.workers <= 1:
-            # A single worker owns the study: RUNNING trials were left by a killed run.
+        if not is_worker() and study.storage is None:
+            # This process owns the local study: RUNNING trials were left by a killed run.
             for t in optuna_study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
                 optuna_study._storage.set_trial_state_values(t._trial_id, optuna.trial.TrialState.FAIL)
                 log.info("trial %d was interrupted in an earlier run; marked FAIL", t.number)
@@ -270,7 +274,10 @@ class AbliterationTrainer(L.Trainer):
         out, _ = self.prepare(model, datamodule, output_dir)
         optuna_study = self.open_study(out, study)
         self._search(model, datamodule, optuna_study, study, space)
-        self._report(optuna_study, study, out)
+        from abliterate.workers import is_worker
+
+        if not is_worker():  # the coordinator reports once all workers are done
+            self._report(optuna_study, study, out)
         return optuna_study
 
     def evaluate(
@@ -386,13 +393,17 @@ class AbliterationTrainer(L.Trainer):
         if study.workers > 1:
             from abliterate.workers import run_workers
 
-            run_workers(optuna_study, study)
+            if self.cli_config is None:
+                raise AbliterateError("study.workers > 1 runs worker processes through the CLI; use `abliterate search`")
+            out = Path(self.cli_config.get("output_dir", "outputs"))
+            run_workers(optuna_study, study.workers, study.n_trials, self.cli_config, out)
             return
         try:
             run_search(self, model, datamodule, study, space, optuna_study)
-        except KeyboardInterrupt as err:
+        except (KeyboardInterrupt, SystemExit) as err:
             raise SystemExit(
-                f"interrupted; finished trials are kept in study {optuna_study.study_name!r}. Rerun the same command to resume."
+                f"interrupted; the running trial is marked FAIL and finished trials are kept in study "
+                f"{optuna_study.study_name!r}. Rerun the same command to resume."
             ) from err
 
     def _trial(self, optuna_study: optuna.Study, number: int) -> optuna.trial.FrozenTrial:

@@ -1,0 +1,57 @@
+"""Parallel trial workers: N processes running `abliterate search` against one study storage.
+
+The coordinating process computes the caches first, so every worker loads residuals and
+baselines instead of recomputing them, then waits for the workers and selects and exports.
+"""
+
+import logging
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import optuna
+import torch
+import yaml
+
+from abliterate.errors import AbliterateError
+
+log = logging.getLogger("abliterate.workers")
+
+WORKER_ENV = "ABLITERATE_WORKER"
+
+
+def is_worker() -> bool:
+    """True inside a worker process: it must not clean up other workers' running trials."""
+    return os.environ.get(WORKER_ENV) == "1"
+
+
+def run_workers(study: optuna.Study, n_workers: int, n_trials: int, config: dict, output_dir: Path) -> None:
+    """Start `n_workers` search processes (one per GPU when there are enough) and wait for them."""
+    config = {**config, "study": {**config.get("study", {}), "workers": 1}}
+    config_path = output_dir / "worker.yaml"
+    config_path.write_text(yaml.safe_dump(config, sort_keys=False))
+    gpus = torch.cuda.device_count()
+    procs = []
+    for i in range(n_workers):
+        env = dict(os.environ, **{WORKER_ENV: "1"})
+        if gpus >= n_workers:
+            env["CUDA_VISIBLE_DEVICES"] = str(i)
+        log_path = output_dir / f"worker-{i}.log"
+        cmd = [sys.executable, "-m", "abliterate", "search", "--config", str(config_path)]
+        with log_path.open("w") as log_file:
+            procs.append((subprocess.Popen(cmd, env=env, stdout=log_file, stderr=subprocess.STDOUT), log_path))
+        log.info("worker %d started (pid %d, log %s)", i, procs[-1][0].pid, log_path)
+    states = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
+    last = -1
+    while any(p.poll() is None for p, _ in procs):
+        done = len(study.get_trials(deepcopy=False, states=states))
+        if done != last:
+            log.info("workers: %d/%d trials finished", done, n_trials)
+            last = done
+        time.sleep(2)
+    failed = [(i, p.returncode, path) for i, (p, path) in enumerate(procs) if p.returncode != 0]
+    if failed:
+        i, code, path = failed[0]
+        raise AbliterateError(f"worker {i} exited with code {code}; see {path}")

@@ -1,0 +1,78 @@
+"""Study storage under stress: kill -9 and resume, and two workers sharing one study."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import optuna
+import pytest
+from optuna.trial import TrialState
+
+
+def cli(organism_config, organism_dir, out, *extra):
+    return [sys.executable, "-m", "abliterate", "run", "--config", str(organism_config), "--model", str(organism_dir),
+            "--output_dir", str(out), *extra]
+
+
+def load(out):
+    return optuna.load_study(study_name="abliterate", storage=f"sqlite:///{out / 'study.db'}")
+
+
+def count(study, *states):
+    return sum(t.state in states for t in study.get_trials(deepcopy=False))
+
+
+def test_kill_9_then_resume(organism_config, organism_dir, tmp_path):
+    out = tmp_path / "run"
+    args = cli(organism_config, organism_dir, out, "--study.n_trials", "40", "--study.prune", "false")
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 180
+        while time.time() < deadline:
+            if (out / "study.db").exists():
+                try:
+                    if count(load(out), TrialState.COMPLETE) >= 3:
+                        break
+                except Exception:  # the study is being created
+                    pass
+            time.sleep(0.1)
+        else:
+            pytest.fail("the search never completed 3 trials")
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    finally:
+        proc.kill()
+    study = load(out)
+    kept = {t.number: (t.params, t.values) for t in study.trials if t.state == TrialState.COMPLETE}
+    assert 3 <= len(kept) < 40, "killed mid-search"
+    assert not (out / "model").exists()
+    caches = {p.name: p.stat().st_mtime_ns for p in (out / "cache").iterdir()}
+    assert set(caches) == {"residuals.safetensors", "baseline.safetensors"}
+
+    rerun = subprocess.run(args, env=env, capture_output=True, text=True, timeout=600)
+    assert rerun.returncode == 0, rerun.stderr[-2000:]
+    study = load(out)
+    assert count(study, TrialState.COMPLETE, TrialState.PRUNED) == 40
+    assert count(study, TrialState.RUNNING) == 0
+    for number, (params, values) in kept.items():
+        assert (study.trials[number].params, study.trials[number].values) == (params, values)
+    # the caches were loaded, not recomputed
+    assert "reusing cached residuals" in rerun.stderr and "reusing cached baseline" in rerun.stderr
+    assert {p.name: p.stat().st_mtime_ns for p in (out / "cache").iterdir()} == caches
+    assert (out / "model" / "config.json").is_file()
+
+
+def test_two_workers_share_one_study(organism_config, organism_dir, tmp_path):
+    out = tmp_path / "run"
+    args = cli(organism_config, organism_dir, out, "--study.n_trials", "10", "--study.workers", "2")
+    result = subprocess.run(args, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    study = load(out)
+    finished = [t for t in study.trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
+    assert len(finished) == 10
+    assert len({t.number for t in finished}) == 10
+    assert len({t.user_attrs["worker_pid"] for t in finished}) == 2, "both workers ran trials"
+    assert (out / "model" / "config.json").is_file() and (out / "trials.csv").is_file()
