@@ -215,7 +215,16 @@ class AbliterationTrainer(L.Trainer):
             "export": str(target),
             "seconds": round(time.perf_counter() - start, 1),
         }
-        print(json.dumps(summary))
+        if self.is_global_zero:
+            print(
+                f"\nabliterated {model.model_id} with trial {chosen.number}\n"
+                f"  refusal rate on {len(datamodule.dataset('eval_harmful'))} harmful prompts: "
+                f"{baseline:.3f} before -> {chosen.values[0]:.3f} after\n"
+                f"  KL divergence on {len(datamodule.dataset('eval_harmless'))} harmless prompts: "
+                f"0 before -> {chosen.values[1]:.4f} after\n"
+                f"  model written to {target}\n"
+            )
+            print(json.dumps(summary))
         return target
 
     def directions(
