@@ -55,6 +55,7 @@ def configure_logging() -> None:
     # predict_step returns nothing on purpose; results live on the module.
     warnings.filterwarnings("ignore", message=".*predict returned None.*")
     warnings.filterwarnings("ignore", message=".*LeafSpec.*")
+    warnings.filterwarnings("ignore", message=".*custom batch sampler.*")  # ShardBatches returns every prompt
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     # Lightning repeats its device banner on every Trainer call (one per trial).

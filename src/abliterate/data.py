@@ -1,13 +1,14 @@
 """PromptDataModule: prompt roles, chat formatting, tokenisation and length-sorted batches."""
 
 import logging
+import math
 import time
 from collections.abc import Sequence
 from dataclasses import asdict
 
 import lightning as L
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Sampler
 from typing_extensions import override
 
 from abliterate.errors import AbliterateError
@@ -177,16 +178,43 @@ class PromptDataModule(L.LightningDataModule):
 
     @override
     def predict_dataloader(self) -> list[DataLoader]:
+        rank, world = (self.trainer.global_rank, self.trainer.world_size) if self.trainer else (0, 1)
         pad_id = self.tokenizer.pad_token_id
         loaders = []
         for role in self.active_roles:
             batch_size = self.eval_batch_size if role in EVAL_ROLES else self.batch_size
-            loaders.append(
-                DataLoader(
-                    self._datasets[role],
-                    batch_size=batch_size,
-                    shuffle=False,
-                    collate_fn=left_pad_collate(pad_id, role),
-                )
-            )
+            batches = ShardBatches(shard_batches(len(self._datasets[role]), batch_size, rank, world, role))
+            loaders.append(DataLoader(self._datasets[role], batch_sampler=batches, collate_fn=left_pad_collate(pad_id, role)))
         return loaders
+
+
+class ShardBatches(Sampler[list[int]]):
+    """A fixed list of batches (Lightning wraps batch samplers, so this must be an object)."""
+
+    def __init__(self, batches: list[list[int]]):
+        self.batches = batches
+
+    def __iter__(self):
+        return iter(self.batches)
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+
+def shard_batches(n: int, batch_size: int, rank: int, world: int, role: str = "prompts") -> list[list[int]]:
+    """This rank's batches of dataset positions: rank r takes positions r, r+W, ...
+
+    Every rank gets the same number of non-empty batches, so per-batch collectives (the pruning
+    check) line up; a batch may hold one prompt more than batch_size for that.
+    """
+    if n < world:
+        raise AbliterateError(f"{n} {role} prompts cannot be split over {world} processes; use more prompts or fewer devices")
+    positions = list(range(rank, n, world))
+    n_batches = math.ceil((n // world) / batch_size)
+    size, extra = divmod(len(positions), n_batches)
+    batches, start = [], 0
+    for i in range(n_batches):
+        end = start + size + (1 if i < extra else 0)
+        batches.append(positions[start:end])
+        start = end
+    return batches

@@ -113,33 +113,48 @@ def run_search(trainer, module, datamodule, options: StudyOptions, space: Search
         log.info("study %s already has %d finished trials; nothing to run", study.study_name, done)
         return
     log.info("running trials %d..%d of %d", done + 1, options.n_trials, options.n_trials)
-    while _claimed(study) < options.n_trials:
-        trial = study.ask()
-        if _claimed(study, up_to=trial.number) >= options.n_trials:
-            trial.set_user_attr("surplus", True)
-            study.tell(trial, state=TrialState.FAIL)
+    distributed = trainer.world_size > 1
+    while True:
+        # Only rank 0 talks to Optuna; the other ranks evaluate the plan it broadcasts.
+        order, trial = None, None
+        if trainer.is_global_zero and _claimed(study) < options.n_trials:
+            trial = study.ask()
+            if _claimed(study, up_to=trial.number) >= options.n_trials:
+                trial.set_user_attr("surplus", True)
+                study.tell(trial, state=TrialState.FAIL)
+            else:
+                order = sample_plan(trial, space, module.n_layers)
+        if distributed:
+            order = trainer.strategy.broadcast(order, src=0)
+        if order is None:
             break
+        plan = order
         start = time.perf_counter()
-        trial.set_user_attr("worker_pid", os.getpid())
+        record = trial if trial is not None else _OtherRankTrial()
+        record.set_user_attr("worker_pid", os.getpid())
         try:
-            plan = sample_plan(trial, space, module.n_layers)
             directions = module.directions_for(plan.directions)
-            pruning = RefusalPruning(trial, completed_points(study), n_harmful, enabled=options.prune)
+            completed = completed_points(study) if trial is not None else []
+            pruning = RefusalPruning(record, completed, n_harmful, enabled=options.prune)
             result = trainer.evaluate_plan(module, datamodule, plan.ablation, directions, extra_callbacks=[pruning])
         except optuna.TrialPruned:
-            trial.set_user_attr("seconds", time.perf_counter() - start)
-            study.tell(trial, state=TrialState.PRUNED)
-            log.info(
-                "trial %d pruned after %s/%d prompts (%.1fs)",
-                trial.number,
-                trial.user_attrs.get("prompts_seen"),
-                n_harmful,
-                time.perf_counter() - start,
-            )
+            if trial is not None:
+                trial.set_user_attr("seconds", time.perf_counter() - start)
+                study.tell(trial, state=TrialState.PRUNED)
+                log.info(
+                    "trial %d pruned after %s/%d prompts (%.1fs)",
+                    trial.number,
+                    trial.user_attrs.get("prompts_seen"),
+                    n_harmful,
+                    time.perf_counter() - start,
+                )
             continue
         except BaseException:
-            study.tell(trial, state=TrialState.FAIL)
+            if trial is not None:
+                study.tell(trial, state=TrialState.FAIL)
             raise
+        if trial is None:
+            continue
         seconds = time.perf_counter() - start
         trial.set_user_attr("seconds", seconds)
         study.tell(trial, [result["refusal_rate"], result["kl"]])
@@ -153,6 +168,13 @@ def run_search(trainer, module, datamodule, options: StudyOptions, space: Search
             result["kl"],
             seconds,
         )
+
+
+class _OtherRankTrial:
+    """Stands in for the trial on ranks other than 0, which keep no Optuna state."""
+
+    def set_user_attr(self, key: str, value) -> None:
+        pass
 
 
 # ---- selection ----------------------------------------------------------------------

@@ -52,6 +52,7 @@ class AbliterationTrainer(L.Trainer):
         enable_checkpointing: bool = False,
         enable_model_summary: bool = False,
         inference_mode: bool = False,
+        use_distributed_sampler: bool = False,
         **kwargs,
     ):
         # inference_mode=False: weight edits and cached tensors must stay usable outside predict.
@@ -61,6 +62,7 @@ class AbliterationTrainer(L.Trainer):
             enable_checkpointing=enable_checkpointing,
             enable_model_summary=enable_model_summary,
             inference_mode=inference_mode,
+            use_distributed_sampler=use_distributed_sampler,  # PromptDataModule shards itself
             **kwargs,
         )
         self.reused: dict[str, bool] = {}
@@ -100,7 +102,8 @@ class AbliterationTrainer(L.Trainer):
             datamodule.fingerprint_parts(EVAL_ROLES),
         )
         path = cache_dir / "baseline.safetensors" if cache_dir else None
-        cached = load_tensors(path, key) if path else None
+        # Under DDP this pass also starts the other ranks before the search needs them, so it always runs.
+        cached = load_tensors(path, key) if path and self.world_size == 1 else None
         self.reused["baseline"] = cached is not None
         if cached is not None:
             log.info("reusing cached baseline from %s", path)
@@ -167,8 +170,13 @@ class AbliterationTrainer(L.Trainer):
 
         storage = study.storage or f"sqlite:///{(output_dir / 'study.db').resolve()}"
         optuna.logging.set_verbosity(optuna.logging.WARNING)
+        # Under DDP rank 0 creates the study first; the other ranks then load it.
+        if self.world_size > 1 and not self.is_global_zero:
+            self.strategy.barrier("open_study")
         optuna_study = make_study(study, storage)
-        if not is_worker() and study.storage is None:
+        if self.world_size > 1 and self.is_global_zero:
+            self.strategy.barrier("open_study")
+        if not is_worker() and study.storage is None and self.is_global_zero:
             # This process owns the local study: RUNNING trials were left by a killed run.
             for t in optuna_study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
                 optuna_study._storage.set_trial_state_values(t._trial_id, optuna.trial.TrialState.FAIL)

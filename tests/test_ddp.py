@@ -1,0 +1,38 @@
+"""DDP on 2 CPU processes (gloo) gives the single-process results: residuals, directions, metrics, pruning."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+SCRIPT = Path(__file__).with_name("ddp_equivalence.py")
+
+
+def run(organism_dir, out, devices):
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
+    result = subprocess.run([sys.executable, str(SCRIPT), str(organism_dir), str(out), str(devices)],
+                            env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-4000:]
+    return json.loads((out / f"result{devices}.json").read_text()), load_file(str(out / f"tensors{devices}.safetensors"))
+
+
+@pytest.mark.ddp
+def test_ddp_matches_single_process(organism_dir, tmp_path):
+    single, single_t = run(organism_dir, tmp_path, 1)
+    ddp, ddp_t = run(organism_dir, tmp_path, 2)
+    assert ddp["world_size"] == 2 and single["world_size"] == 1
+    for name in ("harmful", "harmless"):
+        assert ddp_t[name].shape == single_t[name].shape  # every prompt counted once
+        torch.testing.assert_close(ddp_t[name], single_t[name], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(ddp_t["directions"], single_t["directions"], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(ddp_t["pca"], single_t["pca"], atol=1e-4, rtol=1e-4)
+    assert ddp["baseline"] == single["baseline"]
+    assert ddp["result"]["refusal_rate"] == single["result"]["refusal_rate"]
+    assert ddp["result"]["kl"] == pytest.approx(single["result"]["kl"], rel=1e-5, abs=1e-7)
+    assert single["pruned"] and ddp["pruned"]
+    assert ddp["attrs"]["refusals_so_far"] >= 3 and single["attrs"]["refusals_so_far"] >= 3
