@@ -157,12 +157,24 @@ def _linear_writer(module: nn.Module, names: Sequence[str], hidden: int) -> Writ
 
 
 def _fused_expert_writer(experts: nn.Module, hidden: int) -> WriterRef | None:
-    """transformers 5 stores MoE experts as one [E, ., .] parameter, used as F.linear(x, W[e])."""
+    """transformers 5 stores MoE experts as one [E, ., .] parameter.
+
+    Most use F.linear(x, W[e]) with W [E, d_model, d_inter]; some (GPT-OSS, `is_transposed=True`
+    from `use_experts_implementation`; Llama 4) use x @ W[e] with W [E, d_inter, d_model]. When
+    d_inter == d_model the shape alone cannot tell, so the flag decides; without it a square
+    tensor is refused rather than guessed.
+    """
     weight = getattr(experts, "down_proj", None)
     if not isinstance(weight, nn.Parameter) or weight.dim() != 3:
         return None
-    out_dim = -2 if weight.shape[-2] == hidden else -1 if weight.shape[-1] == hidden else None
-    if out_dim is None:
+    transposed = getattr(experts, "is_transposed", None)
+    if isinstance(transposed, bool):
+        out_dim = -1 if transposed else -2
+    elif weight.shape[-2] == weight.shape[-1]:
+        return None
+    else:
+        out_dim = -2 if weight.shape[-2] == hidden else -1
+    if weight.shape[out_dim] != hidden:
         return None
     bias = getattr(experts, "down_proj_bias", None)
     return WriterRef(experts, "down_proj", out_dim, "down_proj_bias" if isinstance(bias, nn.Parameter) else None)
