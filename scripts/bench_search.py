@@ -102,7 +102,7 @@ def main() -> None:
         json.dumps(
             {
                 "organism": organism,
-                "device": str(module.device),
+                "device": str(module.model.device),
                 "trials": args.trials,
                 "eval_harmful": len(data.dataset("eval_harmful")),
                 "eval_batch_size": args.eval_batch_size,

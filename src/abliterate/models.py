@@ -1,8 +1,19 @@
-"""Model loading and architecture discovery: decoder layers and their residual writers."""
+"""Model loading and architecture discovery: decoder layers and their residual writers.
+
+A residual writer is a weight whose output is added to the residual stream: the attention
+out-projection and the MLP down-projection(s) of every decoder layer. Ablating a direction r
+from all of them removes r from what the layer adds to the residual stream. Gemma 2/3 and OLMo 2
+put a post-norm between the writers and the residual add; `post_norm_gains` describes it.
+"""
+
+from __future__ import annotations
 
 import logging
+import os
+import re
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -10,59 +21,118 @@ from torch import nn
 from abliterate.errors import AbliterateError
 from abliterate.writers import LayerWriters, WriterRef
 
+if TYPE_CHECKING:  # transformers is imported lazily: it is slow to import and `--help` needs none of it
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
 log = logging.getLogger("abliterate.models")
 
 DTYPE_FALLBACK = ("auto", "bfloat16", "float16", "float32")
 
+# Where the decoder layers live, most common first.
 LAYER_PATHS = (
-    "model.layers",
-    "model.language_model.layers",
-    "language_model.model.layers",
-    "model.decoder.layers",
-    "transformer.h",
+    "model.layers",  # Llama, Qwen, Mistral, Gemma, Phi-3, Mixtral, Qwen-MoE, GPT-OSS ...
+    "model.language_model.layers",  # Gemma 3 / Llava-style multimodal wrappers
+    "language_model.model.layers",  # older multimodal wrappers
+    "model.decoder.layers",  # OPT-style
+    "transformer.h",  # GPT-2, Falcon, Bloom, GPT-J
     "transformer.layers",
-    "gpt_neox.layers",
+    "gpt_neox.layers",  # Pythia / GPT-NeoX
+    "layers",  # a bare base model (LlamaModel ...)
+    "language_model.layers",  # a bare multimodal base model
 )
-ATTENTION_NAMES = ("self_attn", "attn", "attention", "self_attention")
-ATTENTION_OUT_NAMES = ("o_proj", "out_proj", "dense", "wo")
-MLP_NAMES = ("mlp", "feed_forward", "block_sparse_moe", "moe")
-MLP_DOWN_NAMES = ("down_proj", "fc2", "w2", "dense_4h_to_h", "wo")
+ATTENTION_NAMES = ("self_attn", "attn", "attention", "self_attention", "linear_attn")
+ATTENTION_OUT_NAMES = ("o_proj", "out_proj", "dense", "c_proj", "wo")
+MLP_NAMES = ("mlp", "feed_forward", "block_sparse_moe", "moe", "ffn")
+MLP_DOWN_NAMES = ("down_proj", "fc2", "w2", "dense_4h_to_h", "fc_out", "c_proj", "wo")
 SHARED_EXPERT_NAMES = ("shared_expert", "shared_experts", "shared_mlp")
 
+# A load failure that another dtype may fix (e.g. "BFloat16 is not supported on this device").
+_DTYPE_PROBLEM = re.compile(r"b?float16|bf16|fp16|\bhalf\b|dtype|float32|fp32|float8", re.IGNORECASE)
 
-def _looks_like_path(model_id: str) -> bool:
-    return model_id.startswith((".", "/", "~")) or Path(model_id).suffix in (".gguf", ".safetensors")
+
+# ---- loading -----------------------------------------------------------------------------------
 
 
-def _load_error(model_id: str, err: Exception) -> AbliterateError:
-    first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-    return AbliterateError(
-        f"cannot load {model_id!r} ({first_line}); check the hub id or pass a local model dir "
-        "(offline, HF_HUB_OFFLINE=1 needs the model in the HF cache)"
-    )
+def _check_local_path(model_id: str) -> None:
+    # Something that is clearly a path must exist: otherwise HF reports a confusing hub error.
+    looks_like_path = model_id.startswith((".", "/", "~")) or Path(model_id).suffix in (".gguf", ".safetensors")
+    if looks_like_path and not Path(model_id).expanduser().exists():
+        raise AbliterateError(f"model path {model_id} does not exist; pass an existing model dir or a hub id")
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
+def _not_found_error(model_id: str, err: Exception) -> AbliterateError:
+    if os.environ.get("HF_HUB_OFFLINE", "0").lower() not in ("", "0", "false", "no", "off"):
+        fix = "HF_HUB_OFFLINE is set, so it must already be in the HF cache: set HF_HUB_OFFLINE=0 to download it"
+    else:
+        fix = "check the hub id and --module.load.revision (gated models need `hf auth login`)"
+    return AbliterateError(f"cannot load {model_id!r} ({_first_line(err)}); {fix}, or pass a local model dir")
 
 
 def load_tokenizer(
     model_id: str, *, revision: str | None = None, trust_remote_code: bool = False, gguf_file: str | None = None
-):
-    """The model's tokenizer with left padding (generation) and a pad token."""
+) -> PreTrainedTokenizerBase:
+    """The model's tokenizer, padding on the left (batched generation) and with a pad token."""
     from transformers import AutoTokenizer
 
-    if _looks_like_path(model_id) and not Path(model_id).expanduser().exists():
-        raise AbliterateError(f"model path {model_id} does not exist; pass an existing dir or a hub id")
-    kwargs = {"revision": revision, "gguf_file": gguf_file}
-    if trust_remote_code:
+    _check_local_path(model_id)
+    kwargs: dict = {}
+    if revision is not None:
+        kwargs["revision"] = revision
+    if gguf_file is not None:
+        kwargs["gguf_file"] = gguf_file
+    if trust_remote_code:  # only when asked: it runs the repo's own code
         kwargs["trust_remote_code"] = True
     try:
-        tokenizer = AutoTokenizer.from_pretrained(model_id, **{k: v for k, v in kwargs.items() if v is not None})
-    except (OSError, ValueError) as err:
-        raise _load_error(model_id, err) from err
-    tokenizer.padding_side = "left"
+        tokenizer = AutoTokenizer.from_pretrained(model_id, **kwargs)
+    except OSError as err:
+        raise _not_found_error(model_id, err) from err
+    except ImportError as err:
+        raise AbliterateError(f"cannot load the tokenizer of {model_id}: {_first_line(err)}") from err
+    except ValueError as err:
+        raise AbliterateError(
+            f"cannot load the tokenizer of {model_id} ({_first_line(err)}); the model dir needs tokenizer files"
+        ) from err
+    tokenizer.padding_side = "left"  # generation continues from the last position of every row
     if tokenizer.pad_token is None:
         if tokenizer.eos_token is None:
-            raise AbliterateError(f"tokenizer of {model_id} has neither a pad nor an eos token; it cannot batch prompts")
-        tokenizer.pad_token = tokenizer.eos_token
+            raise AbliterateError(
+                f"tokenizer of {model_id} has neither a pad nor an eos token; set one in its tokenizer_config.json"
+            )
+        tokenizer.pad_token = tokenizer.eos_token  # padded positions are masked, any token will do
     return tokenizer
+
+
+def _parse_dtypes(dtypes: Sequence[str]) -> list[str | torch.dtype]:
+    if isinstance(dtypes, str) or not dtypes:
+        raise AbliterateError("module.load.dtypes is empty or not a list; list at least one dtype, e.g. [auto]")
+    parsed: list[str | torch.dtype] = []
+    for name in dtypes:
+        dtype = name if name == "auto" else getattr(torch, str(name), None)
+        if not isinstance(dtype, (str, torch.dtype)):
+            raise AbliterateError(
+                f"unknown dtype {name!r} in module.load.dtypes; use auto, bfloat16, float16 or float32"
+            )
+        parsed.append(dtype)
+    return parsed
+
+
+def _four_bit_config(dtype: str | torch.dtype):
+    # Checked before any download: bitsandbytes 4-bit kernels are CUDA-only.
+    if not torch.cuda.is_available():
+        raise AbliterateError("4-bit loading needs a CUDA GPU; drop --module.load.load_in_4bit")
+    try:
+        import bitsandbytes  # noqa: F401
+        from transformers import BitsAndBytesConfig
+    except ImportError as err:
+        raise AbliterateError("4-bit loading needs bitsandbytes; pip install 'abliterate[quant]'") from err
+    if not isinstance(dtype, torch.dtype) or dtype == torch.float32:
+        dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=dtype)
 
 
 def load_model(
@@ -74,55 +144,66 @@ def load_model(
     trust_remote_code: bool = False,
     gguf_file: str | None = None,
     load_in_4bit: bool = False,
-):
-    """Load a causal LM in eval mode, trying `dtypes` in order; each failure is logged."""
+) -> PreTrainedModel:
+    """Load a causal LM in eval mode with gradients off, trying `dtypes` in order.
+
+    Only a dtype problem moves on to the next dtype (logged as a warning); any other failure
+    raises at once, since no dtype would fix it.
+    """
     from transformers import AutoModelForCausalLM
 
-    if _looks_like_path(model_id) and not Path(model_id).expanduser().exists():
-        raise AbliterateError(f"model path {model_id} does not exist; pass an existing dir or a hub id")
+    _check_local_path(model_id)
+    parsed = _parse_dtypes(dtypes)
+    if load_in_4bit:
+        _four_bit_config("auto")  # fail before loading anything
     kwargs: dict = {}
     if revision is not None:
         kwargs["revision"] = revision
     if gguf_file is not None:
-        kwargs["gguf_file"] = gguf_file
+        kwargs["gguf_file"] = gguf_file  # dequantised by transformers on load
     if device_map is not None:
         kwargs["device_map"] = device_map
-    if trust_remote_code:
+    if trust_remote_code:  # only when asked: it runs the repo's own code
         kwargs["trust_remote_code"] = True
-    if load_in_4bit:
-        if not torch.cuda.is_available():
-            raise AbliterateError("4-bit loading needs a CUDA GPU; drop --module.load.load_in_4bit")
-        try:
-            from transformers import BitsAndBytesConfig
 
-            import bitsandbytes  # noqa: F401
-        except ImportError as err:
-            raise AbliterateError("4-bit loading needs bitsandbytes; pip install 'abliterate[quant]'") from err
-        kwargs["quantization_config"] = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=torch.bfloat16)
-    if not dtypes:
-        raise AbliterateError("module.load.dtypes is empty; list at least one dtype, e.g. [auto]")
-
-    failures = []
-    for name in dtypes:
-        dtype = name if name == "auto" else getattr(torch, name, None)
-        if not isinstance(dtype, (str, torch.dtype)):
-            raise AbliterateError(f"unknown dtype {name!r} in module.load.dtypes; use auto, bfloat16, float16 or float32")
+    failures: list[str] = []
+    for name, dtype in zip(dtypes, parsed):
+        if load_in_4bit:
+            kwargs["quantization_config"] = _four_bit_config(dtype)
         try:
             model = AutoModelForCausalLM.from_pretrained(model_id, dtype=dtype, **kwargs)
-        except OSError as err:  # not found / not downloadable: no dtype will fix it
-            raise _load_error(model_id, err) from err
+        except OSError as err:  # not found / not downloadable
+            raise _not_found_error(model_id, err) from err
+        except ImportError as err:  # e.g. gguf not installed
+            raise AbliterateError(f"cannot load {model_id}: {_first_line(err)}") from err
+        except torch.cuda.OutOfMemoryError as err:
+            raise AbliterateError(
+                f"out of memory loading {model_id} as {name}; try --module.load.device_map auto, "
+                "a smaller dtype or --module.load.load_in_4bit"
+            ) from err
         except (RuntimeError, TypeError, ValueError) as err:
-            log.warning("loading %s as %s failed (%s); trying the next dtype", model_id, name, err)
-            failures.append(f"{name}: {err}")
+            if not _DTYPE_PROBLEM.search(str(err)):
+                raise AbliterateError(
+                    f"cannot load {model_id} ({_first_line(err)}); check the model files, "
+                    "or pass --module.load.trust_remote_code for a custom architecture you trust"
+                ) from err
+            log.warning("loading %s as %s failed (%s); trying the next dtype", model_id, name, _first_line(err))
+            failures.append(f"{name}: {_first_line(err)}")
             continue
         model.eval()
         model.requires_grad_(False)
         return model
-    raise AbliterateError(f"cannot load {model_id} with any dtype in {list(dtypes)}: {failures[-1]}")
+    raise AbliterateError(
+        f"cannot load {model_id} with any dtype in {list(dtypes)} (last: {failures[-1]}); "
+        "list another dtype in --module.load.dtypes"
+    )
 
 
-def _get_path(root: nn.Module, path: str):
-    node = root
+# ---- architecture discovery --------------------------------------------------------------------
+
+
+def _get_path(root: nn.Module, path: str) -> object | None:
+    node: object | None = root
     for part in path.split("."):
         node = getattr(node, part, None)
         if node is None:
@@ -131,42 +212,89 @@ def _get_path(root: nn.Module, path: str):
 
 
 def decoder_layers(model: nn.Module) -> nn.ModuleList:
+    """The decoder layers, in order, for the common layouts (see LAYER_PATHS)."""
     for path in LAYER_PATHS:
         layers = _get_path(model, path)
         if isinstance(layers, nn.ModuleList) and len(layers) > 0:
             return layers
     raise AbliterateError(
         f"cannot find the decoder layers of {type(model).__name__} (looked at {', '.join(LAYER_PATHS)}); "
-        "this architecture is not supported yet"
+        "this architecture is not supported yet, use a Llama/Qwen/Mistral/Gemma/Phi-3/MoE family model"
     )
 
 
 def hidden_size(model: nn.Module) -> int:
-    config = model.config
-    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
-    return int(text_config.hidden_size)
+    """d_model: the text config's hidden size (multimodal configs nest it)."""
+    config = getattr(model, "config", None)
+    if config is not None:
+        text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+        size = getattr(text_config, "hidden_size", None)
+        if isinstance(size, int):
+            return size
+    return int(model.get_input_embeddings().embedding_dim)
 
 
-def _linear_writer(module: nn.Module, names: Sequence[str], hidden: int) -> WriterRef | None:
+def _unsupported(index: int, layer: nn.Module, what: str) -> AbliterateError:
+    children = ", ".join(name for name, _ in layer.named_children())
+    return AbliterateError(
+        f"layer {index} ({type(layer).__name__}, children: {children}) has no recognisable {what}; "
+        "this architecture is not supported yet, use a Llama/Qwen/Mistral/Gemma/Phi-3/MoE family model"
+    )
+
+
+def _checked(ref: WriterRef, hidden: int, where: str) -> WriterRef:
+    """The writer, once its out axis (and bias) is shown to live in the residual space."""
+    weight = ref.weight
+    if not weight.is_floating_point():
+        raise AbliterateError(
+            f"{where} is quantized ({type(ref.module).__name__}, {weight.dtype}); weight ablation needs "
+            "unquantized weights: drop --module.load.load_in_4bit"
+        )
+    if weight.dim() < 2 or weight.shape[ref.out_dim] != hidden:
+        raise AbliterateError(
+            f"{where} has weight shape {tuple(weight.shape)}, whose out axis {ref.out_dim} is not the "
+            f"hidden size {hidden}; this architecture is not supported yet"
+        )
+    bias = ref.bias
+    if bias is not None and bias.shape[-1] != hidden:
+        raise AbliterateError(f"{where} has bias shape {tuple(bias.shape)}, not ending in the hidden size {hidden}")
+    return ref
+
+
+def _dense_writer(parent: nn.Module, names: Sequence[str], hidden: int, where: str) -> WriterRef | None:
+    """The first child named in `names` that is a linear map; None when there is none."""
+    from transformers.pytorch_utils import Conv1D
+
     for name in names:
-        child = getattr(module, name, None)
-        if isinstance(child, nn.Linear) and child.out_features == hidden:
-            bias = "bias" if child.bias is not None else None
-            return WriterRef(child, "weight", -2, bias)
+        child = getattr(parent, name, None)
+        if isinstance(child, nn.Linear):  # weight [out, in]
+            out_dim = -2
+        elif isinstance(child, Conv1D):  # GPT-2: weight [in, out]
+            out_dim = -1
+        else:
+            continue
+        bias = "bias" if getattr(child, "bias", None) is not None else None
+        return _checked(WriterRef(child, "weight", out_dim, bias), hidden, f"{where}.{name}")
     return None
 
 
-def _fused_expert_writer(experts: nn.Module, hidden: int) -> WriterRef | None:
-    """transformers 5 stores MoE experts as one [E, ., .] parameter.
+def _fused_experts_writer(experts: nn.Module, hidden: int, where: str) -> WriterRef | None:
+    """transformers 5 stores the routed experts of an MoE block as one [E, ., .] parameter.
 
-    Most use F.linear(x, W[e]) with W [E, d_model, d_inter]; some (GPT-OSS, `is_transposed=True`
-    from `use_experts_implementation`; Llama 4) use x @ W[e] with W [E, d_inter, d_model]. When
-    d_inter == d_model the shape alone cannot tell, so the flag decides; without it a square
-    tensor is refused rather than guessed.
+    Classes decorated with `use_experts_implementation` (Mixtral, Qwen2/3-MoE, DeepSeek-V3, OLMoE,
+    Phi-MoE, GPT-OSS ...) carry `is_transposed`: False means F.linear(x, W[e]) with W
+    [E, d_model, d_inter] (out axis -2), True means x @ W[e] with W [E, d_inter, d_model] (out
+    axis -1; GPT-OSS, whose d_inter == d_model, so the shape alone could not tell). Undecorated
+    classes (Llama 4: x @ W[e]) are read from the shape, and a square one is refused, not guessed.
     """
     weight = getattr(experts, "down_proj", None)
     if not isinstance(weight, nn.Parameter) or weight.dim() != 3:
         return None
+    if getattr(experts, "has_post_expert_norm", False):
+        raise AbliterateError(
+            f"{where} normalises every expert's output before the residual add; ablating its weights "
+            "would not remove a direction, so this architecture is not supported"
+        )
     transposed = getattr(experts, "is_transposed", None)
     if isinstance(transposed, bool):
         out_dim = -1 if transposed else -2
@@ -174,63 +302,120 @@ def _fused_expert_writer(experts: nn.Module, hidden: int) -> WriterRef | None:
         return None
     else:
         out_dim = -2 if weight.shape[-2] == hidden else -1
-    if weight.shape[out_dim] != hidden:
-        return None
-    bias = getattr(experts, "down_proj_bias", None)
-    return WriterRef(experts, "down_proj", out_dim, "down_proj_bias" if isinstance(bias, nn.Parameter) else None)
+    bias = "down_proj_bias" if isinstance(getattr(experts, "down_proj_bias", None), nn.Parameter) else None
+    return _checked(WriterRef(experts, "down_proj", out_dim, bias), hidden, f"{where}.down_proj")
 
 
-def _mlp_writers(mlp: nn.Module, hidden: int) -> list[WriterRef]:
-    direct = _linear_writer(mlp, MLP_DOWN_NAMES, hidden)
-    if direct is not None:
-        return [direct]
+def _mlp_writers(mlp: nn.Module, hidden: int, where: str) -> list[WriterRef]:
+    """The down-projection of a dense MLP, or every routed and shared expert's of an MoE block."""
+    dense = _dense_writer(mlp, MLP_DOWN_NAMES, hidden, where)
+    if dense is not None:
+        return [dense]
     refs: list[WriterRef] = []
     experts = getattr(mlp, "experts", None)
-    if isinstance(experts, nn.ModuleList):
-        for expert in experts:
-            ref = _linear_writer(expert, MLP_DOWN_NAMES, hidden)
+    if isinstance(experts, nn.ModuleList):  # one module per expert
+        for e, expert in enumerate(experts):
+            ref = _dense_writer(expert, MLP_DOWN_NAMES, hidden, f"{where}.experts.{e}")
             if ref is None:
                 return []
             refs.append(ref)
-    elif experts is not None:
-        fused = _fused_expert_writer(experts, hidden)
+    elif isinstance(experts, nn.Module):
+        fused = _fused_experts_writer(experts, hidden, f"{where}.experts")
         if fused is None:
             return []
         refs.append(fused)
-    for name in SHARED_EXPERT_NAMES:
+    for name in SHARED_EXPERT_NAMES:  # a scalar gate on the shared expert keeps it a plain writer
         shared = getattr(mlp, name, None)
         if shared is not None:
-            ref = _linear_writer(shared, MLP_DOWN_NAMES, hidden)
+            ref = _dense_writer(shared, MLP_DOWN_NAMES, hidden, f"{where}.{name}")
             if ref is None:
                 return []
             refs.append(ref)
     return refs
 
 
+def _named_child(layer: nn.Module, names: Sequence[str]) -> tuple[str, nn.Module] | None:
+    return next(((n, getattr(layer, n)) for n in names if isinstance(getattr(layer, n, None), nn.Module)), None)
+
+
 def residual_writers(model: nn.Module) -> list[LayerWriters]:
-    """Per decoder layer: {"attn": [attention out-projection], "mlp": [down-projection(s)]}."""
+    """Per decoder layer: {"attn": [out-projection], "mlp": [down-projection(s)]}.
+
+    A layer where either is missing raises: skipping it would silently leave its writes in place.
+    """
     hidden = hidden_size(model)
-    result = []
+    result: list[LayerWriters] = []
     for index, layer in enumerate(decoder_layers(model)):
-        attn = next((getattr(layer, n) for n in ATTENTION_NAMES if hasattr(layer, n)), None)
-        mlp = next((getattr(layer, n) for n in MLP_NAMES if hasattr(layer, n)), None)
-        attn_ref = _linear_writer(attn, ATTENTION_OUT_NAMES, hidden) if attn is not None else None
-        mlp_refs = _mlp_writers(mlp, hidden) if mlp is not None else []
-        if attn_ref is None or not mlp_refs:
-            children = ", ".join(name for name, _ in layer.named_children())
-            missing = "attention out-projection" if attn_ref is None else "MLP down-projection"
-            raise AbliterateError(
-                f"layer {index} ({type(layer).__name__}, children: {children}) has no recognisable {missing}; "
-                "this architecture is not supported yet"
-            )
+        attn = _named_child(layer, ATTENTION_NAMES)
+        attn_ref = _dense_writer(attn[1], ATTENTION_OUT_NAMES, hidden, f"layer {index} {attn[0]}") if attn else None
+        if attn_ref is None:
+            raise _unsupported(index, layer, "attention out-projection")
+        mlp = _named_child(layer, MLP_NAMES)
+        mlp_refs = _mlp_writers(mlp[1], hidden, f"layer {index} {mlp[0]}") if mlp else []
+        if not mlp_refs:
+            raise _unsupported(index, layer, "MLP down-projection")
         result.append({"attn": [attn_ref], "mlp": mlp_refs})
     return result
 
 
+# ---- post-norms --------------------------------------------------------------------------------
+
+# Layers with a norm on each writer's output before the residual add (Gemma 2/3, OLMo 2, EXAONE 4):
+# they have post_feedforward_layernorm, and then post_attention_layernorm is a real post-norm too
+# (in Llama-style layers post_attention_layernorm is the pre-MLP norm, on the residual's copy).
+_POST_NORMS = {"attn": "post_attention_layernorm", "mlp": "post_feedforward_layernorm"}
+
+
+@torch.no_grad()
+def _rms_gain(norm: nn.Module, hidden: int, where: str) -> torch.Tensor:
+    """g with norm(y) = g * y / rms(y): norm(ones), checked on a random y. [hidden] float32."""
+    param = next(norm.parameters(), None)
+    device = param.device if param is not None and param.device.type != "meta" else torch.device("cpu")
+    gain = norm(torch.ones(hidden, device=device)).float()
+    y = torch.randn(hidden, generator=torch.Generator().manual_seed(0)).to(device)
+    out = norm(y).float()
+    expected = gain * y
+    scale = (out @ expected) / (expected @ expected).clamp_min(1e-30)
+    if not torch.isfinite(scale) or (out - scale * expected).norm() > 1e-3 * out.norm():
+        raise AbliterateError(
+            f"{where} ({type(norm).__name__}) is not an RMS norm with a per-channel gain; directional "
+            "ablation cannot pass through it, so this architecture is not supported"
+        )
+    return gain.cpu()
+
+
+def post_norm_gains(model: nn.Module) -> list[dict[str, torch.Tensor | None]]:
+    """Per decoder layer and component, the gain g of the post-norm between writers and residual.
+
+    None where the writers add to the residual directly. Where g is given, the layer adds
+    g * y / rms(y) for a writer output y, so r^T (update) = 0 needs (g * r)^T y = 0: ablate
+    normalize(g * r) from the writers instead of r (for k directions with unequal weights, the
+    oblique projection W - A (A^T A)^-1 diag(w) A^T W with A = g * R). Projecting r itself
+    leaves a component along r unless g is constant.
+    """
+    hidden = hidden_size(model)
+    result: list[dict[str, torch.Tensor | None]] = []
+    for index, layer in enumerate(decoder_layers(model)):
+        gains: dict[str, torch.Tensor | None] = {"attn": None, "mlp": None}
+        if isinstance(getattr(layer, _POST_NORMS["mlp"], None), nn.Module):
+            for component, name in _POST_NORMS.items():
+                norm = getattr(layer, name, None)
+                if isinstance(norm, nn.Module):
+                    gains[component] = _rms_gain(norm, hidden, f"layer {index} {name}")
+        result.append(gains)
+    return result
+
+
 def describe_architecture(model: nn.Module) -> str:
+    """One line: family, layers, hidden size and the writers found per component."""
     writers = residual_writers(model)
+    n_attn = sum(len(w["attn"]) for w in writers)
     n_mlp = sum(len(w["mlp"]) for w in writers)
+    moe = any(ref.weight.dim() == 3 or len(w["mlp"]) > 1 for w in writers for ref in w["mlp"])
+    layer = decoder_layers(model)[0]
+    post_norm = isinstance(getattr(layer, _POST_NORMS["mlp"], None), nn.Module)
     return (
         f"{type(model).__name__}: {len(writers)} layers, hidden {hidden_size(model)}, "
-        f"{len(writers)} attention and {n_mlp} MLP writers"
+        f"{n_attn} attention and {n_mlp} MLP writers{' (MoE)' if moe else ''}"
+        f"{', post-norms after the writers' if post_norm else ''}"
     )

@@ -82,7 +82,6 @@ class AbliterationModule(L.LightningModule):
         self.eval_options = evaluation
         self.markers = list(evaluation.markers) if evaluation.markers else default_markers()
         self.task = "residuals"
-        self.model = None
         self._tokenizer = None
         self.editor: WeightEditor | None = None
         self.refusal_rate = RefusalRate(self.markers)
@@ -98,6 +97,16 @@ class AbliterationModule(L.LightningModule):
         self._rows: dict[str, list[tuple[Tensor, Tensor]]] = {}
 
     # ---- loading -------------------------------------------------------------------
+    # The HF model is kept out of the LightningModule's submodules: Lightning moves a module to
+    # the CPU at the end of every Trainer call, which would copy the whole model once per trial.
+    @property
+    def model(self):
+        return self.__dict__.get("_hf_model")
+
+    @model.setter
+    def model(self, value) -> None:
+        self.__dict__["_hf_model"] = value
+
     def _require_model_id(self) -> str:
         if not self.model_id:
             raise AbliterateError("no model given: pass --model <hub id or local dir>")
@@ -117,12 +126,18 @@ class AbliterationModule(L.LightningModule):
 
     @override
     def configure_model(self) -> None:
-        # Runs on every Trainer call: load once.
-        if self.model is not None:
-            return
+        # Runs on every Trainer call: load once, then keep the model on the strategy's device.
+        if self.model is None:
+            self._load()
+        if self._trainer is not None and self.load_options.device_map is None:
+            device = self.trainer.strategy.root_device
+            if self.model.device != device:
+                self.model.to(device)
+
+    def _load(self) -> None:
         start = time.perf_counter()
         opts = self.load_options
-        self.model = load_model(
+        self.__dict__["_hf_model"] = load_model(  # not self.model =: nn.Module would register it
             self._require_model_id(),
             dtypes=opts.dtypes,
             device_map=opts.device_map,
@@ -168,8 +183,8 @@ class AbliterationModule(L.LightningModule):
                 self._keep("logprobs", logprobs, batch["index"])
                 self._keep("continuation", continuation, batch["index"])
             else:
-                reference = self.reference_logprobs[batch["index"].cpu()].to(self.device)
-                continuation = self.reference_continuation[batch["index"].cpu()].to(self.device)
+                reference = self.reference_logprobs[batch["index"].cpu()].to(ids.device)
+                continuation = self.reference_continuation[batch["index"].cpu()].to(ids.device)
                 self.kl_divergence.update(next_token_logprobs(self.model, ids, mask, continuation), reference)
         elif role == "eval_harmful":
             responses = generate_responses(
