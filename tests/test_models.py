@@ -1,7 +1,9 @@
 """Loading and architecture discovery on tiny random models of every supported family.
 
 The behavioural check is the one that matters: after projecting a direction r out of every
-residual writer of a layer, that layer must add nothing along r to the residual stream.
+residual writer of a layer, that layer must add nothing along r to the residual stream. For
+post-norm layers (Gemma 2/3, OLMo 2) that holds only when the projected direction is
+normalize(g * r), g the post-norm gain from `post_norm_gains`; projecting r itself does not.
 """
 
 import logging
@@ -14,7 +16,15 @@ from torch import nn
 
 from abliterate.ablation import orthogonalize_bias, orthogonalize_weight
 from abliterate.errors import AbliterateError
-from abliterate.models import decoder_layers, describe_architecture, load_model, load_tokenizer, residual_writers
+from abliterate.directions import normalize
+from abliterate.models import (
+    decoder_layers,
+    describe_architecture,
+    load_model,
+    load_tokenizer,
+    post_norm_gains,
+    residual_writers,
+)
 
 HIDDEN = 32
 VOCAB = 64
@@ -80,37 +90,35 @@ FAMILIES = {
         ),
         1,
     ),
+    # older layouts: GPT-2 Conv1D writers ([in, out], out axis -1), parallel attention + MLP
+    "gpt2": (
+        lambda: transformers.GPT2LMHeadModel(
+            transformers.GPT2Config(vocab_size=VOCAB, n_embd=HIDDEN, n_layer=2, n_head=4, n_positions=64)
+        ),
+        1,
+    ),
+    "gpt-neox": (lambda: transformers.GPTNeoXForCausalLM(transformers.GPTNeoXConfig(**TEXT)), 1),
+    "phi": (lambda: transformers.PhiForCausalLM(transformers.PhiConfig(**TEXT)), 1),
+    # post-norm without a Gemma (1 + w) gain
+    "olmo2": (lambda: transformers.Olmo2ForCausalLM(transformers.Olmo2Config(**TEXT)), 1),
 }
 
-# Gemma 2/3 put an RMSNorm with a learned per-channel gain (post_attention_layernorm,
-# post_feedforward_layernorm) between each writer and the residual add. diag(g) W x / rms is not
-# orthogonal to r when r^T W = 0 unless g is constant, so weight ablation does not remove r from
-# these layers' contribution to the residual stream.
-GEMMA_REASON = (
-    "Gemma 2/3 normalise each writer's output with a per-channel-gain RMSNorm (post_attention_layernorm, "
-    "post_feedforward_layernorm) before the residual add; the gain breaks orthogonality to r, so "
-    "ablating the writers does not remove r from the layer's residual update"
-)
-POST_NORM_FAMILIES = {"gemma2", "gemma3", "gemma3-multimodal"}
+# Gemma 2/3 and OLMo 2 put an RMSNorm with a learned per-channel gain g (post_attention_layernorm,
+# post_feedforward_layernorm) between each writer and the residual add: the layer adds
+# g * y / rms(y). r^T W = 0 does not make r^T diag(g) W = 0 unless g is constant, so these
+# families need normalize(g * r) projected out of their writers (see post_norm_gains).
+POST_NORM_FAMILIES = {"gemma2", "gemma3", "gemma3-multimodal", "olmo2"}
 
 
 def build(family: str) -> nn.Module:
     torch.manual_seed(0)
     model = FAMILIES[family][0]().eval()
-    # Realistic norm gains: at init every RMSNorm gain is constant, which would hide the Gemma issue.
+    # Realistic norm gains: at init every RMSNorm gain is constant, which would hide the post-norm issue.
     with torch.no_grad():
         for name, param in model.named_parameters():
             if "norm" in name and param.dim() == 1:
                 param.normal_(0.0, 0.5)
     return model
-
-
-def behaviour_params():
-    for family in FAMILIES:
-        if family in POST_NORM_FAMILIES:
-            yield pytest.param(family, marks=pytest.mark.xfail(reason=GEMMA_REASON, strict=True))
-        else:
-            yield family
 
 
 @pytest.mark.parametrize("family", list(FAMILIES))
@@ -168,29 +176,73 @@ def _layer_delta(model: nn.Module, layer: nn.Module, input_ids: torch.Tensor) ->
     return (seen["out"] - seen["in"]).reshape(-1, seen["in"].shape[-1]).double()
 
 
-@pytest.mark.parametrize("family", list(behaviour_params()))
+def _ablate_layer(writers, gains, r: torch.Tensor, through_post_norm: bool) -> None:
+    """Project r (or, behind a post-norm, normalize(g * r)) out of every writer of one layer."""
+    with torch.no_grad():
+        for component, refs in writers.items():
+            gain = gains[component]
+            direction = normalize(gain * r) if through_post_norm and gain is not None else r
+            for ref in refs:
+                ref.weight.copy_(orthogonalize_weight(ref.weight, direction[None], torch.ones(1), out_dim=ref.out_dim))
+                if ref.bias is not None:
+                    ref.bias.copy_(orthogonalize_bias(ref.bias, direction[None], torch.ones(1)))
+
+
+def _ratio_along(model, layer, input_ids, r) -> torch.Tensor:
+    """|r . delta| / |delta| per position of one layer's residual update."""
+    delta = _layer_delta(model, layer, input_ids)
+    return (delta @ r.double()).abs() / delta.norm(dim=-1)
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
 def test_ablating_writers_removes_direction_from_residual_update(family):
     model = build(family)
     generator = torch.Generator().manual_seed(1)
     input_ids = torch.randint(3, VOCAB, (2, 7), generator=generator)
     layers = decoder_layers(model)
     writers = residual_writers(model)
+    gains = post_norm_gains(model)
+    assert all(g is not None for g in gains[0].values()) == (family in POST_NORM_FAMILIES)
     for index, layer in enumerate(layers):
-        r = torch.randn(HIDDEN, generator=generator)
-        r = r / r.norm()
-        before = _layer_delta(model, layer, input_ids)
-        ratio_before = (before @ r.double()).abs() / before.norm(dim=-1)
-        assert ratio_before.max() > 1e-2, "the layer adds nothing along r even before ablation"
-        with torch.no_grad():
-            for ref in writers[index]["attn"] + writers[index]["mlp"]:
-                ref.weight.copy_(orthogonalize_weight(ref.weight, r[None], torch.ones(1), out_dim=ref.out_dim))
-                if ref.bias is not None:
-                    ref.bias.copy_(orthogonalize_bias(ref.bias, r[None], torch.ones(1)))
-        after = _layer_delta(model, layer, input_ids)
-        along = (after @ r.double()).abs()
-        assert torch.all(along <= 1e-5 * after.norm(dim=-1)), (
-            f"layer {index}: max |r.delta|/|delta| = {(along / after.norm(dim=-1)).max():.2e}"
-        )
+        r = normalize(torch.randn(HIDDEN, generator=generator))
+        assert _ratio_along(model, layer, input_ids, r).max() > 1e-2, "the layer adds nothing along r before ablation"
+        _ablate_layer(writers[index], gains[index], r, through_post_norm=True)
+        ratio = _ratio_along(model, layer, input_ids, r)
+        assert ratio.max() <= 1e-5, f"layer {index}: max |r.delta|/|delta| = {ratio.max():.2e}"
+
+
+@pytest.mark.parametrize("family", sorted(POST_NORM_FAMILIES))
+def test_post_norm_breaks_plain_projection(family):
+    """Why post_norm_gains exists: behind a post-norm, projecting r itself leaves r in the update."""
+    model = build(family)
+    generator = torch.Generator().manual_seed(1)
+    input_ids = torch.randint(3, VOCAB, (2, 7), generator=generator)
+    layer = decoder_layers(model)[0]
+    r = normalize(torch.randn(HIDDEN, generator=generator))
+    _ablate_layer(residual_writers(model)[0], post_norm_gains(model)[0], r, through_post_norm=False)
+    assert _ratio_along(model, layer, input_ids, r).max() > 1e-3
+
+
+def test_post_norm_gains_values():
+    gemma = build("gemma2")
+    layer = decoder_layers(gemma)[1]
+    gains = post_norm_gains(gemma)[1]
+    torch.testing.assert_close(gains["attn"], 1 + layer.post_attention_layernorm.weight, rtol=1e-5, atol=0)
+    torch.testing.assert_close(gains["mlp"], 1 + layer.post_feedforward_layernorm.weight, rtol=1e-5, atol=0)
+    olmo = build("olmo2")
+    olmo_norm = decoder_layers(olmo)[0].post_feedforward_layernorm
+    torch.testing.assert_close(post_norm_gains(olmo)[0]["mlp"], olmo_norm.weight)
+    # Llama's post_attention_layernorm is its pre-MLP norm, on the residual's copy: not a post-norm.
+    assert post_norm_gains(build("llama")) == [{"attn": None, "mlp": None}] * 2
+    assert "post-norms" in describe_architecture(gemma) and "post-norms" not in describe_architecture(build("llama"))
+
+
+def test_post_norm_that_is_not_rms_is_refused():
+    model = build("gemma2")
+    layer = decoder_layers(model)[0]
+    layer.post_feedforward_layernorm = nn.LayerNorm(HIDDEN)
+    with pytest.raises(AbliterateError, match="layer 0 post_feedforward_layernorm .LayerNorm. is not an RMS norm"):
+        post_norm_gains(model)
 
 
 class _NoAttentionLayer(nn.Module):
@@ -247,6 +299,33 @@ def test_square_fused_experts_without_layout_flag_are_refused():
     assert residual_writers(model)[0]["mlp"][0].out_dim == -1
 
 
+def test_writer_out_axis_must_be_hidden_size():
+    class WrongWidth(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.self_attn = nn.Module()
+            self.self_attn.o_proj = nn.Linear(8, 6)
+            self.mlp = nn.Module()
+            self.mlp.down_proj = nn.Linear(16, 8)
+
+    with pytest.raises(AbliterateError, match="layer 0 self_attn.o_proj has weight shape .6, 8., whose out axis -2"):
+        residual_writers(_Custom(WrongWidth))
+
+
+def test_quantized_writer_is_refused():
+    class Quantized(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.self_attn = nn.Module()
+            self.self_attn.o_proj = nn.Linear(8, 8)
+            self.mlp = nn.Module()
+            self.mlp.down_proj = nn.Linear(16, 8)
+            self.mlp.down_proj.weight = nn.Parameter(torch.zeros(64, 1, dtype=torch.uint8), requires_grad=False)
+
+    with pytest.raises(AbliterateError, match="layer 0 mlp.down_proj is quantized.*load_in_4bit"):
+        residual_writers(_Custom(Quantized))
+
+
 # --- loading ---------------------------------------------------------------------------------
 
 
@@ -285,12 +364,37 @@ def test_load_model_dtype_fallback(tiny_model_dir, monkeypatch, caplog):
 
 
 def test_load_model_all_dtypes_fail(tiny_model_dir, monkeypatch):
-    def fake(*args, **kwargs):
-        raise RuntimeError("nope")
+    def fake(*args, dtype=None, **kwargs):
+        raise TypeError(f"{dtype} is not supported on this device")
 
     monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", fake)
-    with pytest.raises(AbliterateError, match="any dtype"):
+    with pytest.raises(AbliterateError, match="any dtype.*float32 is not supported"):
         load_model(str(tiny_model_dir), dtypes=("bfloat16", "float32"))
+
+
+def test_load_model_other_errors_do_not_fall_back(tiny_model_dir, monkeypatch, caplog):
+    tried = []
+
+    def fake(*args, dtype=None, **kwargs):
+        tried.append(dtype)
+        raise RuntimeError("size mismatch for lm_head.weight\nmore detail")
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", fake)
+    with pytest.raises(AbliterateError, match="size mismatch for lm_head.weight\\); check the model files"):
+        load_model(str(tiny_model_dir), dtypes=("bfloat16", "float32"))
+    assert tried == [torch.bfloat16]
+
+
+def test_load_model_dir_without_model(tmp_path):
+    with pytest.raises(AbliterateError, match="Unrecognized model"):
+        load_model(str(tmp_path), dtypes=("bfloat16", "float32"))
+
+
+@pytest.mark.parametrize("loader", [load_model, load_tokenizer])
+def test_missing_hub_id_offline_names_the_fix(loader, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(AbliterateError, match="HF_HUB_OFFLINE=0.*local model dir"):
+        loader("no-such-org/no-such-model")
 
 
 @pytest.mark.parametrize("loader", [load_model, load_tokenizer])
@@ -337,5 +441,5 @@ def test_load_tokenizer_left_padding_and_pad_token(tmp_path):
 
 
 def test_load_tokenizer_without_pad_or_eos(tmp_path):
-    with pytest.raises(AbliterateError, match="neither a pad nor an eos"):
+    with pytest.raises(AbliterateError, match="neither a pad nor an eos token; set one"):
         load_tokenizer(str(_save_tokenizer(tmp_path)))
