@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from abliterate.errors import AbliterateError
 from abliterate.writers import LayerWriters, WriterRef
 
 
@@ -141,6 +142,11 @@ class WeightEditor:
             for layer, components in enumerate(writers):
                 for component, refs in components.items():
                     for i, ref in enumerate(refs):
+                        if ref.weight.device.type == "meta":
+                            raise AbliterateError(
+                                f"layer {layer} {component} weights are offloaded to disk and cannot be edited; "
+                                "give the model more GPU/CPU memory (module.load.device_map)"
+                            )
                         bias = ref.bias
                         self.originals[(layer, component, i)] = (
                             ref.weight.detach().to(cache_device or ref.weight.device, copy=True),

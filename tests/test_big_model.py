@@ -1,0 +1,43 @@
+"""The model-parallel path: a model placed by accelerate (`module.load.device_map`) is not moved
+by Lightning, and residuals, ablation and trials give the same results as a plain load.
+
+This machine has no GPUs: accelerate can only place everything on the CPU here, so this checks
+the device_map code path end to end (Lightning leaves the model where it is; same results) and
+the clear error for writers offloaded to disk. Multi-GPU placement itself is not tested here;
+`configs/trainer/big_model.yaml` is the recipe.
+"""
+
+import pytest
+import torch
+
+from abliterate.ablation import AblationParams, ComponentKernel
+from abliterate.errors import AbliterateError
+from abliterate.options import LoadOptions
+
+from test_pipeline import make_parts
+
+pytest.importorskip("accelerate")
+
+
+def test_device_map_placement_matches_plain_load(organism_dir, tmp_path):
+    plain, data, trainer = make_parts(organism_dir)
+    trainer.prepare(plain, data, str(tmp_path / "plain"))
+    placed, data2, trainer2 = make_parts(organism_dir)
+    placed.load_options = LoadOptions(dtypes=["float32"], device_map="cpu")
+    trainer2.prepare(placed, data2, str(tmp_path / "placed"))
+    torch.testing.assert_close(placed.residuals["harmful"], plain.residuals["harmful"])
+    kernel = ComponentKernel(max_weight=1.0, max_weight_position=1.0, min_weight=1.0, min_weight_distance=2.0)
+    params = AblationParams(components={"attn": kernel, "mlp": kernel}, direction_index=1.0)
+    assert trainer2.evaluate_plan(placed, data2, params, placed.directions) == pytest.approx(
+        trainer.evaluate_plan(plain, data, params, plain.directions)
+    )
+
+
+def test_disk_offloaded_writers_give_a_clear_error(organism_dir):
+    """accelerate's disk offload leaves the weights on the meta device, to be loaded by a hook."""
+    module, data, trainer = make_parts(organism_dir)
+    module.configure_model()
+    down = module.model.model.layers[1].mlp.down_proj
+    down.weight = torch.nn.Parameter(torch.empty_like(down.weight, device="meta"), requires_grad=False)
+    with pytest.raises(AbliterateError, match="offloaded to disk"):
+        module.weight_editor()
