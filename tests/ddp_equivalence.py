@@ -17,7 +17,8 @@ from abliterate.ablation import AblationParams, ComponentKernel
 from abliterate.callbacks import RefusalPruning
 from abliterate.data import PromptDataModule
 from abliterate.module import AbliterationModule
-from abliterate.options import DirectionOptions, EvalOptions, LoadOptions
+from abliterate.options import DirectionOptions, EvalOptions, LoadOptions, SearchSpace, StudyOptions
+from abliterate.search import run_search
 from abliterate.prompts import PromptSource
 from abliterate.trainer import AbliterationTrainer
 
@@ -61,12 +62,17 @@ def main() -> None:
     except optuna.TrialPruned:
         pruned = True
     pca = module.directions_for(DirectionOptions(method="contrastive_pca", k=3, alpha=0.5))
+    # A short seeded search: rank 0 asks Optuna, every rank evaluates the broadcast plan.
+    options = StudyOptions(n_trials=4, n_startup_trials=4, seed=1, storage=f"sqlite:///{out / f'study{devices}.db'}")
+    study = trainer.open_study(out, options)
+    run_search(trainer, module, data, options, SearchSpace(), study)
+    trials = [(t.number, t.state.name, t.params, t.values) for t in study.get_trials()]
     if trainer.is_global_zero:
         save_file(
             {k: v.contiguous() for k, v in {**module.residuals, "directions": module.directions, "pca": pca}.items()},
             str(out / f"tensors{devices}.safetensors"),
         )
-        record = {"baseline": baseline, "result": result, "pruned": pruned, "attrs": trial.user_attrs,
+        record = {"baseline": baseline, "result": result, "pruned": pruned, "attrs": trial.user_attrs, "trials": trials,
                   "world_size": trainer.world_size}
         (out / f"result{devices}.json").write_text(json.dumps(record))
 

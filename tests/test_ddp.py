@@ -36,3 +36,9 @@ def test_ddp_matches_single_process(organism_dir, tmp_path):
     assert ddp["result"]["kl"] == pytest.approx(single["result"]["kl"], rel=1e-5, abs=1e-7)
     assert single["pruned"] and ddp["pruned"]
     assert ddp["attrs"]["refusals_so_far"] >= 3 and single["attrs"]["refusals_so_far"] >= 3
+    # the same seeded search: same trials, same outcomes, no duplicates
+    assert len(ddp["trials"]) == len(single["trials"]) == 4
+    for (n1, s1, p1, v1), (n2, s2, p2, v2) in zip(single["trials"], ddp["trials"], strict=True):
+        assert (n1, s1, p1) == (n2, s2, p2)
+        if v1 is not None:
+            assert v2[0] == v1[0] and v2[1] == pytest.approx(v1[1], rel=1e-5, abs=1e-7)
