@@ -1,6 +1,9 @@
 """The `abliterate` CLI: config precedence, clear errors, resume with cached inputs."""
 
 import json
+from pathlib import Path
+
+import torch
 
 import optuna
 import pytest
@@ -180,3 +183,38 @@ def test_resume_keeps_trials_and_reuses_caches(organism_config, organism_dir, tm
     assert len(finished) == 7  # n_trials is the total
     assert {t.number: t.params for t in study.trials if t.number in first} == first
     assert json.loads(stdout.strip().splitlines()[-1])["refusal_before"] >= 0.9
+
+
+def test_directions_verb_contrastive_pca(organism_config, organism_dir, tmp_path, capsys):
+    from safetensors import safe_open
+
+    from abliterate.directions import compute_directions
+
+    out = tmp_path / "run"
+    args = ["directions", "--config", str(organism_config), "--model", str(organism_dir), "--output_dir", str(out),
+            "--direction_method", "contrastive_pca", "--k", "3"]
+    code, _, err = run_cli(args, capsys)
+    assert code == 0, err
+    with safe_open(str(out / "directions.safetensors"), "pt") as f:
+        directions = f.get_tensor("directions")
+        assert "contrastive_pca" in f.metadata()["options"]
+    assert directions.shape == (2, 3, 64)
+    # the saved directions are those of the cached residuals
+    with safe_open(str(out / "cache" / "residuals.safetensors"), "pt") as f:
+        expected = compute_directions(f.get_tensor("harmful"), f.get_tensor("harmless"), method="contrastive_pca", k=3)
+    torch.testing.assert_close(directions, expected)
+
+
+def test_search_can_choose_the_direction_method(organism_config, organism_dir, tmp_path, capsys):
+    import csv
+
+    out = tmp_path / "run"
+    args = ["search", "--config", str(organism_config), "--model", str(organism_dir), "--output_dir", str(out),
+            "--config", str(Path(__file__).resolve().parents[1] / "configs/examples/contrastive_pca.yaml"),
+            "--study.n_trials", "12", "--study.n_startup_trials", "12", "--study.seed", "3", "--study.prune", "false"]
+    code, _, err = run_cli(args, capsys)
+    assert code == 0, err
+    rows = list(csv.DictReader((out / "trials.csv").open()))
+    methods = {r["direction_method"] for r in rows if r["state"] == "COMPLETE"}
+    assert methods == {"mean_diff", "contrastive_pca"}
+    assert all(r["k"] for r in rows if r["direction_method"] == "contrastive_pca")

@@ -150,3 +150,21 @@ def test_run_abliterates_the_organism(organism_dir, organism_config, tmp_path, c
     topic_before = topic_rate(generate_replies(original, tok, harmless), harmless)
     topic_after = topic_rate(generate_replies(ablated, tok, harmless), harmless)
     assert topic_after >= 0.9 * topic_before
+
+
+def test_unhelpful_role_streams_and_orthogonalises(organism_dir, tmp_path):
+    import json as json_
+
+    from abliterate.directions import normalize
+
+    raw = tmp_path / "web.jsonl"
+    with raw.open("w") as f:
+        for i in range(5000):
+            f.write(json_.dumps({"text": f"how to make bread and soup at home number {i}"}) + "\n")
+    module, data, trainer = make_parts(organism_dir)
+    data.sources["unhelpful"] = PromptSource(str(raw), split="train", streaming=True, limit=16)
+    trainer.predict(module, datamodule=data, return_predictions=False)
+    assert module.residuals["unhelpful"].shape[0] == 16  # only the requested rows
+    h = normalize(module.residuals["harmless"].mean(0) - module.residuals["unhelpful"].mean(0))
+    cos = (module.directions[:, 0] * h).sum(-1)
+    assert cos.abs().max() < 1e-5
