@@ -135,3 +135,16 @@ def test_search_options_validate():
         StudyOptions(select="best")
     with pytest.raises(AbliterateError, match="refusal_target"):
         StudyOptions(refusal_target=5)
+
+
+def test_interactive_choice_from_front(capsys):
+    from abliterate.trainer import choose_from_front
+
+    trials = synthetic_trials([(0.5, 0.01), (0.04, 0.3), None, (0.0, 0.9)])
+    front = pareto_front(trials)
+    answers = iter(["7", "2", "3"])  # unknown trial, pruned trial, then a valid one
+    chosen = choose_from_front(trials, front, front[1], read=lambda prompt: next(answers))
+    assert chosen.number == 3
+    out = capsys.readouterr().out
+    assert "<- default" in out and "no trial 7" in out and "PRUNED" in out
+    assert choose_from_front(trials, front, front[1], read=lambda prompt: "").number == front[1].number

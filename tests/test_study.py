@@ -76,3 +76,26 @@ def test_two_workers_share_one_study(organism_config, organism_dir, tmp_path):
     assert len({t.number for t in finished}) == 10
     assert len({t.user_attrs["worker_pid"] for t in finished}) == 2, "both workers ran trials"
     assert (out / "model" / "config.json").is_file() and (out / "trials.csv").is_file()
+
+
+def test_ctrl_c_marks_the_running_trial_and_says_how_to_resume(organism_config, organism_dir, tmp_path):
+    out = tmp_path / "run"
+    args = cli(organism_config, organism_dir, out, "--study.n_trials", "200", "--study.prune", "false")
+    proc = subprocess.Popen(args, env=dict(os.environ, OMP_NUM_THREADS="1"), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 180
+    while time.time() < deadline:
+        try:
+            if (out / "study.db").exists() and count(load(out), TrialState.COMPLETE) >= 2:
+                break
+        except Exception:
+            pass
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode != 0
+    assert "Rerun the same command to resume" in stderr
+    study = load(out)
+    assert count(study, TrialState.RUNNING) == 0
+    assert count(study, TrialState.COMPLETE) >= 2
+    assert not (out / "model").exists()

@@ -1,7 +1,13 @@
 """Directional ablation: the layer weight kernel, direction interpolation and weight edits.
 
 Pure torch. A residual writer W maps into the residual stream along its `out_dim` axis;
-ablating unit directions r_j with weights w_j gives W' = W - sum_j w_j r_j r_j^T W.
+ablating orthonormal directions r_j with weights w_j gives W' = W - sum_j w_j r_j r_j^T W.
+
+Reading order: the kernel that gives each layer its weight (`ComponentKernel`, `layer_weights`),
+the directions each layer ablates (`interpolate_directions`, `ablation_directions`), the edit of
+one tensor (`orthogonalize_weight`, `orthogonalize_bias`), and the two ways to apply a whole
+ablation to a model: `WeightEditor` (edit weights in place, restore them bit-exactly) and
+`ablation_hooks` (project the writers' outputs with forward hooks).
 """
 
 import math
@@ -10,10 +16,12 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from abliterate.errors import AbliterateError
-from abliterate.writers import LayerWriters, WriterRef
+from abliterate.writers import LayerWriters
+
+# ---- the layer kernel ------------------------------------------------------------------------
 
 
 @dataclass
@@ -31,14 +39,28 @@ class ComponentKernel:
 
 
 def layer_weights(kernel: ComponentKernel, n_layers: int) -> Tensor:
-    """[n_layers] weights: max_weight at the peak, falling linearly to min_weight at the edge, 0 beyond."""
+    """[n_layers] float64 weights of a linear tent.
+
+    w(i) = max_weight + (|i - pos| / min_weight_distance) * (min_weight - max_weight) while
+    |i - pos| <= min_weight_distance, and 0 beyond.
+    """
+    values = {
+        "max_weight": kernel.max_weight,
+        "max_weight_position": kernel.max_weight_position,
+        "min_weight": kernel.min_weight,
+        "min_weight_distance": kernel.min_weight_distance,
+    }
+    for name, value in values.items():
+        if not math.isfinite(value):
+            raise ValueError(f"{name} must be finite, got {value}")
     if kernel.min_weight_distance <= 0:
         raise ValueError(f"min_weight_distance must be > 0, got {kernel.min_weight_distance}")
     if kernel.max_weight < 0 or kernel.min_weight < 0:
-        raise ValueError("kernel weights must be >= 0")
+        raise ValueError(f"kernel weights must be >= 0, got max {kernel.max_weight}, min {kernel.min_weight}")
+    if n_layers < 1:
+        raise ValueError(f"n_layers must be >= 1, got {n_layers}")
     distance = (torch.arange(n_layers, dtype=torch.float64) - kernel.max_weight_position).abs()
-    fraction = distance / kernel.min_weight_distance
-    weights = kernel.max_weight + fraction * (kernel.min_weight - kernel.max_weight)
+    weights = kernel.max_weight + (distance / kernel.min_weight_distance) * (kernel.min_weight - kernel.max_weight)
     return torch.where(distance <= kernel.min_weight_distance, weights, torch.zeros_like(weights))
 
 
@@ -49,95 +71,160 @@ class AblationParams:
     components: dict[str, ComponentKernel] = field(default_factory=dict)
     """kernel per component ("attn", "mlp"); a component not listed is left alone."""
     direction_index: float | None = None
-    """None: each layer ablates its own direction; a float: the direction interpolated there, for all layers."""
+    """None: each layer ablates its own directions; a float: the directions interpolated there, for all layers."""
     direction_decay: float = 1.0
-    """direction j of a k-subspace is ablated with weight kernel * decay**j."""
+    """direction j (0-based) of a k-subspace is ablated with weight kernel * decay**j."""
     norm_preserving: bool = False
     """rescale each weight column back to its original norm after the projection."""
 
 
+# ---- directions ------------------------------------------------------------------------------
+
+
+def _compute_dtype(t: Tensor) -> torch.dtype:
+    """float64 for float64 tensors, float32 for everything else (bf16/fp16 edits need the headroom)."""
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
 def orthonormalize_like(vectors: Tensor, reference: Tensor) -> Tensor:
-    """QR-orthonormalise [.., k, d] rows in order, each signed to agree with its reference row."""
-    q, _ = torch.linalg.qr(vectors.mT)
+    """QR-orthonormalise the [.., k, d] rows in order, each signed to agree with its reference row.
+
+    Raises ValueError when the rows are (numerically) linearly dependent.
+    """
+    dtype = _compute_dtype(vectors)
+    q, r = torch.linalg.qr(vectors.to(dtype).mT)  # columns in order: Gram-Schmidt
+    scale = vectors.to(dtype).norm(dim=-1).amax(dim=-1, keepdim=True).clamp_min(torch.finfo(dtype).tiny)
+    if (r.diagonal(dim1=-2, dim2=-1).abs() <= 1e3 * torch.finfo(dtype).eps * scale).any():
+        raise ValueError("the directions to orthonormalise are linearly dependent")
     q = q.mT
-    sign = torch.sign((q * reference).sum(-1, keepdim=True))
-    return q * torch.where(sign == 0, torch.ones_like(sign), sign)
+    sign = torch.sign((q * reference.to(dtype)).sum(-1, keepdim=True))
+    return (q * torch.where(sign == 0, torch.ones_like(sign), sign)).to(vectors.dtype)
 
 
 def interpolate_directions(directions: Tensor, index: float) -> Tensor:
-    """[L, k, d] -> [k, d]: lerp between layers floor(index) and floor(index)+1, re-orthonormalised."""
+    """[L, k, d] orthonormal per layer -> [k, d] at a fractional layer index.
+
+    Each vector is lerped between layers floor(index) and floor(index)+1, then the set is
+    re-orthonormalised by QR in order, each vector keeping a positive dot with its lerp.
+    An integer index returns that layer's directions unchanged.
+    """
+    if directions.ndim != 3:
+        raise ValueError(f"directions must be [L, k, d], got {tuple(directions.shape)}")
     n_layers = directions.shape[0]
-    if not 0 <= index <= n_layers - 1:
+    if not 0 <= index <= n_layers - 1:  # also rejects NaN
         raise ValueError(f"direction_index {index} is outside [0, {n_layers - 1}]")
     low = min(int(math.floor(index)), n_layers - 1)
     frac = index - low
     if frac == 0:
         return directions[low]
-    mixed = (1 - frac) * directions[low] + frac * directions[low + 1]
-    return orthonormalize_like(mixed, mixed)
+    mixed = (1 - frac) * directions[low].to(_compute_dtype(directions)) + frac * directions[low + 1].to(
+        _compute_dtype(directions)
+    )
+    return orthonormalize_like(mixed, mixed).to(directions.dtype)
 
 
 def ablation_directions(directions: Tensor, direction_index: float | None) -> Tensor:
-    """The [L, k, d] direction set each layer ablates."""
+    """The [L, k, d] direction set each layer ablates: its own, or one interpolated set for all."""
+    if directions.ndim != 3:
+        raise ValueError(f"directions must be [L, k, d], got {tuple(directions.shape)}")
     if direction_index is None:
         return directions
     return interpolate_directions(directions, direction_index).expand_as(directions)
 
 
-def _compute_dtype(t: Tensor) -> torch.dtype:
-    return torch.float64 if t.dtype == torch.float64 else torch.float32
+# ---- editing one tensor ----------------------------------------------------------------------
+
+
+def _directions_and_coefficients(
+    directions: Tensor, weights: Tensor | float, d_model: int, device: torch.device, dtype: torch.dtype
+) -> tuple[Tensor, Tensor]:
+    """Directions as [k, d] and weights as [k], on `device` in `dtype`, with their shapes checked."""
+    r = directions[None] if directions.ndim == 1 else directions
+    if r.ndim != 2 or r.shape[-1] != d_model:
+        raise ValueError(f"directions must be [k, {d_model}], got {tuple(directions.shape)}")
+    coef = torch.as_tensor(weights, dtype=dtype, device=device).reshape(-1)
+    if coef.numel() == 1:
+        coef = coef.expand(r.shape[0])
+    if coef.shape[0] != r.shape[0]:
+        raise ValueError(f"{coef.shape[0]} weights for {r.shape[0]} directions")
+    return r.to(device=device, dtype=dtype), coef
 
 
 def orthogonalize_weight(
-    weight: Tensor, directions: Tensor, weights: Tensor, *, out_dim: int = -2, norm_preserving: bool = False
+    weight: Tensor, directions: Tensor, weights: Tensor | float, *, out_dim: int = -2, norm_preserving: bool = False
 ) -> Tensor:
     """W' = W - sum_j w_j r_j r_j^T W along `out_dim` (directions [k, d] orthonormal, weights [k]).
 
-    norm_preserving rescales every column (each vector along the out axis) to its original norm.
+    Computed in float32 (float64 for a float64 weight) and returned in the weight's dtype. Leading
+    axes batch, so fused experts [E, d_in, d_model] work with out_dim=-1.
+
+    norm_preserving rescales every column (each vector along the out axis, W[:, j] for a Linear)
+    to the norm it had before; a column projected to zero (up to round-off) becomes exactly zero.
     Scaling a column keeps it orthogonal to r, so r^T W' = 0 stays exact at w = 1; scaling rows
     would not.
     """
     dtype = _compute_dtype(weight)
-    w = weight.to(dtype).movedim(out_dim, -1)  # [..., d_in, d_model]: rows are the columns of W
-    r = directions.to(device=weight.device, dtype=dtype)
-    coef = torch.as_tensor(weights, device=weight.device, dtype=dtype)
-    projections = w @ r.T  # [..., d_in, k]
-    edited = w - (projections * coef) @ r
+    r, coef = _directions_and_coefficients(directions, weights, weight.shape[out_dim], weight.device, dtype)
+    w = weight.to(dtype).movedim(out_dim, -1)  # [..., d_in, d_model]: each row is one column of W
+    edited = w - ((w @ r.T) * coef) @ r
     if norm_preserving:
         before = w.norm(dim=-1, keepdim=True)
         after = edited.norm(dim=-1, keepdim=True)
-        edited = torch.where(after > 0, edited * (before / after.clamp_min(torch.finfo(dtype).tiny)), edited)
+        # A column that lay in span(r) is left with round-off only: rescaling that noise to the
+        # original norm would invent a column, so it becomes exactly zero instead.
+        noise = before * (4 * torch.finfo(dtype).eps * math.sqrt(w.shape[-1]))
+        scale = torch.where(after > noise, before / after.clamp_min(torch.finfo(dtype).tiny), torch.zeros_like(after))
+        edited = edited * scale
     return edited.movedim(-1, out_dim).to(weight.dtype)
 
 
-def orthogonalize_bias(bias: Tensor, directions: Tensor, weights: Tensor) -> Tensor:
+def orthogonalize_bias(bias: Tensor, directions: Tensor, weights: Tensor | float) -> Tensor:
     """b' = b - sum_j w_j r_j r_j^T b for a bias in the residual space (last axis d_model)."""
     dtype = _compute_dtype(bias)
+    r, coef = _directions_and_coefficients(directions, weights, bias.shape[-1], bias.device, dtype)
     b = bias.to(dtype)
-    r = directions.to(device=bias.device, dtype=dtype)
-    coef = torch.as_tensor(weights, device=bias.device, dtype=dtype)
     return (b - ((b @ r.T) * coef) @ r).to(bias.dtype)
 
 
-def _plan(params: AblationParams, directions: Tensor, n_layers: int) -> Iterator[tuple[int, str, Tensor, Tensor]]:
-    """(layer, component, directions [k, d], weights [k]) for every non-zero edit."""
-    if directions.shape[0] != n_layers:
-        raise ValueError(f"directions cover {directions.shape[0]} layers, the model has {n_layers}")
+# ---- the plan: which writers get which edit --------------------------------------------------
+
+
+def _plan(params: AblationParams, directions: Tensor, writers: list[LayerWriters]) -> list[tuple[int, str, Tensor, Tensor]]:
+    """(layer, component, directions [k, d], weights [k] float64) for every non-zero edit.
+
+    Everything is checked here, before any weight changes: the direction count, the decay and
+    that every listed component exists in every layer it touches.
+    """
+    n_layers = len(writers)
+    if directions.ndim != 3 or directions.shape[0] != n_layers:
+        raise ValueError(f"directions must be [{n_layers}, k, d] (one set per layer), got {tuple(directions.shape)}")
+    if not (math.isfinite(params.direction_decay) and params.direction_decay >= 0):
+        raise ValueError(f"direction_decay must be finite and >= 0, got {params.direction_decay}")
     per_layer = ablation_directions(directions, params.direction_index)
     decay = params.direction_decay ** torch.arange(directions.shape[1], dtype=torch.float64)
+    plan = []
     for component, kernel in params.components.items():
         for layer, w in enumerate(layer_weights(kernel, n_layers).tolist()):
-            if w != 0.0:
-                yield layer, component, per_layer[layer], w * decay
+            if w == 0.0:
+                continue
+            if component not in writers[layer]:
+                raise ValueError(f"layer {layer} has no {component!r} writers (has {sorted(writers[layer])})")
+            plan.append((layer, component, per_layer[layer], w * decay))
+    return plan
+
+
+# ---- mechanism 1: edit the weights in place --------------------------------------------------
 
 
 class WeightEditor:
     """Applies an ablation in place and restores the exact original weights."""
 
     def __init__(self, writers: list[LayerWriters], cache_device: str | torch.device | None = None):
+        """Clone every writer's weight (and bias) once, to `cache_device` or beside the weight."""
         self.writers = writers
-        # Originals are cloned once; every apply starts from them, so apply twice == apply once.
         self.originals: dict[tuple[int, str, int], tuple[Tensor, Tensor | None]] = {}
+        self.edited: set[tuple[int, str, int]] = set()
+        # Plain tensors even when built inside inference mode: they are copied back later, outside it.
         with torch.no_grad(), torch.inference_mode(False):
             for layer, components in enumerate(writers):
                 for component, refs in components.items():
@@ -152,30 +239,38 @@ class WeightEditor:
                             ref.weight.detach().to(cache_device or ref.weight.device, copy=True),
                             None if bias is None else bias.detach().to(cache_device or bias.device, copy=True),
                         )
-        self.edited: set[tuple[int, str, int]] = set()
-
-    def _refs(self, layer: int, component: str) -> list[WriterRef]:
-        refs = self.writers[layer].get(component)
-        if refs is None:
-            raise ValueError(f"layer {layer} has no {component!r} writers (has {sorted(self.writers[layer])})")
-        return refs
 
     @torch.no_grad()
     def apply(self, params: AblationParams, directions: Tensor) -> None:
+        """Ablate `directions` [L, k, d], always starting from the originals (apply twice == once).
+
+        On any error the weights are restored before it propagates.
+        """
         self.reset()
-        for layer, component, dirs, weights in _plan(params, directions, len(self.writers)):
-            for i, ref in enumerate(self._refs(layer, component)):
-                weight, bias = self.originals[(layer, component, i)]
-                new = orthogonalize_weight(
-                    weight.to(ref.weight.device), dirs, weights, out_dim=ref.out_dim, norm_preserving=params.norm_preserving
-                )
-                ref.weight.copy_(new)
-                if bias is not None:
-                    ref.bias.copy_(orthogonalize_bias(bias.to(ref.bias.device), dirs, weights))
-                self.edited.add((layer, component, i))
+        plan = _plan(params, directions, self.writers)
+        try:
+            for layer, component, dirs, weights in plan:
+                for i, ref in enumerate(self.writers[layer][component]):
+                    weight, bias = self.originals[(layer, component, i)]
+                    self.edited.add((layer, component, i))
+                    ref.weight.copy_(
+                        orthogonalize_weight(
+                            weight.to(ref.weight.device),
+                            dirs,
+                            weights,
+                            out_dim=ref.out_dim,
+                            norm_preserving=params.norm_preserving,
+                        )
+                    )
+                    if bias is not None:
+                        ref.bias.copy_(orthogonalize_bias(bias.to(ref.bias.device), dirs, weights))
+        except BaseException:
+            self.reset()
+            raise
 
     @torch.no_grad()
     def reset(self) -> None:
+        """Copy the originals back into every edited writer, bit-exactly."""
         for layer, component, i in self.edited:
             ref = self.writers[layer][component][i]
             weight, bias = self.originals[(layer, component, i)]
@@ -186,6 +281,7 @@ class WeightEditor:
 
     @contextmanager
     def applied(self, params: AblationParams, directions: Tensor) -> Iterator[None]:
+        """Apply for the duration of the block; reset afterwards, even on errors."""
         self.apply(params, directions)
         try:
             yield
@@ -193,31 +289,49 @@ class WeightEditor:
             self.reset()
 
 
+# ---- mechanism 2: project the writers' outputs with forward hooks ----------------------------
+
+
+def _projection_hook(r: Tensor, coef: Tensor):
+    """A forward hook returning y - sum_j w_j r_j (r_j^T y), computed in r's dtype."""
+
+    def hook(module: nn.Module, args: tuple, output: Tensor) -> Tensor:
+        dirs, weights = r, coef
+        if output.device != dirs.device:
+            dirs, weights = dirs.to(output.device), weights.to(output.device)
+        y = output.to(dirs.dtype)
+        return (y - ((y @ dirs.T) * weights) @ dirs).to(output.dtype)
+
+    return hook
+
+
 @contextmanager
 def ablation_hooks(writers: list[LayerWriters], params: AblationParams, directions: Tensor) -> Iterator[None]:
     """The hook alternative to weight edits: project each writer's output, y' = y - sum_j w_j r_j r_j^T y.
 
-    Equal to the weight edit without norm preservation. Removes only its own handles.
+    Equal to `WeightEditor` without norm preservation (the bias is inside y). Only `nn.Linear`-style
+    writers (out_dim=-2, the module's own `weight`) can be hooked. Removes only its own handles,
+    always.
     """
     if params.norm_preserving:
-        raise NotImplementedError("norm-preserving ablation changes weights column by column; use WeightEditor")
+        raise NotImplementedError(
+            "ablation_hooks cannot preserve norms: that rescales weight columns, not outputs; use WeightEditor"
+        )
+    plan = _plan(params, directions, writers)
+    for layer, component, _, _ in plan:
+        for ref in writers[layer][component]:
+            if ref.out_dim != -2 or ref.name != "weight":
+                raise NotImplementedError(
+                    f"ablation_hooks needs nn.Linear writers (out_dim=-2, param 'weight'); layer {layer} {component} "
+                    f"writer {type(ref.module).__name__}.{ref.name} has out_dim={ref.out_dim}; use WeightEditor"
+                )
     handles = []
-
-    def make_hook(dirs: Tensor, weights: Tensor):
-        def hook(module, args, output):
-            r = dirs.to(device=output.device, dtype=torch.float32)
-            coef = weights.to(device=output.device, dtype=torch.float32)
-            y = output.float()
-            return (y - ((y @ r.T) * coef) @ r).to(output.dtype)
-
-        return hook
-
     try:
-        for layer, component, dirs, weights in _plan(params, directions, len(writers)):
+        for layer, component, dirs, weights in plan:
             for ref in writers[layer][component]:
-                if ref.out_dim != -2 or ref.name != "weight":
-                    raise NotImplementedError(f"hooks need nn.Linear writers; {type(ref.module).__name__} is fused")
-                handles.append(ref.module.register_forward_hook(make_hook(dirs, weights)))
+                dtype = _compute_dtype(ref.weight)
+                r, coef = _directions_and_coefficients(dirs, weights, ref.weight.shape[-2], ref.weight.device, dtype)
+                handles.append(ref.module.register_forward_hook(_projection_hook(r, coef)))
         yield
     finally:
         for handle in handles:

@@ -212,7 +212,7 @@ class AbliterationTrainer(L.Trainer):
         out, baseline = self.prepare(model, datamodule, output_dir)
         optuna_study = self.open_study(out, study)
         self._search(model, datamodule, optuna_study, study, space)
-        chosen = self._report(optuna_study, study, out)
+        chosen = self._report(optuna_study, study, out, interactive=True)
         plan = self.plan_for(model, chosen, space)
         self._export(model, plan, chosen, baseline, target, overwrite)
         summary = {
@@ -349,7 +349,11 @@ class AbliterationTrainer(L.Trainer):
         check_writable(target, overwrite)
         out, baseline = self.prepare(model, datamodule, output_dir)
         optuna_study = self.open_study(out, study)
-        chosen = self._trial(optuna_study, trial) if trial is not None else self._report(optuna_study, study, out)
+        chosen = (
+            self._trial(optuna_study, trial)
+            if trial is not None
+            else self._report(optuna_study, study, out, interactive=True)
+        )
         self._export(model, self.plan_for(model, chosen, space), chosen, baseline, target, overwrite)
         return target
 
@@ -426,7 +430,9 @@ class AbliterationTrainer(L.Trainer):
     def _trial(self, optuna_study: optuna.Study, number: int) -> optuna.trial.FrozenTrial:
         return select_trial(optuna_study.get_trials(deepcopy=False), str(number), 0.0)
 
-    def _report(self, optuna_study: optuna.Study, study: StudyOptions, out: Path) -> optuna.trial.FrozenTrial:
+    def _report(
+        self, optuna_study: optuna.Study, study: StudyOptions, out: Path, interactive: bool = False
+    ) -> optuna.trial.FrozenTrial:
         trials = optuna_study.get_trials(deepcopy=False)
         chosen = select_trial(trials, study.select, study.refusal_target)
         if self.is_global_zero:
@@ -438,6 +444,8 @@ class AbliterationTrainer(L.Trainer):
         for t in front:
             log.info("  Pareto trial %d: refusals %.3f, KL %.4f", t.number, t.values[0], t.values[1])
         log.info("selected trial %d by %s", chosen.number, study.select)
+        if interactive and self.is_global_zero and sys.stdin.isatty() and sys.stdout.isatty():
+            chosen = choose_from_front(trials, front, chosen)
         return chosen
 
     def _export(self, model, plan: TrialPlan, chosen, baseline: float, target: Path, overwrite: bool) -> None:
@@ -455,3 +463,20 @@ class AbliterationTrainer(L.Trainer):
         directions = model.directions_for(plan.directions)
         with model.weight_editor().applied(plan.ablation, directions):
             save_checkpoint(model.model, model.tokenizer, target, overwrite, card)
+
+
+def choose_from_front(trials, front, default, read=input) -> optuna.trial.FrozenTrial:
+    """On a terminal: show the Pareto front and let the user pick the trial to export."""
+    print("\nPareto front (refusal rate vs KL divergence):")
+    print(f"  {'trial':>6}  {'refusals':>9}  {'KL':>8}")
+    for t in front:
+        mark = "  <- default" if t.number == default.number else ""
+        print(f"  {t.number:>6}  {t.values[0]:>9.3f}  {t.values[1]:>8.4f}{mark}")
+    while True:
+        answer = read(f"trial to export [{default.number}]: ").strip()
+        if not answer:
+            return default
+        try:
+            return select_trial(trials, answer, 0.0)
+        except AbliterateError as err:
+            print(f"  {err}")
