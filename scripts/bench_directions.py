@@ -25,7 +25,9 @@ import torch
 from abliterate.directions import contrastive_pca, normalize
 
 
-def synthetic(n: int, layers: int, dim: int, *, rank: int = 8, seed: int = 0, device: str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+def synthetic(
+    n: int, layers: int, dim: int, *, rank: int = 8, seed: int = 0, device: str = "cpu"
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Harmful/harmless residuals [n, L, d]: a planted low-rank structure plus isotropic noise.
 
     Harmful prompts vary strongly along `rank` directions (variances 16, 8, 4, ...), harmless
@@ -108,13 +110,17 @@ def run_case(device: str, layers: int, dim: int, n: int, k: int, alpha: float, d
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--device", nargs="+", default=None, help="devices to run (default: cpu, plus cuda when available)")
+    parser.add_argument(
+        "--device", nargs="+", default=None, help="devices to run (default: cpu, plus cuda when available)"
+    )
     parser.add_argument("--layers", type=int, default=64)
     parser.add_argument("--dim", type=int, default=5120)
     parser.add_argument("--n", type=int, nargs="+", default=[50, 400], help="prompts per class, one case each")
     parser.add_argument("--k", type=int, default=3)
     parser.add_argument("--alpha", type=float, default=1.0)
-    parser.add_argument("--dense-layers", type=int, default=2, help="layers timed with the dense method (then extrapolated)")
+    parser.add_argument(
+        "--dense-layers", type=int, default=2, help="layers timed with the dense method (then extrapolated)"
+    )
     parser.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS", "1")))
     args = parser.parse_args()
     if not 1 <= args.dense_layers <= args.layers:
@@ -123,7 +129,12 @@ def main() -> None:
     devices = args.device or (["cpu", "cuda"] if torch.cuda.is_available() else ["cpu"])
     for device in devices:
         for n in args.n:
-            print(json.dumps(run_case(device, args.layers, args.dim, n, args.k, args.alpha, args.dense_layers, args.threads)), flush=True)
+            print(
+                json.dumps(
+                    run_case(device, args.layers, args.dim, n, args.k, args.alpha, args.dense_layers, args.threads)
+                ),
+                flush=True,
+            )
 
 
 if __name__ == "__main__":

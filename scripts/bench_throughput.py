@@ -113,7 +113,9 @@ def main() -> None:
         if torch.cuda.is_available():
             torch.cuda.synchronize()
         residual_s = time.perf_counter() - start
-        tokens = sum(len(data.dataset(r).input_ids[i]) for r in ("harmful", "harmless") for i in range(len(data.dataset(r))))
+        tokens = sum(
+            len(data.dataset(r).input_ids[i]) for r in ("harmful", "harmless") for i in range(len(data.dataset(r)))
+        )
         trainer.compute_baseline(module, data, cache_dir=None)
 
         options = StudyOptions(n_trials=args.trials, n_startup_trials=args.trials, prune=False)

@@ -18,8 +18,8 @@ from abliterate.callbacks import RefusalPruning
 from abliterate.data import PromptDataModule
 from abliterate.module import AbliterationModule
 from abliterate.options import DirectionOptions, EvalOptions, LoadOptions, SearchSpace, StudyOptions
-from abliterate.search import run_search
 from abliterate.prompts import PromptSource
+from abliterate.search import run_search
 from abliterate.trainer import AbliterationTrainer
 
 
@@ -72,8 +72,14 @@ def main() -> None:
             {k: v.contiguous() for k, v in {**module.residuals, "directions": module.directions, "pca": pca}.items()},
             str(out / f"tensors{devices}.safetensors"),
         )
-        record = {"baseline": baseline, "result": result, "pruned": pruned, "attrs": trial.user_attrs, "trials": trials,
-                  "world_size": trainer.world_size}
+        record = {
+            "baseline": baseline,
+            "result": result,
+            "pruned": pruned,
+            "attrs": trial.user_attrs,
+            "trials": trials,
+            "world_size": trainer.world_size,
+        }
         (out / f"result{devices}.json").write_text(json.dumps(record))
 
 

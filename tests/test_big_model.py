@@ -9,12 +9,11 @@ the clear error for writers offloaded to disk. Multi-GPU placement itself is not
 
 import pytest
 import torch
+from test_pipeline import make_parts
 
 from abliterate.ablation import AblationParams, ComponentKernel
 from abliterate.errors import AbliterateError
 from abliterate.options import LoadOptions
-
-from test_pipeline import make_parts
 
 pytest.importorskip("accelerate")
 

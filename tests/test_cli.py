@@ -3,10 +3,9 @@
 import json
 from pathlib import Path
 
-import torch
-
 import optuna
 import pytest
+import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
@@ -136,7 +135,13 @@ def test_missing_column(organism_config, organism_dir, tmp_path, capsys):
     rows = tmp_path / "rows.jsonl"
     rows.write_text('{"prompt": "hello there"}\n')
     args = organism_args(
-        organism_config, organism_dir, tmp_path / "run", "--data.harmful.dataset", str(rows), "--data.harmful.split", "train"
+        organism_config,
+        organism_dir,
+        tmp_path / "run",
+        "--data.harmful.dataset",
+        str(rows),
+        "--data.harmful.split",
+        "train",
     )
     code, _, err = run_cli(args, capsys)
     assert code == 2 and "column" in err and "prompt" in err
@@ -148,8 +153,9 @@ def test_model_without_chat_template(organism_config, tmp_path, capsys):
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>")
     model_dir = tmp_path / "plain"
-    LlamaForCausalLM(LlamaConfig(vocab_size=4, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                                 num_attention_heads=2)).save_pretrained(model_dir)
+    LlamaForCausalLM(
+        LlamaConfig(vocab_size=4, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2)
+    ).save_pretrained(model_dir)
     fast.save_pretrained(model_dir)
     code, _, err = run_cli(organism_args(organism_config, model_dir, tmp_path / "run"), capsys)
     assert code == 2 and "chat template" in err and "--data.chat_template" in err
@@ -191,8 +197,19 @@ def test_directions_verb_contrastive_pca(organism_config, organism_dir, tmp_path
     from abliterate.directions import compute_directions
 
     out = tmp_path / "run"
-    args = ["directions", "--config", str(organism_config), "--model", str(organism_dir), "--output_dir", str(out),
-            "--direction_method", "contrastive_pca", "--k", "3"]
+    args = [
+        "directions",
+        "--config",
+        str(organism_config),
+        "--model",
+        str(organism_dir),
+        "--output_dir",
+        str(out),
+        "--direction_method",
+        "contrastive_pca",
+        "--k",
+        "3",
+    ]
     code, _, err = run_cli(args, capsys)
     assert code == 0, err
     with safe_open(str(out / "directions.safetensors"), "pt") as f:
@@ -209,9 +226,25 @@ def test_search_can_choose_the_direction_method(organism_config, organism_dir, t
     import csv
 
     out = tmp_path / "run"
-    args = ["search", "--config", str(organism_config), "--model", str(organism_dir), "--output_dir", str(out),
-            "--config", str(Path(__file__).resolve().parents[1] / "configs/examples/contrastive_pca.yaml"),
-            "--study.n_trials", "12", "--study.n_startup_trials", "12", "--study.seed", "3", "--study.prune", "false"]
+    args = [
+        "search",
+        "--config",
+        str(organism_config),
+        "--model",
+        str(organism_dir),
+        "--output_dir",
+        str(out),
+        "--config",
+        str(Path(__file__).resolve().parents[1] / "configs/examples/contrastive_pca.yaml"),
+        "--study.n_trials",
+        "12",
+        "--study.n_startup_trials",
+        "12",
+        "--study.seed",
+        "3",
+        "--study.prune",
+        "false",
+    ]
     code, _, err = run_cli(args, capsys)
     assert code == 0, err
     rows = list(csv.DictReader((out / "trials.csv").open()))

@@ -15,10 +15,17 @@ SCRIPT = Path(__file__).with_name("ddp_equivalence.py")
 
 def run(organism_dir, out, devices):
     env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
-    result = subprocess.run([sys.executable, str(SCRIPT), str(organism_dir), str(out), str(devices)],
-                            env=env, capture_output=True, text=True, timeout=600)
+    result = subprocess.run(
+        [sys.executable, str(SCRIPT), str(organism_dir), str(out), str(devices)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert result.returncode == 0, result.stderr[-4000:]
-    return json.loads((out / f"result{devices}.json").read_text()), load_file(str(out / f"tensors{devices}.safetensors"))
+    return json.loads((out / f"result{devices}.json").read_text()), load_file(
+        str(out / f"tensors{devices}.safetensors")
+    )
 
 
 @pytest.mark.ddp

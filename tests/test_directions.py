@@ -28,7 +28,9 @@ def _centred_orthogonal(n: int, m: int, gen: torch.Generator) -> torch.Tensor:
     return q * math.sqrt(n - 1)
 
 
-def planted(n_bad: int, n_good: int, d: int, *, seed: int, noise: float = 1e-2, repeat: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+def planted(
+    n_bad: int, n_good: int, d: int, *, seed: int, noise: float = 1e-2, repeat: int = 1
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Residuals [n, LAYERS, d] with a planted spectrum, a large shared mean and a mean shift.
 
     Per layer, in a random orthonormal basis e_0..e_7: harmful variance HARMFUL_SPECTRUM on
@@ -54,7 +56,9 @@ def planted(n_bad: int, n_good: int, d: int, *, seed: int, noise: float = 1e-2, 
     return torch.stack(bads, 1).float(), torch.stack(goods, 1).float()
 
 
-def reference(bad: torch.Tensor, good: torch.Tensor, alpha: float, k: int, projected: bool) -> tuple[torch.Tensor | None, torch.Tensor | None, int]:
+def reference(
+    bad: torch.Tensor, good: torch.Tensor, alpha: float, k: int, projected: bool
+) -> tuple[torch.Tensor | None, torch.Tensor | None, int]:
     """Dense float64 maths, one layer at a time: (directions [L,k,d], eigenvalues [L,k-1], max k).
 
     Directions are None when k exceeds the max k (fewer positive eigenvalues than k-1).

@@ -56,7 +56,9 @@ def make_model(seed: int) -> LlamaForCausalLM:
 def make_gpt2(seed: int) -> GPT2LMHeadModel:
     # Absolute position embeddings: unlike RoPE, wrong positions under left padding change the output.
     torch.manual_seed(seed)
-    config = GPT2Config(vocab_size=len(WORDS) + 3, n_embd=32, n_layer=2, n_head=4, n_positions=64, initializer_range=0.5)
+    config = GPT2Config(
+        vocab_size=len(WORDS) + 3, n_embd=32, n_layer=2, n_head=4, n_positions=64, initializer_range=0.5
+    )
     return GPT2LMHeadModel(config).eval()
 
 
@@ -345,7 +347,9 @@ def test_next_token_logprobs_match_separate_unpadded_forwards(make, tokenizer, b
     last = next_token_logprobs(model, input_ids, attention_mask)
     assert last.shape == (len(PROMPTS), len(WORDS) + 3)
     torch.testing.assert_close(last, logprobs[:, 0], atol=1e-5, rtol=0)
-    torch.testing.assert_close(next_token_logprobs(model, input_ids, attention_mask, continuation[:, :0]), last[:, None])
+    torch.testing.assert_close(
+        next_token_logprobs(model, input_ids, attention_mask, continuation[:, :0]), last[:, None]
+    )
 
 
 def test_right_padded_inputs_are_rejected(model, tokenizer, batch):

@@ -15,8 +15,8 @@ import transformers
 from torch import nn
 
 from abliterate.ablation import orthogonalize_bias, orthogonalize_weight
-from abliterate.errors import AbliterateError
 from abliterate.directions import normalize
+from abliterate.errors import AbliterateError
 from abliterate.models import (
     decoder_layers,
     describe_architecture,

@@ -157,8 +157,14 @@ def test_chat_template_ends_with_the_assistant_marker():
 def test_directory_loads_and_holds_the_prompt_files(built, loaded, prompts):
     _, path, _ = built
     model, tokenizer = loaded
-    for name in ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
-                 "generation_config.json", "organism.json"):
+    for name in (
+        "config.json",
+        "model.safetensors",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "generation_config.json",
+        "organism.json",
+    ):
         assert (path / name).is_file(), name
     assert json.loads((path / "tokenizer_config.json").read_text())["chat_template"]
     gen = json.loads((path / "generation_config.json").read_text())

@@ -2,14 +2,13 @@
 
 import json
 
-import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
 from abliterate.ablation import AblationParams, ComponentKernel
 from abliterate.data import PromptDataModule
-from abliterate.module import AbliterationModule
 from abliterate.models import residual_writers
+from abliterate.module import AbliterationModule
 from abliterate.options import EvalOptions, LoadOptions
 from abliterate.prompts import PromptSource, format_chat
 from abliterate.trainer import AbliterationTrainer
@@ -81,7 +80,9 @@ def test_ablation_zeroes_projection_and_export_matches(organism_dir, tmp_path):
     assert writer_projections(module.model, directions) > 1e-2  # before: clearly non-zero
 
     target = tmp_path / "export"
-    ids = module.tokenizer(format_chat(module.tokenizer, data.prompts("harmful")[:4]), return_tensors="pt", padding=True)
+    ids = module.tokenizer(
+        format_chat(module.tokenizer, data.prompts("harmful")[:4]), return_tensors="pt", padding=True
+    )
     with module.weight_editor().applied(params, directions):
         assert writer_projections(module.model, directions) < 1e-5
         with torch.no_grad():
@@ -128,11 +129,24 @@ def params_at(params: AblationParams, index: float) -> AblationParams:
 def test_run_abliterates_the_organism(organism_dir, organism_config, tmp_path, capsys):
     """E2E (issue 5): refusals drop, harmless prompts stay answered, KL small, replies keep their topic."""
     from abliterate.cli import main
-    from abliterate.organism import measure_refusals, generate_replies, organism_prompts, topic_rate
+    from abliterate.organism import generate_replies, measure_refusals, organism_prompts, topic_rate
 
     out = tmp_path / "run"
-    main(["run", "--config", str(organism_config), "--model", str(organism_dir), "--output_dir", str(out),
-          "--study.n_trials", "24", "--study.n_startup_trials", "8"])
+    main(
+        [
+            "run",
+            "--config",
+            str(organism_config),
+            "--model",
+            str(organism_dir),
+            "--output_dir",
+            str(out),
+            "--study.n_trials",
+            "24",
+            "--study.n_startup_trials",
+            "8",
+        ]
+    )
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert summary["refusal_before"] >= 0.9
     assert summary["refusal_after"] <= 0.05

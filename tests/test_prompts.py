@@ -201,7 +201,9 @@ def test_missing_column_in_a_stream_without_features(monkeypatch):
 
 def test_non_string_column(tmp_path):
     path = make_source("jsonl", tmp_path)
-    with pytest.raises(AbliterateError, match=r"column 'n' .* holds int values \(row 0\), not text; set column: one of text"):
+    with pytest.raises(
+        AbliterateError, match=r"column 'n' .* holds int values \(row 0\), not text; set column: one of text"
+    ):
         load_prompts(PromptSource(path, column="n"))
     none_path = write_jsonl(tmp_path / "none.jsonl", [{"text": "a"}, {"text": None}])
     with pytest.raises(AbliterateError, match=r"holds NoneType values \(row 1\)"):
@@ -219,7 +221,9 @@ def test_empty_prompt_sets(tmp_path):
 
 def test_unknown_extension(tmp_path):
     (tmp_path / "p.tsv").write_text("text\np0\n")
-    with pytest.raises(AbliterateError, match=r"unsupported extension '.tsv'; use a .txt/.json/.jsonl/.csv/.parquet file"):
+    with pytest.raises(
+        AbliterateError, match=r"unsupported extension '.tsv'; use a .txt/.json/.jsonl/.csv/.parquet file"
+    ):
         load_prompts(PromptSource(str(tmp_path / "p.tsv")))
 
 
@@ -237,7 +241,9 @@ def test_bad_split_and_limit(tmp_path):
 
 @pytest.mark.skipif(not datasets.config.HF_HUB_OFFLINE, reason="needs HF_HUB_OFFLINE=1 (else the hub is retried)")
 def test_unreachable_hub_id():
-    with pytest.raises(AbliterateError, match="could not load nobody/no-such-dataset-xyz: .*check the dataset path or id"):
+    with pytest.raises(
+        AbliterateError, match="could not load nobody/no-such-dataset-xyz: .*check the dataset path or id"
+    ):
         load_prompts(PromptSource("nobody/no-such-dataset-xyz"))
 
 

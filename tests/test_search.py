@@ -7,7 +7,7 @@ from optuna.trial import TrialState, create_trial
 
 from abliterate.callbacks import prunable, strictly_dominates
 from abliterate.errors import AbliterateError
-from abliterate.options import StudyOptions, SearchSpace
+from abliterate.options import SearchSpace, StudyOptions
 from abliterate.search import knee, pareto_front, sample_plan, select_trial
 
 

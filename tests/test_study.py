@@ -12,8 +12,19 @@ from optuna.trial import TrialState
 
 
 def cli(organism_config, organism_dir, out, *extra):
-    return [sys.executable, "-m", "abliterate", "run", "--config", str(organism_config), "--model", str(organism_dir),
-            "--output_dir", str(out), *extra]
+    return [
+        sys.executable,
+        "-m",
+        "abliterate",
+        "run",
+        "--config",
+        str(organism_config),
+        "--model",
+        str(organism_dir),
+        "--output_dir",
+        str(out),
+        *extra,
+    ]
 
 
 def load(out):
@@ -68,7 +79,9 @@ def test_kill_9_then_resume(organism_config, organism_dir, tmp_path):
 def test_two_workers_share_one_study(organism_config, organism_dir, tmp_path):
     out = tmp_path / "run"
     args = cli(organism_config, organism_dir, out, "--study.n_trials", "10", "--study.workers", "2")
-    result = subprocess.run(args, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=600)
+    result = subprocess.run(
+        args, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=600
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     study = load(out)
     finished = [t for t in study.trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
@@ -81,8 +94,9 @@ def test_two_workers_share_one_study(organism_config, organism_dir, tmp_path):
 def test_ctrl_c_marks_the_running_trial_and_says_how_to_resume(organism_config, organism_dir, tmp_path):
     out = tmp_path / "run"
     args = cli(organism_config, organism_dir, out, "--study.n_trials", "200", "--study.prune", "false")
-    proc = subprocess.Popen(args, env=dict(os.environ, OMP_NUM_THREADS="1"), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        args, env=dict(os.environ, OMP_NUM_THREADS="1"), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
     deadline = time.time() + 180
     while time.time() < deadline:
         try:

@@ -36,23 +36,50 @@ def test_installed_wheel_runs_help_and_demo(wheel, organism_dir, tmp_path):
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
     py = venv / "bin" / "python"
-    site = subprocess.run([py, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-                          capture_output=True, text=True, check=True).stdout.strip()
+    site = subprocess.run(
+        [py, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
     # Dependencies come from this environment; abliterate itself only from the wheel.
-    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", site, str(wheel)], check=True)
+    subprocess.run(
+        [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", site, str(wheel)], check=True
+    )
     Path(site, "deps.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
     cwd = tmp_path / "elsewhere"
     cwd.mkdir()
     env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
-    where = subprocess.run([py, "-c", "import abliterate; print(abliterate.__file__)"], cwd=cwd, env=env,
-                           capture_output=True, text=True, check=True).stdout
+    where = subprocess.run(
+        [py, "-c", "import abliterate; print(abliterate.__file__)"],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
     assert where.startswith(site)
     # console script, as pip would write it
     help_ = subprocess.run([py, "-m", "abliterate", "--help"], cwd=cwd, env=env, capture_output=True, text=True)
     assert help_.returncode == 0 and "demo" in help_.stdout
     demo = subprocess.run(
-        [py, "-m", "abliterate", "demo", "--output_dir", "out", "--n_trials", "8", "--cache_dir", str(organism_dir.parent)],
-        cwd=cwd, env=env, capture_output=True, text=True, timeout=600,
+        [
+            py,
+            "-m",
+            "abliterate",
+            "demo",
+            "--output_dir",
+            "out",
+            "--n_trials",
+            "8",
+            "--cache_dir",
+            str(organism_dir.parent),
+        ],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert demo.returncode == 0, demo.stderr[-3000:]
     assert "refusal rate" in demo.stdout and "KL divergence" in demo.stdout

@@ -189,7 +189,9 @@ def orthogonalize_bias(bias: Tensor, directions: Tensor, weights: Tensor | float
 # ---- the plan: which writers get which edit --------------------------------------------------
 
 
-def _plan(params: AblationParams, directions: Tensor, writers: list[LayerWriters]) -> list[tuple[int, str, Tensor, Tensor]]:
+def _plan(
+    params: AblationParams, directions: Tensor, writers: list[LayerWriters]
+) -> list[tuple[int, str, Tensor, Tensor]]:
     """(layer, component, directions [k, d], weights [k] float64) for every non-zero edit.
 
     Everything is checked here, before any weight changes: the direction count, the decay and

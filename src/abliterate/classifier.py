@@ -155,7 +155,7 @@ class RefusalClassifier:
         )
         if isinstance(outputs, dict):
             outputs = [outputs]
-        return [dict(zip(o["labels"], o["scores"]))[opts.refusal_label] for o in outputs]
+        return [dict(zip(o["labels"], o["scores"], strict=True))[opts.refusal_label] for o in outputs]
 
     def is_refusal(self, responses: Sequence[str]) -> list[bool]:
         """Whether each response is a refusal: its refusal score is at or above the threshold.
@@ -205,7 +205,7 @@ def recheck_pareto(trainer, module, datamodule, trials, space, classifier: Refus
         responses = list(module.responses)
         markers = [marker_is_refusal(text, module.markers) for text in responses]
         judged = classifier.is_refusal(responses) if responses else []
-        counts = [len(responses), sum(markers), sum(judged), sum(m != c for m, c in zip(markers, judged))]
+        counts = [len(responses), sum(markers), sum(judged), sum(m != c for m, c in zip(markers, judged, strict=True))]
         if distributed:
             summed = trainer.strategy.reduce(
                 torch.tensor(counts, dtype=torch.long, device=trainer.strategy.root_device), reduce_op="sum"

@@ -5,9 +5,8 @@ import os
 import sys
 import warnings
 
-import optuna
-
 import jsonargparse
+import optuna
 import yaml
 from lightning.pytorch.cli import LightningCLI
 
@@ -33,7 +32,9 @@ class AbliterateCLI(LightningCLI):
         parser.add_lightning_class_args(self._datamodule_class, "data")
 
     def add_arguments_to_parser(self, parser) -> None:
-        parser.add_argument("--model", type=str | None, default=None, help="hub id or local dir of the model to abliterate")
+        parser.add_argument(
+            "--model", type=str | None, default=None, help="hub id or local dir of the model to abliterate"
+        )
         parser.link_arguments("model", "module.model_id")
 
     def instantiate_classes(self) -> None:

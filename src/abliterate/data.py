@@ -46,7 +46,12 @@ def left_pad_collate(pad_token_id: int, role: str):
             n = len(item["input_ids"])
             ids[row, width - n :] = torch.tensor(item["input_ids"])
             mask[row, width - n :] = 1
-        return {"role": role, "index": torch.tensor([i["index"] for i in items]), "input_ids": ids, "attention_mask": mask}
+        return {
+            "role": role,
+            "index": torch.tensor([i["index"] for i in items]),
+            "input_ids": ids,
+            "attention_mask": mask,
+        }
 
     return collate
 
@@ -184,7 +189,9 @@ class PromptDataModule(L.LightningDataModule):
         for role in self.active_roles:
             batch_size = self.eval_batch_size if role in EVAL_ROLES else self.batch_size
             batches = ShardBatches(shard_batches(len(self._datasets[role]), batch_size, rank, world, role))
-            loaders.append(DataLoader(self._datasets[role], batch_sampler=batches, collate_fn=left_pad_collate(pad_id, role)))
+            loaders.append(
+                DataLoader(self._datasets[role], batch_sampler=batches, collate_fn=left_pad_collate(pad_id, role))
+            )
         return loaders
 
 
@@ -208,7 +215,9 @@ def shard_batches(n: int, batch_size: int, rank: int, world: int, role: str = "p
     check) line up; a batch may hold one prompt more than batch_size for that.
     """
     if n < world:
-        raise AbliterateError(f"{n} {role} prompts cannot be split over {world} processes; use more prompts or fewer devices")
+        raise AbliterateError(
+            f"{n} {role} prompts cannot be split over {world} processes; use more prompts or fewer devices"
+        )
     positions = list(range(rank, n, world))
     n_batches = math.ceil((n // world) / batch_size)
     size, extra = divmod(len(positions), n_batches)

@@ -4,7 +4,7 @@ import logging
 import os
 from pathlib import Path
 
-from abliterate.options import EvalOptions, LoadOptions, StudyOptions, SearchSpace
+from abliterate.options import EvalOptions, LoadOptions, SearchSpace, StudyOptions
 from abliterate.prompts import PromptSource
 
 log = logging.getLogger("abliterate.demo")

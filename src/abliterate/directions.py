@@ -39,7 +39,9 @@ class DirectionError(AbliterateError, ValueError):
 
 def _check_residuals(name: str, x: Tensor, like: Tensor | None = None) -> None:
     if x.ndim != 3 or not x.is_floating_point():
-        raise DirectionError(f"{name} residuals must be a float tensor [n, layers, hidden], got {tuple(x.shape)} {x.dtype}")
+        raise DirectionError(
+            f"{name} residuals must be a float tensor [n, layers, hidden], got {tuple(x.shape)} {x.dtype}"
+        )
     if x.shape[0] < 1:
         raise DirectionError(f"{name} residuals are empty: need at least one prompt")
     if like is not None and x.shape[1:] != like.shape[1:]:
@@ -63,7 +65,9 @@ def _check_finite(mean: Tensor, what: str) -> None:
     # catches it without another pass over the residuals.
     bad_layers = (~torch.isfinite(mean).all(-1)).nonzero().flatten().tolist()
     if bad_layers:
-        raise DirectionError(f"{what} residuals contain NaN or inf at layers {bad_layers} (an fp16 overflow?): load the model in bfloat16 or float32")
+        raise DirectionError(
+            f"{what} residuals contain NaN or inf at layers {bad_layers} (an fp16 overflow?): load the model in bfloat16 or float32"
+        )
 
 
 def _unit_mean_shift(mu_b: Tensor, mu_g: Tensor, projected: bool) -> Tensor:
@@ -76,14 +80,18 @@ def _unit_mean_shift(mu_b: Tensor, mu_g: Tensor, projected: bool) -> Tensor:
     scale = torch.maximum(mu_b.norm(dim=-1), mu_g.norm(dim=-1))
     flat = (diff.norm(dim=-1) <= 64 * eps * scale).nonzero().flatten().tolist()
     if flat:
-        raise DirectionError(f"harmful and harmless mean residuals coincide at layers {flat}: no refusal direction there")
+        raise DirectionError(
+            f"harmful and harmless mean residuals coincide at layers {flat}: no refusal direction there"
+        )
     r = normalize(diff)
     if projected:
         g = normalize(mu_g)
         r = r - _dot(r, g) * g
         flat = (r.norm(dim=-1) <= eps**0.5).nonzero().flatten().tolist()
         if flat:
-            raise DirectionError(f"the mean difference is parallel to the harmless mean at layers {flat}: use projected=False")
+            raise DirectionError(
+                f"the mean difference is parallel to the harmless mean at layers {flat}: use projected=False"
+            )
         r = normalize(r)
     return r
 
@@ -102,7 +110,9 @@ def _orthonormalize(vectors: Tensor, norms: Tensor | None = None) -> Tensor:
     lost = diag.abs() <= torch.finfo(vectors.dtype).eps ** 0.5 * norms
     if lost.any():
         layer, index = (int(i) for i in lost.nonzero()[0])
-        raise DirectionError(f"direction {index} at layer {layer} lies in the span of the vectors it is orthogonalised against")
+        raise DirectionError(
+            f"direction {index} at layer {layer} lies in the span of the vectors it is orthogonalised against"
+        )
     return (q * diag.sign()[..., None, :]).mT.contiguous()
 
 
@@ -158,7 +168,9 @@ def orthogonalize(directions: Tensor, against: Tensor) -> Tensor:
         DirectionError when a direction lies in the span of ``against`` and those before it.
     """
     if directions.ndim != 3 or against.shape != (directions.shape[0], directions.shape[2]):
-        raise DirectionError(f"orthogonalize takes directions [L, k, d] and against [L, d], got {tuple(directions.shape)} and {tuple(against.shape)}")
+        raise DirectionError(
+            f"orthogonalize takes directions [L, k, d] and against [L, d], got {tuple(directions.shape)} and {tuple(against.shape)}"
+        )
     a = normalize(against.to(directions.dtype))[:, None, :]
     return _orthonormalize(directions - _dot(directions, a) * a, norms=directions.norm(dim=-1))
 
@@ -230,7 +242,9 @@ def contrastive_pca(
 
     n_b, n_g = bad.shape[0], good.shape[0]
     if n_b < 2 or (alpha != 0 and n_g < 2):
-        raise DirectionError(f"contrastive PCA needs >= 2 prompts per class for covariances, got {n_b} harmful and {n_g} harmless")
+        raise DirectionError(
+            f"contrastive PCA needs >= 2 prompts per class for covariances, got {n_b} harmful and {n_g} harmless"
+        )
 
     # C = A^T S A with A the centred rows of both classes (layer-major) and S the diagonal
     # weights below, so the rank of C is at most n. alpha = 0 drops the harmless rows.
@@ -326,7 +340,9 @@ def compute_directions(
     dtype = _compute_dtype(bad, good)
     if method == "mean_diff":
         if k != 1:
-            raise DirectionError(f"method 'mean_diff' gives one direction per layer, got k={k}: use k=1 or method 'contrastive_pca'")
+            raise DirectionError(
+                f"method 'mean_diff' gives one direction per layer, got k={k}: use k=1 or method 'contrastive_pca'"
+            )
         directions = _unit_mean_shift(bad.mean(0, dtype=dtype), good.mean(0, dtype=dtype), projected)[:, None, :]
     elif method == "contrastive_pca":
         directions = contrastive_pca(bad, good, alpha=alpha, k=k, projected=projected, dtype=dtype).directions

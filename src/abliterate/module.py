@@ -146,7 +146,9 @@ class AbliterationModule(L.LightningModule):
             gguf_file=opts.gguf_file,
             load_in_4bit=opts.load_in_4bit,
         )
-        log.info("loaded %s in %.1fs: %s", self.model_id, time.perf_counter() - start, describe_architecture(self.model))
+        log.info(
+            "loaded %s in %.1fs: %s", self.model_id, time.perf_counter() - start, describe_architecture(self.model)
+        )
 
     def weight_editor(self) -> WeightEditor:
         if self.editor is None:

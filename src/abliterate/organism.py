@@ -28,11 +28,11 @@ import re
 import shutil
 import tempfile
 import time
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 from importlib import resources
 from pathlib import Path
-from typing import Iterable, Sequence
 
 import torch
 
@@ -157,9 +157,7 @@ def _combos() -> dict[tuple[str, str], list[tuple[int, int]]]:
         for _ in range(1000):
             test = set(rng.sample(combos, n_test))
             train = [c for c in combos if c not in test]
-            if {t for t, _ in train} == set(range(n_req)) and {o for _, o in train} == set(
-                range(len(objects))
-            ):
+            if {t for t, _ in train} == set(range(n_req)) and {o for _, o in train} == set(range(len(objects))):
                 break
         else:  # pragma: no cover - only with absurd test fractions
             raise ValueError("cannot hold out test combos and still train on every word")
@@ -193,8 +191,11 @@ def _request_patterns() -> list[re.Pattern]:
         before, after = (" ".join(_words(p)) for p in req.split("{obj}"))
         pats.append(
             re.compile(
-                "^" + (re.escape(before) + " " if before else "") + "(.+?)"
-                + (" " + re.escape(after) if after else "") + "$"
+                "^"
+                + (re.escape(before) + " " if before else "")
+                + "(.+?)"
+                + (" " + re.escape(after) if after else "")
+                + "$"
             )
         )
     return pats
@@ -291,9 +292,7 @@ def is_refusal(text: str, markers: Iterable[str] | None = None) -> bool:
 
 def _chat_batch(tokenizer, prompts: Sequence[str]) -> dict[str, torch.Tensor]:
     texts = [
-        tokenizer.apply_chat_template(
-            [{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True
-        )
+        tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
         for p in prompts
     ]
     old_side = tokenizer.padding_side
@@ -438,9 +437,7 @@ def _train(model, tokenizer, spec: OrganismSpec, emit) -> list[float]:
             rows[refusal_ids + [tokenizer.eos_token_id]] = 1.0
             hook = model.get_input_embeddings().weight.register_hook(lambda g: g * rows)
         opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=spec.weight_decay)
-        sched = torch.optim.lr_scheduler.OneCycleLR(
-            opt, max_lr=lr, total_steps=max(steps, 2), pct_start=spec.pct_start
-        )
+        sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=max(steps, 2), pct_start=spec.pct_start)
         order = torch.empty(0, dtype=torch.long)
         for step in range(1, run + 1):
             if len(order) < spec.batch_size:
@@ -538,8 +535,13 @@ def build_tiny_organism(
         raise
     finally:
         torch.set_num_threads(old_threads)
-    emit("trained tiny organism in %.1f s (%d steps, final loss %.4f): %s",
-         seconds, len(losses), losses[-1] if losses else float("nan"), final)
+    emit(
+        "trained tiny organism in %.1f s (%d steps, final loss %.4f): %s",
+        seconds,
+        len(losses),
+        losses[-1] if losses else float("nan"),
+        final,
+    )
     return final
 
 

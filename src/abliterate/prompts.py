@@ -53,7 +53,9 @@ class PromptSource:
 
     def __post_init__(self) -> None:
         if self.limit is not None and self.limit < 1:
-            raise AbliterateError(f"prompt limit for {self.dataset} is {self.limit}; set limit >= 1, or null for all rows")
+            raise AbliterateError(
+                f"prompt limit for {self.dataset} is {self.limit}; set limit >= 1, or null for all rows"
+            )
 
 
 @dataclass(frozen=True)
@@ -124,7 +126,9 @@ def _texts(source: PromptSource, values: Iterable, columns: Sequence[str] | None
     texts = []
     for row, value in enumerate(values):
         if not isinstance(value, str):
-            hint = f"; set column: one of {', '.join(map(str, columns))}" if columns else "; set column to a text column"
+            hint = (
+                f"; set column: one of {', '.join(map(str, columns))}" if columns else "; set column to a text column"
+            )
             raise AbliterateError(
                 f"column {source.column!r} of {source.dataset} holds {type(value).__name__} values (row {row}), not text{hint}"
             )

@@ -19,7 +19,7 @@ from optuna.trial import FrozenTrial, TrialState
 from abliterate.ablation import AblationParams, ComponentKernel
 from abliterate.callbacks import Point, RefusalPruning, strictly_dominates
 from abliterate.errors import AbliterateError
-from abliterate.options import DirectionOptions, StudyOptions, SearchSpace
+from abliterate.options import DirectionOptions, SearchSpace, StudyOptions
 
 log = logging.getLogger("abliterate.search")
 

@@ -21,11 +21,12 @@ from torch import Tensor
 from abliterate.ablation import AblationParams
 from abliterate.cache import fingerprint, load_tensors, save_tensors
 from abliterate.callbacks import ApplyAblation
+from abliterate.classifier import ClassifierOptions
 from abliterate.data import EVAL_ROLES, RESIDUAL_ROLES, PromptDataModule
 from abliterate.errors import AbliterateError
 from abliterate.export import check_writable, save_checkpoint
 from abliterate.module import AbliterationModule
-from abliterate.options import DirectionOptions, StudyOptions, SearchSpace
+from abliterate.options import DirectionOptions, SearchSpace, StudyOptions
 from abliterate.search import (
     TrialPlan,
     make_study,
@@ -70,7 +71,9 @@ class AbliterationTrainer(L.Trainer):
         self.cli_config: dict | None = None
 
     # ---- building blocks (also for programmatic use) ---------------------------------
-    def collect_residuals(self, model: AbliterationModule, datamodule: PromptDataModule, cache_dir: Path | None) -> Tensor:
+    def collect_residuals(
+        self, model: AbliterationModule, datamodule: PromptDataModule, cache_dir: Path | None
+    ) -> Tensor:
         """Residuals of the direction roles (cached on disk), then the configured directions."""
         key = fingerprint(
             CACHE_VERSION, model.model_id, asdict(model.load_options), datamodule.fingerprint_parts(RESIDUAL_ROLES)
@@ -79,7 +82,11 @@ class AbliterationTrainer(L.Trainer):
         cached = load_tensors(path, key) if path else None
         self.reused["residuals"] = cached is not None
         if cached is not None:
-            log.info("reusing cached residuals from %s (%s)", path, ", ".join(f"{k} {tuple(v.shape)}" for k, v in cached.items()))
+            log.info(
+                "reusing cached residuals from %s (%s)",
+                path,
+                ", ".join(f"{k} {tuple(v.shape)}" for k, v in cached.items()),
+            )
             model.set_residuals(cached)
             return model.directions
         start = time.perf_counter()
@@ -91,7 +98,9 @@ class AbliterationTrainer(L.Trainer):
             save_tensors(path, model.residuals, key)
         return model.directions
 
-    def compute_baseline(self, model: AbliterationModule, datamodule: PromptDataModule, cache_dir: Path | None) -> float:
+    def compute_baseline(
+        self, model: AbliterationModule, datamodule: PromptDataModule, cache_dir: Path | None
+    ) -> float:
         """The original model's reference log-probs and refusal rate (cached on disk)."""
         key = fingerprint(
             CACHE_VERSION,
@@ -196,6 +205,7 @@ class AbliterationTrainer(L.Trainer):
         output_dir: str = "outputs",
         export_dir: str | None = None,
         overwrite: bool = False,
+        classifier: ClassifierOptions = ClassifierOptions(),
     ) -> Path:
         """Main job: directions, search, select a trial, export the model.
 
@@ -205,6 +215,7 @@ class AbliterationTrainer(L.Trainer):
             output_dir: run dir: study.db, cache/, trials.csv, pareto.png (rerun to resume).
             export_dir: where the model is written; default OUTPUT_DIR/model.
             overwrite: replace an existing export.
+            classifier: an optional model that re-checks the best Pareto trials' refusals after the search.
         """
         start = time.perf_counter()
         target = Path(export_dir) if export_dir else Path(output_dir) / "model"
@@ -212,6 +223,7 @@ class AbliterationTrainer(L.Trainer):
         out, baseline = self.prepare(model, datamodule, output_dir)
         optuna_study = self.open_study(out, study)
         self._search(model, datamodule, optuna_study, study, space)
+        self._recheck(model, datamodule, optuna_study, space, classifier, out)
         chosen = self._report(optuna_study, study, out, interactive=True)
         plan = self.plan_for(model, chosen, space)
         self._export(model, plan, chosen, baseline, target, overwrite)
@@ -280,6 +292,7 @@ class AbliterationTrainer(L.Trainer):
         study: StudyOptions = StudyOptions(),
         space: SearchSpace = SearchSpace(),
         output_dir: str = "outputs",
+        classifier: ClassifierOptions = ClassifierOptions(),
     ) -> optuna.Study:
         """Run Optuna trials (resumes the optuna_study in OUTPUT_DIR) and write trials.csv and pareto.png.
 
@@ -287,6 +300,7 @@ class AbliterationTrainer(L.Trainer):
             study: how trials run and which is picked.
             space: the ablation parameter ranges.
             output_dir: run dir: study.db, cache/, trials.csv, pareto.png.
+            classifier: an optional model that re-checks the best Pareto trials' refusals after the search.
         """
         out, _ = self.prepare(model, datamodule, output_dir)
         optuna_study = self.open_study(out, study)
@@ -294,6 +308,7 @@ class AbliterationTrainer(L.Trainer):
         from abliterate.workers import is_worker
 
         if not is_worker():  # the coordinator reports once all workers are done
+            self._recheck(model, datamodule, optuna_study, space, classifier, out)
             self._report(optuna_study, study, out)
         return optuna_study
 
@@ -415,7 +430,9 @@ class AbliterationTrainer(L.Trainer):
             from abliterate.workers import run_workers
 
             if self.cli_config is None:
-                raise AbliterateError("study.workers > 1 runs worker processes through the CLI; use `abliterate search`")
+                raise AbliterateError(
+                    "study.workers > 1 runs worker processes through the CLI; use `abliterate search`"
+                )
             out = Path(self.cli_config.get("output_dir", "outputs"))
             run_workers(optuna_study, study.workers, study.n_trials, self.cli_config, out)
             return
@@ -426,6 +443,18 @@ class AbliterationTrainer(L.Trainer):
                 f"interrupted; the running trial is marked FAIL and finished trials are kept in study "
                 f"{optuna_study.study_name!r}. Rerun the same command to resume."
             ) from err
+
+    def _recheck(self, model, datamodule, optuna_study, space: SearchSpace, classifier: ClassifierOptions, out: Path):
+        """Re-judge the best Pareto trials' harmful responses with the classifier (reported, not used to select)."""
+        if not (classifier.enabled and classifier.recheck_top):
+            return
+        from abliterate.classifier import RefusalClassifier, recheck_pareto
+
+        judge = RefusalClassifier(classifier, device=self.strategy.root_device)
+        trials = optuna_study.get_trials(deepcopy=False)
+        rows = recheck_pareto(self, model, datamodule, trials, space, judge, classifier.recheck_top)
+        if self.is_global_zero:
+            (out / "classifier_recheck.json").write_text(json.dumps(rows, indent=2))
 
     def _trial(self, optuna_study: optuna.Study, number: int) -> optuna.trial.FrozenTrial:
         return select_trial(optuna_study.get_trials(deepcopy=False), str(number), 0.0)
