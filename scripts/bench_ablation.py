@@ -133,7 +133,7 @@ def main() -> None:
         setup, _ = timed(hooks.__enter__, args.device)
         for _ in range(args.forwards):
             times["hooks_fwd"].append(timed(forward, args.device)[0])
-        teardown, _ = timed(lambda: hooks.__exit__(None, None, None), args.device)
+        teardown, _ = timed(lambda hooks=hooks: hooks.__exit__(None, None, None), args.device)
         times["hooks_setup"].append(setup + teardown)
         # unablated passes, for the hooks' overhead per pass
         for _ in range(max(1, args.forwards // 4)):
@@ -174,7 +174,7 @@ def main() -> None:
         "max_abs_logit_diff": max_abs_logit_diff,
         "max_abs_logit": max_abs_logit,
     }
-    print(json.dumps({k: (round(v, 6) if isinstance(v, float) else v) for k, v in result.items()}))
+    print(json.dumps({k: (float(f"{v:.4g}") if isinstance(v, float) else v) for k, v in result.items()}))
 
 
 if __name__ == "__main__":

@@ -123,9 +123,7 @@ def test_orthogonalize_bias_matches_reference():
     bias = torch.randn(5, D_MODEL, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
     dirs = orthonormal(2, D_MODEL, seed=6, dtype=torch.float64)
     coef = torch.tensor([0.8, 0.3], dtype=torch.float64)
-    expected = torch.stack(
-        [b - sum(float(coef[j]) * torch.dot(dirs[j], b) * dirs[j] for j in range(2)) for b in bias]
-    )
+    expected = torch.stack([b - sum(float(coef[j]) * torch.dot(dirs[j], b) * dirs[j] for j in range(2)) for b in bias])
     torch.testing.assert_close(orthogonalize_bias(bias, dirs, coef), expected, rtol=1e-12, atol=1e-12)
     got = orthogonalize_bias(bias[0].bfloat16(), dirs.float(), coef)
     assert got.dtype == torch.bfloat16 and got.shape == (D_MODEL,)
@@ -181,7 +179,9 @@ def test_norm_preserving_rescales_columns_not_rows():
 
 def test_norm_preserving_leaves_a_fully_projected_column_zero():
     r = orthonormal(1, 8, seed=11, dtype=torch.float64)
-    weight = torch.cat([r.T * 2.0, torch.randn(8, 3, generator=torch.Generator().manual_seed(12), dtype=torch.float64)], 1)
+    weight = torch.cat(
+        [r.T * 2.0, torch.randn(8, 3, generator=torch.Generator().manual_seed(12), dtype=torch.float64)], 1
+    )
     edited = orthogonalize_weight(weight, r, torch.ones(1), norm_preserving=True)
     assert edited[:, 0].abs().max() < 1e-12  # round-off is not blown up to the old norm
     assert torch.isfinite(edited).all()
@@ -367,7 +367,7 @@ MIXED = AblationParams(
 def test_residual_writers_are_the_biased_out_projections(model):
     writers = residual_writers(model)
     assert len(writers) == N_LAYERS
-    for layer, components in zip(model.model.layers, writers):
+    for layer, components in zip(model.model.layers, writers, strict=True):
         assert [ref.module for ref in components["attn"]] == [layer.self_attn.o_proj]
         assert [ref.module for ref in components["mlp"]] == [layer.mlp.down_proj]
         assert all(ref.bias is not None for refs in components.values() for ref in refs)
@@ -508,9 +508,15 @@ def test_direction_decay_weights_the_second_direction(model):
             )
             r1, r2 = dirs[layer].double()
             # along r_1 the writer keeps (1 - kernel), along r_2 (1 - kernel * decay) of what it wrote
-            torch.testing.assert_close(r1 @ ref.weight.double(), (1 - coef[0]) * (r1 @ weight.double()), rtol=1e-5, atol=1e-5)
-            torch.testing.assert_close(r2 @ ref.weight.double(), (1 - coef[1]) * (r2 @ weight.double()), rtol=1e-5, atol=1e-5)
-            torch.testing.assert_close(r2 @ ref.bias.double(), (1 - coef[1]) * (r2 @ bias.double()), rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(
+                r1 @ ref.weight.double(), (1 - coef[0]) * (r1 @ weight.double()), rtol=1e-5, atol=1e-5
+            )
+            torch.testing.assert_close(
+                r2 @ ref.weight.double(), (1 - coef[1]) * (r2 @ weight.double()), rtol=1e-5, atol=1e-5
+            )
+            torch.testing.assert_close(
+                r2 @ ref.bias.double(), (1 - coef[1]) * (r2 @ bias.double()), rtol=1e-5, atol=1e-5
+            )
 
 
 @pytest.mark.parametrize(
@@ -566,7 +572,9 @@ def test_hooks_refuse_what_they_cannot_do(model):
     writers = residual_writers(model)
     counts = forward_hook_counts(model)
     with pytest.raises(NotImplementedError, match="norm"):
-        with ablation_hooks(writers, AblationParams(components={"attn": EVERYWHERE}, norm_preserving=True), layer_dirs(1)):
+        with ablation_hooks(
+            writers, AblationParams(components={"attn": EVERYWHERE}, norm_preserving=True), layer_dirs(1)
+        ):
             pass
     fused = [dict(layer, mlp=[WriterRef(layer["mlp"][0].module, out_dim=-1)]) for layer in writers]
     with pytest.raises(NotImplementedError, match="out_dim=-1"):

@@ -299,9 +299,25 @@ def test_run_rechecks_the_front_with_the_classifier(organism_config, organism_di
     from abliterate.cli import main
 
     out = tmp_path / "run"
-    main(["run", "--config", str(organism_config), "--model", str(organism_dir), "--output_dir", str(out),
-          "--study.n_trials", "6", "--classifier.model", str(refusal_model_dir),
-          "--classifier.task", "text-classification", "--classifier.recheck_top", "2"])
+    main(
+        [
+            "run",
+            "--config",
+            str(organism_config),
+            "--model",
+            str(organism_dir),
+            "--output_dir",
+            str(out),
+            "--study.n_trials",
+            "6",
+            "--classifier.model",
+            str(refusal_model_dir),
+            "--classifier.task",
+            "text-classification",
+            "--classifier.recheck_top",
+            "2",
+        ]
+    )
     rows = json.loads((out / "classifier_recheck.json").read_text())
     assert 1 <= len(rows) <= 2
     for row in rows:

@@ -189,13 +189,28 @@ def orthogonalize_bias(bias: Tensor, directions: Tensor, weights: Tensor | float
 # ---- the plan: which writers get which edit --------------------------------------------------
 
 
+Gains = list[dict[str, Tensor | None]]
+
+
+def through_gain(directions: Tensor, gain: Tensor) -> Tensor:
+    """The directions to ablate from writers followed by an RMSNorm with per-channel gain g.
+
+    Such a layer adds g * y / rms(y) to the residual, so r^T(update) = 0 needs (g * r)^T y = 0:
+    ablate normalize(g * r). Exact for k = 1, and for k > 1 with equal weights (the span of g * R
+    is projected out); with decaying weights it approximates the oblique projection.
+    """
+    scaled = directions * gain.to(device=directions.device, dtype=directions.dtype)
+    return orthonormalize_like(scaled, scaled)
+
+
 def _plan(
-    params: AblationParams, directions: Tensor, writers: list[LayerWriters]
+    params: AblationParams, directions: Tensor, writers: list[LayerWriters], gains: Gains | None = None
 ) -> list[tuple[int, str, Tensor, Tensor]]:
     """(layer, component, directions [k, d], weights [k] float64) for every non-zero edit.
 
     Everything is checked here, before any weight changes: the direction count, the decay and
-    that every listed component exists in every layer it touches.
+    that every listed component exists in every layer it touches. `gains` (from
+    models.post_norm_gains) turns each direction into the one to remove before a post-norm.
     """
     n_layers = len(writers)
     if directions.ndim != 3 or directions.shape[0] != n_layers:
@@ -211,7 +226,9 @@ def _plan(
                 continue
             if component not in writers[layer]:
                 raise ValueError(f"layer {layer} has no {component!r} writers (has {sorted(writers[layer])})")
-            plan.append((layer, component, per_layer[layer], w * decay))
+            dirs = per_layer[layer]
+            gain = gains[layer].get(component) if gains is not None else None
+            plan.append((layer, component, dirs if gain is None else through_gain(dirs, gain), w * decay))
     return plan
 
 
@@ -221,9 +238,15 @@ def _plan(
 class WeightEditor:
     """Applies an ablation in place and restores the exact original weights."""
 
-    def __init__(self, writers: list[LayerWriters], cache_device: str | torch.device | None = None):
-        """Clone every writer's weight (and bias) once, to `cache_device` or beside the weight."""
+    def __init__(
+        self, writers: list[LayerWriters], cache_device: str | torch.device | None = None, gains: Gains | None = None
+    ):
+        """Clone every writer's weight (and bias) once, to `cache_device` or beside the weight.
+
+        `gains`: post-norm gains per layer and component (models.post_norm_gains), or None.
+        """
         self.writers = writers
+        self.gains = gains
         self.originals: dict[tuple[int, str, int], tuple[Tensor, Tensor | None]] = {}
         self.edited: set[tuple[int, str, int]] = set()
         # Plain tensors even when built inside inference mode: they are copied back later, outside it.
@@ -249,7 +272,7 @@ class WeightEditor:
         On any error the weights are restored before it propagates.
         """
         self.reset()
-        plan = _plan(params, directions, self.writers)
+        plan = _plan(params, directions, self.writers, self.gains)
         try:
             for layer, component, dirs, weights in plan:
                 for i, ref in enumerate(self.writers[layer][component]):
@@ -308,7 +331,9 @@ def _projection_hook(r: Tensor, coef: Tensor):
 
 
 @contextmanager
-def ablation_hooks(writers: list[LayerWriters], params: AblationParams, directions: Tensor) -> Iterator[None]:
+def ablation_hooks(
+    writers: list[LayerWriters], params: AblationParams, directions: Tensor, gains: Gains | None = None
+) -> Iterator[None]:
     """The hook alternative to weight edits: project each writer's output, y' = y - sum_j w_j r_j r_j^T y.
 
     Equal to `WeightEditor` without norm preservation (the bias is inside y). Only `nn.Linear`-style
@@ -319,7 +344,7 @@ def ablation_hooks(writers: list[LayerWriters], params: AblationParams, directio
         raise NotImplementedError(
             "ablation_hooks cannot preserve norms: that rescales weight columns, not outputs; use WeightEditor"
         )
-    plan = _plan(params, directions, writers)
+    plan = _plan(params, directions, writers, gains)
     for layer, component, _, _ in plan:
         for ref in writers[layer][component]:
             if ref.out_dim != -2 or ref.name != "weight":

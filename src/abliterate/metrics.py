@@ -181,7 +181,7 @@ class MarkerStoppingCriteria(StoppingCriteria):
         pending = (~self.done).nonzero().flatten().tolist()
         if pending:
             texts = self.tokenizer.batch_decode(new_tokens[pending], skip_special_tokens=True)
-            for row, text in zip(pending, texts):
+            for row, text in zip(pending, texts, strict=True):
                 if _contains_marker(normalize_response(text), self.markers):
                     self.done[row] = True
                     self.stop_lengths[row] = new_tokens.shape[1]
@@ -276,7 +276,7 @@ def generate_responses(
     rows = new_tokens.tolist()
     if criteria is not None:
         # A stopped sequence keeps receiving tokens until the whole batch is done: cut them off.
-        rows = [row if stop is None else row[:stop] for row, stop in zip(rows, criteria.stop_lengths)]
+        rows = [row if stop is None else row[:stop] for row, stop in zip(rows, criteria.stop_lengths, strict=True)]
     return tokenizer.batch_decode(rows, skip_special_tokens=True)
 
 

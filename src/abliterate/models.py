@@ -167,7 +167,7 @@ def load_model(
         kwargs["trust_remote_code"] = True
 
     failures: list[str] = []
-    for name, dtype in zip(dtypes, parsed):
+    for name, dtype in zip(dtypes, parsed, strict=True):
         if load_in_4bit:
             kwargs["quantization_config"] = _four_bit_config(dtype)
         try:

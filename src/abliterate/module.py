@@ -28,7 +28,14 @@ from abliterate.metrics import (
     greedy_continuation,
     next_token_logprobs,
 )
-from abliterate.models import decoder_layers, describe_architecture, load_model, load_tokenizer, residual_writers
+from abliterate.models import (
+    decoder_layers,
+    describe_architecture,
+    load_model,
+    load_tokenizer,
+    post_norm_gains,
+    residual_writers,
+)
 from abliterate.options import DirectionOptions, EvalOptions, LoadOptions
 
 log = logging.getLogger("abliterate.module")
@@ -152,7 +159,7 @@ class AbliterationModule(L.LightningModule):
 
     def weight_editor(self) -> WeightEditor:
         if self.editor is None:
-            self.editor = WeightEditor(residual_writers(self.model))
+            self.editor = WeightEditor(residual_writers(self.model), gains=post_norm_gains(self.model))
         return self.editor
 
     @property

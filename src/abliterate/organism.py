@@ -390,7 +390,7 @@ def _encode_examples(tokenizer, pairs: list[tuple[str, str]]):
     ids = torch.full((len(seqs), width), tokenizer.pad_token_id, dtype=torch.long)
     mask = torch.zeros((len(seqs), width), dtype=torch.long)
     labels = torch.full((len(seqs), width), -100, dtype=torch.long)
-    for i, (seq, n) in enumerate(zip(seqs, n_prompt)):
+    for i, (seq, n) in enumerate(zip(seqs, n_prompt, strict=True)):
         pad = width - len(seq)
         ids[i, pad:] = torch.tensor(seq)
         mask[i, pad:] = 1
@@ -435,7 +435,7 @@ def _train(model, tokenizer, spec: OrganismSpec, emit) -> list[float]:
             refusals = " ".join(_templates()["refusals"])
             refusal_ids = tokenizer(refusals, add_special_tokens=False)["input_ids"]
             rows[refusal_ids + [tokenizer.eos_token_id]] = 1.0
-            hook = model.get_input_embeddings().weight.register_hook(lambda g: g * rows)
+            hook = model.get_input_embeddings().weight.register_hook(lambda g, rows=rows: g * rows)
         opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=spec.weight_decay)
         sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=max(steps, 2), pct_start=spec.pct_start)
         order = torch.empty(0, dtype=torch.long)
