@@ -43,6 +43,16 @@ log = logging.getLogger("abliterate")
 CACHE_VERSION = "1"
 
 
+def run_dir(output_dir: str) -> Path:
+    """The run dir with its cache/ subdir, created; a clear error when it can't be."""
+    out = Path(output_dir)
+    try:
+        (out / "cache").mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise AbliterateError(f"cannot create {out}: {err.strerror}; choose a writable --output_dir") from err
+    return out
+
+
 class AbliterationTrainer(L.Trainer):
     """A Trainer with abliteration verbs. Defaults suit inference: no logger, no checkpoints."""
 
@@ -163,11 +173,7 @@ class AbliterationTrainer(L.Trainer):
 
     def prepare(self, model: AbliterationModule, datamodule: PromptDataModule, output_dir: str) -> tuple[Path, float]:
         """Directions and baseline, reusing the run dir's cache."""
-        out = Path(output_dir)
-        try:
-            (out / "cache").mkdir(parents=True, exist_ok=True)
-        except OSError as err:
-            raise AbliterateError(f"cannot create {out}: {err.strerror}; choose a writable --output_dir") from err
+        out = run_dir(output_dir)
         datamodule.attach_tokenizer(model.tokenizer)
         self.collect_residuals(model, datamodule, out / "cache")
         baseline = self.compute_baseline(model, datamodule, out / "cache")
@@ -271,11 +277,7 @@ class AbliterationTrainer(L.Trainer):
             alpha=alpha if alpha is not None else opts.alpha,
             projected=opts.projected,
         )
-        out = Path(output_dir)
-        try:
-            (out / "cache").mkdir(parents=True, exist_ok=True)
-        except OSError as err:
-            raise AbliterateError(f"cannot create {out}: {err.strerror}; choose a writable --output_dir") from err
+        out = run_dir(output_dir)
         datamodule.attach_tokenizer(model.tokenizer)
         directions = self.collect_residuals(model, datamodule, out / "cache")
         path = out / "directions.safetensors"
@@ -294,7 +296,7 @@ class AbliterationTrainer(L.Trainer):
         output_dir: str = "outputs",
         classifier: ClassifierOptions = ClassifierOptions(),
     ) -> optuna.Study:
-        """Run Optuna trials (resumes the optuna_study in OUTPUT_DIR) and write trials.csv and pareto.png.
+        """Run Optuna trials (resumes the study in OUTPUT_DIR) and write trials.csv and pareto.png.
 
         Args:
             study: how trials run and which is picked.
@@ -321,7 +323,7 @@ class AbliterationTrainer(L.Trainer):
         output_dir: str = "outputs",
         trial: int | None = None,
     ) -> dict[str, float]:
-        """Refusals and KL of the model, or of a trial of the optuna_study applied to it, against the original.
+        """Refusals and KL of the model, or of a trial of the study applied to it, against the original.
 
         Args:
             study: where the study is (storage, study_name).
