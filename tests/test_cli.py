@@ -251,3 +251,17 @@ def test_search_can_choose_the_direction_method(organism_config, organism_dir, t
     methods = {r["direction_method"] for r in rows if r["state"] == "COMPLETE"}
     assert methods == {"mean_diff", "contrastive_pca"}
     assert all(r["k"] for r in rows if r["direction_method"] == "contrastive_pca")
+
+
+def test_changed_model_files_invalidate_the_caches(organism_dir, tmp_path):
+    import shutil
+
+    from abliterate.trainer import model_stamp
+
+    copy = tmp_path / "model"
+    shutil.copytree(organism_dir, copy)
+    before = model_stamp(str(copy))
+    assert model_stamp(str(copy)) == before
+    (copy / "config.json").write_text((copy / "config.json").read_text() + "\n")
+    assert model_stamp(str(copy)) != before
+    assert model_stamp("org/hub-id") == "org/hub-id"

@@ -43,6 +43,15 @@ log = logging.getLogger("abliterate")
 CACHE_VERSION = "1"
 
 
+def model_stamp(model_id: str | None) -> str:
+    """The model id, plus the files' sizes and mtimes for a local dir: a model rewritten in place invalidates caches."""
+    path = Path(model_id or "")
+    if not model_id or not path.is_dir():
+        return str(model_id)
+    files = sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in path.iterdir() if p.is_file())
+    return f"{model_id}:{fingerprint(files)}"
+
+
 def run_dir(output_dir: str) -> Path:
     """The run dir with its cache/ subdir, created; a clear error when it can't be."""
     out = Path(output_dir)
@@ -76,7 +85,6 @@ class AbliterationTrainer(L.Trainer):
             use_distributed_sampler=use_distributed_sampler,  # PromptDataModule shards itself
             **kwargs,
         )
-        self.reused: dict[str, bool] = {}
         # The parsed CLI config, set by the CLI; worker processes are started from it.
         self.cli_config: dict | None = None
 
@@ -86,11 +94,13 @@ class AbliterationTrainer(L.Trainer):
     ) -> Tensor:
         """Residuals of the direction roles (cached on disk), then the configured directions."""
         key = fingerprint(
-            CACHE_VERSION, model.model_id, asdict(model.load_options), datamodule.fingerprint_parts(RESIDUAL_ROLES)
+            CACHE_VERSION,
+            model_stamp(model.model_id),
+            asdict(model.load_options),
+            datamodule.fingerprint_parts(RESIDUAL_ROLES),
         )
         path = cache_dir / "residuals.safetensors" if cache_dir else None
         cached = load_tensors(path, key) if path else None
-        self.reused["residuals"] = cached is not None
         if cached is not None:
             log.info(
                 "reusing cached residuals from %s (%s)",
@@ -114,7 +124,7 @@ class AbliterationTrainer(L.Trainer):
         """The original model's reference log-probs and refusal rate (cached on disk)."""
         key = fingerprint(
             CACHE_VERSION,
-            model.model_id,
+            model_stamp(model.model_id),
             asdict(model.load_options),
             asdict(model.eval_options),
             model.markers,
@@ -123,7 +133,6 @@ class AbliterationTrainer(L.Trainer):
         path = cache_dir / "baseline.safetensors" if cache_dir else None
         # Under DDP this pass also starts the other ranks before the search needs them, so it always runs.
         cached = load_tensors(path, key) if path and self.world_size == 1 else None
-        self.reused["baseline"] = cached is not None
         if cached is not None:
             log.info("reusing cached baseline from %s", path)
             model.reference_logprobs = cached["logprobs"]
