@@ -35,23 +35,31 @@ def count(study, *states):
     return sum(t.state in states for t in study.get_trials(deepcopy=False))
 
 
+def wait_for_complete_trials(out, n, proc, timeout=300):
+    """Poll the SQLite file read-only (cheap, no schema checks) until n trials are COMPLETE."""
+    import sqlite3
+
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        assert proc.poll() is None, "the search exited early"
+        if (out / "study.db").exists():
+            try:
+                with sqlite3.connect(f"file:{out / 'study.db'}?mode=ro", uri=True, timeout=5) as db:
+                    if db.execute("SELECT count(*) FROM trials WHERE state = 'COMPLETE'").fetchone()[0] >= n:
+                        return
+            except sqlite3.Error:  # the schema is still being created
+                pass
+        time.sleep(0.5)
+    pytest.fail(f"the search did not complete {n} trials in {timeout}s")
+
+
 def test_kill_9_then_resume(organism_config, organism_dir, tmp_path):
     out = tmp_path / "run"
     args = cli(organism_config, organism_dir, out, "--study.n_trials", "40", "--study.prune", "false")
     env = dict(os.environ, OMP_NUM_THREADS="1")
     proc = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        deadline = time.time() + 180
-        while time.time() < deadline:
-            if (out / "study.db").exists():
-                try:
-                    if count(load(out), TrialState.COMPLETE) >= 3:
-                        break
-                except Exception:  # the study is being created
-                    pass
-            time.sleep(0.1)
-        else:
-            pytest.fail("the search never completed 3 trials")
+        wait_for_complete_trials(out, 3, proc)
         proc.send_signal(signal.SIGKILL)
         proc.wait()
     finally:
@@ -97,14 +105,7 @@ def test_ctrl_c_marks_the_running_trial_and_says_how_to_resume(organism_config, 
     proc = subprocess.Popen(
         args, env=dict(os.environ, OMP_NUM_THREADS="1"), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
     )
-    deadline = time.time() + 180
-    while time.time() < deadline:
-        try:
-            if (out / "study.db").exists() and count(load(out), TrialState.COMPLETE) >= 2:
-                break
-        except Exception:
-            pass
-        time.sleep(0.1)
+    wait_for_complete_trials(out, 2, proc)
     proc.send_signal(signal.SIGINT)
     _, stderr = proc.communicate(timeout=120)
     assert proc.returncode != 0
