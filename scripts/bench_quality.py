@@ -301,10 +301,17 @@ def run_ours(model_dir: str, files: dict[str, Path], args, out: Path, tiny: bool
         batch_size=32,
         eval_batch_size=args.search_batch_size,
     )
+    choices = {"false": [False], "true": [True], "both": [False, True]}
+    options = {"projected": choices[args.projected], "norm_preserving": choices[args.norm_preserving]}
     if tiny:  # a 2-layer model: let the search reach every layer (as the demo does)
-        space = SearchSpace(direction_index=(0.0, 1.0), max_weight_position=(0.0, 1.0), min_weight_distance=(0.5, 1.0))
-    else:
-        space = SearchSpace()  # defaults: direction_index 0.2-0.9 of depth, so layer 15 of 30 is reachable
+        space = SearchSpace(
+            direction_index=(0.0, 1.0),
+            max_weight_position=(0.0, 1.0),
+            min_weight_distance=(0.5, 1.0),
+            **options,
+        )
+    else:  # defaults: direction_index 0.2-0.9 of depth, so layer 15 of 30 is reachable
+        space = SearchSpace(**options)
     study = StudyOptions(
         n_trials=args.trials, n_startup_trials=args.startup, seed=args.seed, refusal_target=args.refusal_target
     )
@@ -555,6 +562,18 @@ def main() -> None:
     )
     parser.add_argument("--search-batch-size", type=int, default=25)
     parser.add_argument("--eval-batch-size", type=int, default=25)
+    parser.add_argument(
+        "--projected",
+        choices=("false", "true", "both"),
+        default="true",
+        help="ours: space.projected choices (directions orthogonal to the harmless mean)",
+    )
+    parser.add_argument(
+        "--norm-preserving",
+        choices=("false", "true", "both"),
+        default="false",
+        help="ours: space.norm_preserving choices",
+    )
     parser.add_argument("--refusal-target", type=float, default=0.05)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--heretic", help="heretic executable (a separate venv); runs the peer on the same inputs")
@@ -635,6 +654,7 @@ def main() -> None:
             "harmless": len(files["harmless_test"].read_text().splitlines()),
         },
         "max_new_tokens": args.max_new_tokens,
+        "ours_options": {"projected": args.projected, "norm_preserving": args.norm_preserving},
         "kl_n": args.kl_n,
         "threads": torch.get_num_threads(),
         "cpu": f"{os.cpu_count()} cores",

@@ -216,9 +216,10 @@ def test_directions_verb_contrastive_pca(organism_config, organism_dir, tmp_path
         directions = f.get_tensor("directions")
         assert "contrastive_pca" in f.metadata()["options"]
     assert directions.shape == (2, 3, 64)
-    # the saved directions are those of the cached residuals
+    # the saved directions are those of the cached residuals (projected: the default)
     with safe_open(str(out / "cache" / "residuals.safetensors"), "pt") as f:
-        expected = compute_directions(f.get_tensor("harmful"), f.get_tensor("harmless"), method="contrastive_pca", k=3)
+        harmful, harmless = f.get_tensor("harmful"), f.get_tensor("harmless")
+    expected = compute_directions(harmful, harmless, method="contrastive_pca", k=3, projected=True)
     torch.testing.assert_close(directions, expected)
 
 

@@ -54,8 +54,13 @@ def test_predict_collects_exact_last_token_residuals(organism_dir):
         for layer in range(n_layers - 1):
             torch.testing.assert_close(harmful[row, layer], out.hidden_states[layer + 1][0, -1], atol=1e-4, rtol=1e-4)
 
-    # The direction is the normalised mean difference of the collected residuals.
-    diff = module.residuals["harmful"].mean(0) - module.residuals["harmless"].mean(0)
+    # The direction (default: projected) is the unit mean difference with its component along the
+    # unit harmless mean removed, renormalised.
+    mu_g = module.residuals["harmless"].mean(0)
+    diff = module.residuals["harmful"].mean(0) - mu_g
+    diff = diff / diff.norm(dim=-1, keepdim=True)
+    g = mu_g / mu_g.norm(dim=-1, keepdim=True)
+    diff = diff - (diff * g).sum(-1, keepdim=True) * g
     torch.testing.assert_close(module.directions[:, 0], diff / diff.norm(dim=-1, keepdim=True), atol=1e-5, rtol=1e-5)
 
 

@@ -100,7 +100,7 @@ def test_select_errors_name_the_fix():
 
 
 def test_sample_plan_replays_from_frozen_trial():
-    space = SearchSpace(direction_methods=["mean_diff", "contrastive_pca"])
+    space = SearchSpace(direction_methods=["mean_diff", "contrastive_pca"], projected=[False, True])
     study = optuna.create_study(directions=["minimize", "minimize"], sampler=optuna.samplers.RandomSampler(seed=3))
     for _ in range(8):
         trial = study.ask()
@@ -114,6 +114,14 @@ def test_sample_plan_replays_from_frozen_trial():
             assert 0.4 * 11 <= kernel.max_weight_position <= 11
         if plan.ablation.direction_index is not None:
             assert 0.2 * 11 <= plan.ablation.direction_index <= 0.9 * 11
+    assert {t.params["projected"] for t in study.trials} == {False, True}
+
+
+@pytest.mark.parametrize("choices", [[True], [False]])
+def test_sample_plan_takes_projection_from_the_space(choices):
+    study = optuna.create_study(directions=["minimize", "minimize"])
+    plan = sample_plan(study.ask(), SearchSpace(projected=choices), n_layers=12)
+    assert plan.directions.projected is choices[0]
 
 
 @pytest.mark.parametrize(

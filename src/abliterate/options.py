@@ -37,8 +37,8 @@ class DirectionOptions:
     """directions per layer (contrastive_pca only; 1 means the mean difference)."""
     alpha: float = 1.0
     """contrastive PCA weight of the harmless covariance: C = S_harmful - alpha * S_harmless."""
-    projected: bool = False
-    """make the mean difference orthogonal to the harmless mean first."""
+    projected: bool = True
+    """make the mean difference orthogonal to the harmless mean first (keeps the part every prompt shares)."""
 
 
 @dataclass
@@ -87,6 +87,8 @@ class SearchSpace:
     """residual writers to ablate: attention out-projections and MLP down-projections."""
     direction_methods: list[Literal["mean_diff", "contrastive_pca"]] = field(default_factory=lambda: ["mean_diff"])
     """direction methods to choose from; add contrastive_pca to search k, alpha and decay."""
+    projected: list[bool] = field(default_factory=lambda: [True])
+    """choices for making directions orthogonal to the harmless mean (see docs/benchmarks.md for why True)."""
     k: tuple[int, int] = (2, 4)
     """contrastive PCA directions per layer."""
     alpha: tuple[float, float] = (0.0, 2.0)
@@ -105,7 +107,7 @@ class SearchSpace:
         check_range("alpha", self.alpha, 0.0, 100.0)
         check_range("direction_decay", self.direction_decay, 0.0, 1.0)
         check_range("k", self.k, 1, 64)
-        for name in ("direction_scope", "components", "direction_methods", "norm_preserving"):
+        for name in ("direction_scope", "components", "direction_methods", "projected", "norm_preserving"):
             if not getattr(self, name):
                 raise AbliterateError(f"search space {name} must list at least one choice")
 

@@ -43,6 +43,7 @@ def sample_plan(trial: optuna.Trial | FrozenTrial, space: SearchSpace, n_layers:
         decay = trial.suggest_float("direction_decay", *space.direction_decay)
     else:
         k, alpha, decay = 1, 1.0, 1.0
+    projected = trial.suggest_categorical("projected", space.projected)
     scope = trial.suggest_categorical("direction_scope", space.direction_scope)
     index = None
     if scope == "global":
@@ -59,7 +60,7 @@ def sample_plan(trial: optuna.Trial | FrozenTrial, space: SearchSpace, n_layers:
         components[name] = ComponentKernel(max_weight, position, min_fraction * max_weight, distance)
     norm_preserving = trial.suggest_categorical("norm_preserving", space.norm_preserving)
     return TrialPlan(
-        directions=DirectionOptions(method=method, k=k, alpha=alpha),
+        directions=DirectionOptions(method=method, k=k, alpha=alpha, projected=projected),
         ablation=AblationParams(
             components=components, direction_index=index, direction_decay=decay, norm_preserving=norm_preserving
         ),
