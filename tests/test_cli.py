@@ -266,3 +266,23 @@ def test_changed_model_files_invalidate_the_caches(organism_dir, tmp_path):
     (copy / "config.json").write_text((copy / "config.json").read_text() + "\n")
     assert model_stamp(str(copy)) != before
     assert model_stamp("org/hub-id") == "org/hub-id"
+
+
+@pytest.mark.parametrize("steer", [True, False])
+def test_trials_carry_the_refusal_constraint(organism_config, organism_dir, tmp_path, capsys, steer):
+    out = tmp_path / "run"
+    extra = ["--study.n_trials", "6", "--study.refusal_target", "0.3", "--study.steer_to_target", str(steer).lower()]
+    code, _, err = run_cli(organism_args(organism_config, organism_dir, out, *extra), capsys)
+    assert code == 0, err
+    study = optuna.load_study(study_name="abliterate", storage=f"sqlite:///{out / 'study.db'}")
+    finished = [t for t in study.trials if t.state.is_finished()]
+    assert len(finished) == 6
+    for t in finished:
+        if not steer:
+            assert t.constraints == {}
+        elif t.state == optuna.trial.TrialState.COMPLETE:
+            assert t.constraints == {"refusal_rate_over_target": pytest.approx(t.values[0] - 0.3)}
+        else:  # pruned: at least the refusals it was pruned at
+            assert t.constraints == {
+                "refusal_rate_over_target": pytest.approx(t.user_attrs["refusal_lower_bound"] - 0.3)
+            }

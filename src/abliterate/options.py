@@ -130,6 +130,9 @@ class StudyOptions:
     """stop a trial early once its (KL, refusals so far) is dominated by a completed trial."""
     refusal_target: float = 0.05
     """min_kl_under picks the lowest KL among trials with refusal rate at or below this."""
+    steer_to_target: bool = True
+    """tell the sampler that trials above refusal_target are infeasible (an Optuna constraint), so
+    TPE refines the low-KL trials under the target instead of the low-KL trials that do nothing."""
     select: str = "min_kl_under"
     """trial selection: min_kl_under, knee, or a trial number."""
     workers: int = 1

@@ -24,6 +24,7 @@ from abliterate.options import DirectionOptions, SearchSpace, StudyOptions
 log = logging.getLogger("abliterate.search")
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
+REFUSAL_CONSTRAINT = "refusal_rate_over_target"  # > 0: infeasible for TPE (StudyOptions.steer_to_target)
 
 
 @dataclass
@@ -141,6 +142,10 @@ def run_search(trainer, module, datamodule, options: StudyOptions, space: Search
         except optuna.TrialPruned:
             if trial is not None:
                 trial.set_user_attr("seconds", time.perf_counter() - start)
+                if options.steer_to_target:
+                    # Pruned: its refusal rate is at least the bound that got it pruned.
+                    bound = trial.user_attrs.get("refusal_lower_bound", 1.0)
+                    trial.set_constraint(REFUSAL_CONSTRAINT, bound - options.refusal_target)
                 study.tell(trial, state=TrialState.PRUNED)
                 log.info(
                     "trial %d pruned after %s/%d prompts (%.1fs)",
@@ -158,6 +163,8 @@ def run_search(trainer, module, datamodule, options: StudyOptions, space: Search
             continue
         seconds = time.perf_counter() - start
         trial.set_user_attr("seconds", seconds)
+        if options.steer_to_target:
+            trial.set_constraint(REFUSAL_CONSTRAINT, result["refusal_rate"] - options.refusal_target)
         study.tell(trial, [result["refusal_rate"], result["kl"]])
         finished = len(study.get_trials(deepcopy=False, states=FINISHED))
         log.info(
