@@ -156,3 +156,20 @@ def test_interactive_choice_from_front(capsys):
     out = capsys.readouterr().out
     assert "<- default" in out and "no trial 7" in out and "PRUNED" in out
     assert choose_from_front(trials, front, front[1], read=lambda prompt: "").number == front[1].number
+
+
+def test_replaying_a_trial_from_another_space_says_how_to_recover():
+    from types import SimpleNamespace
+
+    from abliterate.errors import AbliterateError
+    from abliterate.trainer import AbliterationTrainer
+
+    # A trial stored before `projected` was a search parameter: only direction_method was recorded.
+    old = optuna.trial.create_trial(
+        params={"direction_method": "mean_diff"},
+        distributions={"direction_method": optuna.distributions.CategoricalDistribution(["mean_diff"])},
+        values=[0.0, 0.1],
+    )
+    trainer = AbliterationTrainer(logger=False, enable_progress_bar=False, enable_model_summary=False)
+    with pytest.raises(AbliterateError, match="projected.*new --output_dir"):
+        trainer.plan_for(SimpleNamespace(n_layers=4), old, SearchSpace())

@@ -208,7 +208,13 @@ class AbliterationTrainer(L.Trainer):
         return optuna_study
 
     def plan_for(self, model: AbliterationModule, trial: optuna.trial.FrozenTrial, space: SearchSpace) -> TrialPlan:
-        return sample_plan(trial, space, model.n_layers)
+        try:
+            return sample_plan(trial, space, model.n_layers)
+        except ValueError as error:  # a parameter the current sampler asks for was never stored
+            raise AbliterateError(
+                f"trial {trial.number} cannot be rebuilt from its stored parameters ({error}); it was made "
+                "by another abliterate version or search space: search again with a new --output_dir"
+            ) from error
 
     # ---- verbs --------------------------------------------------------------------
     def run(
