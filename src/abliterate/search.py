@@ -143,8 +143,8 @@ def run_search(trainer, module, datamodule, options: StudyOptions, space: Search
             if trial is not None:
                 trial.set_user_attr("seconds", time.perf_counter() - start)
                 if options.steer_to_target:
-                    # Pruned: its refusal rate is at least the bound that got it pruned.
-                    bound = trial.user_attrs.get("refusal_lower_bound", 1.0)
+                    # Pruned: its refusal rate is at least the bound RefusalPruning recorded.
+                    bound = trial.user_attrs["refusal_lower_bound"]
                     trial.set_constraint(REFUSAL_CONSTRAINT, bound - options.refusal_target)
                 study.tell(trial, state=TrialState.PRUNED)
                 log.info(
