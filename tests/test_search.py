@@ -173,3 +173,47 @@ def test_replaying_a_trial_from_another_space_says_how_to_recover():
     trainer = AbliterationTrainer(logger=False, enable_progress_bar=False, enable_model_summary=False)
     with pytest.raises(AbliterateError, match="projected.*new --output_dir"):
         trainer.plan_for(SimpleNamespace(n_layers=4), old, SearchSpace())
+
+
+class _Interrupt:
+    """Raises KeyboardInterrupt the n-th time it is called, like Ctrl-C landing there."""
+
+    def __init__(self, at: int):
+        self.calls, self.at = 0, at
+
+    def __call__(self):
+        self.calls += 1
+        if self.calls == self.at:
+            raise KeyboardInterrupt
+
+
+@pytest.mark.parametrize("where", ["sample_plan", "evaluate", "set_constraint", "tell"])
+def test_ctrl_c_anywhere_between_ask_and_tell_fails_the_trial(where, monkeypatch):
+    """Whatever step the interrupt hits, the study keeps no RUNNING trial and finished trials stay."""
+    from types import SimpleNamespace
+
+    from abliterate import search
+
+    interrupt = _Interrupt(at=3)  # the third trial is interrupted
+    if where == "sample_plan":
+        real = search.sample_plan
+        monkeypatch.setattr(search, "sample_plan", lambda *a: (interrupt(), real(*a))[1])
+    if where in ("set_constraint", "tell"):
+        cls = optuna.Trial if where == "set_constraint" else optuna.Study
+        real_method = getattr(cls, where)
+        monkeypatch.setattr(cls, where, lambda self, *a, **k: (interrupt(), real_method(self, *a, **k))[1])
+
+    def evaluate_plan(module, datamodule, ablation, directions, extra_callbacks):
+        if where == "evaluate":
+            interrupt()
+        return {"refusal_rate": 0.5, "kl": 0.01}
+
+    trainer = SimpleNamespace(world_size=1, is_global_zero=True, evaluate_plan=evaluate_plan)
+    module = SimpleNamespace(n_layers=4, directions_for=lambda options: None)
+    datamodule = SimpleNamespace(dataset=lambda role: list(range(10)))
+    study = optuna.create_study(directions=["minimize", "minimize"], sampler=optuna.samplers.RandomSampler(seed=0))
+    with pytest.raises(KeyboardInterrupt):
+        search.run_search(trainer, module, datamodule, StudyOptions(n_trials=5, prune=False), SearchSpace(), study)
+    states = [t.state for t in study.trials]
+    assert TrialState.RUNNING not in states
+    assert states[:2] == [TrialState.COMPLETE, TrialState.COMPLETE] and states[-1] == TrialState.FAIL

@@ -119,63 +119,76 @@ def run_search(trainer, module, datamodule, options: StudyOptions, space: Search
     while True:
         # Only rank 0 talks to Optuna; the other ranks evaluate the plan it broadcasts.
         order, trial = None, None
-        if trainer.is_global_zero and _claimed(study) < options.n_trials:
-            trial = study.ask()
-            if _claimed(study, up_to=trial.number) >= options.n_trials:
-                trial.set_user_attr("surplus", True)
-                study.tell(trial, state=TrialState.FAIL)
-            else:
-                order = sample_plan(trial, space, module.n_layers)
-        if distributed:
-            order = trainer.strategy.broadcast(order, src=0)
-        if order is None:
-            break
-        plan = order
-        start = time.perf_counter()
-        record = trial if trial is not None else _OtherRankTrial()
-        record.set_user_attr("worker_pid", os.getpid())
         try:
-            directions = module.directions_for(plan.directions)
-            completed = completed_points(study) if trial is not None else []
-            pruning = RefusalPruning(record, completed, n_harmful, enabled=options.prune)
-            result = trainer.evaluate_plan(module, datamodule, plan.ablation, directions, extra_callbacks=[pruning])
-        except optuna.TrialPruned:
-            if trial is not None:
-                trial.set_user_attr("seconds", time.perf_counter() - start)
-                if options.steer_to_target:
-                    # Pruned: its refusal rate is at least the bound RefusalPruning recorded.
-                    bound = trial.user_attrs["refusal_lower_bound"]
-                    trial.set_constraint(REFUSAL_CONSTRAINT, bound - options.refusal_target)
-                study.tell(trial, state=TrialState.PRUNED)
-                log.info(
-                    "trial %d pruned after %s/%d prompts (%.1fs)",
-                    trial.number,
-                    trial.user_attrs.get("prompts_seen"),
-                    n_harmful,
-                    time.perf_counter() - start,
-                )
-            continue
+            if trainer.is_global_zero and _claimed(study) < options.n_trials:
+                trial = study.ask()
+                if _claimed(study, up_to=trial.number) >= options.n_trials:
+                    trial.set_user_attr("surplus", True)
+                    study.tell(trial, state=TrialState.FAIL)
+                    trial = None
+                else:
+                    order = sample_plan(trial, space, module.n_layers)
+            if distributed:
+                order = trainer.strategy.broadcast(order, src=0)
+            if order is None:
+                break
+            _run_trial(trainer, module, datamodule, options, study, trial, order, n_harmful)
         except BaseException:
+            # Ctrl-C can land anywhere between ask and tell; never leave the trial RUNNING.
             if trial is not None:
-                study.tell(trial, state=TrialState.FAIL)
+                _fail_if_running(study, trial)
             raise
-        if trial is None:
-            continue
-        seconds = time.perf_counter() - start
-        trial.set_user_attr("seconds", seconds)
-        if options.steer_to_target:
-            trial.set_constraint(REFUSAL_CONSTRAINT, result["refusal_rate"] - options.refusal_target)
-        study.tell(trial, [result["refusal_rate"], result["kl"]])
-        finished = len(study.get_trials(deepcopy=False, states=FINISHED))
-        log.info(
-            "trial %d (%d/%d): refusals %.3f, KL %.4f (%.1fs)",
-            trial.number,
-            finished,
-            options.n_trials,
-            result["refusal_rate"],
-            result["kl"],
-            seconds,
-        )
+
+
+def _run_trial(trainer, module, datamodule, options: StudyOptions, study, trial, plan: TrialPlan, n_harmful: int):
+    start = time.perf_counter()
+    record = trial if trial is not None else _OtherRankTrial()
+    record.set_user_attr("worker_pid", os.getpid())
+    try:
+        directions = module.directions_for(plan.directions)
+        completed = completed_points(study) if trial is not None else []
+        pruning = RefusalPruning(record, completed, n_harmful, enabled=options.prune)
+        result = trainer.evaluate_plan(module, datamodule, plan.ablation, directions, extra_callbacks=[pruning])
+    except optuna.TrialPruned:
+        if trial is not None:
+            trial.set_user_attr("seconds", time.perf_counter() - start)
+            if options.steer_to_target:
+                # Pruned: its refusal rate is at least the bound RefusalPruning recorded.
+                bound = trial.user_attrs["refusal_lower_bound"]
+                trial.set_constraint(REFUSAL_CONSTRAINT, bound - options.refusal_target)
+            study.tell(trial, state=TrialState.PRUNED)
+            log.info(
+                "trial %d pruned after %s/%d prompts (%.1fs)",
+                trial.number,
+                trial.user_attrs.get("prompts_seen"),
+                n_harmful,
+                time.perf_counter() - start,
+            )
+        return
+    if trial is None:
+        return
+    seconds = time.perf_counter() - start
+    trial.set_user_attr("seconds", seconds)
+    if options.steer_to_target:
+        trial.set_constraint(REFUSAL_CONSTRAINT, result["refusal_rate"] - options.refusal_target)
+    study.tell(trial, [result["refusal_rate"], result["kl"]])
+    finished = len(study.get_trials(deepcopy=False, states=FINISHED))
+    log.info(
+        "trial %d (%d/%d): refusals %.3f, KL %.4f (%.1fs)",
+        trial.number,
+        finished,
+        options.n_trials,
+        result["refusal_rate"],
+        result["kl"],
+        seconds,
+    )
+
+
+def _fail_if_running(study: optuna.Study, trial: optuna.Trial) -> None:
+    """Mark an interrupted trial FAIL unless it already reached a finished state."""
+    running = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+    if any(t.number == trial.number for t in running):
+        study.tell(trial, state=TrialState.FAIL)
 
 
 class _OtherRankTrial:
