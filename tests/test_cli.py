@@ -190,6 +190,14 @@ def test_resume_keeps_trials_and_reuses_caches(organism_config, organism_dir, tm
     assert {t.number: t.params for t in study.trials if t.number in first} == first
     assert json.loads(stdout.strip().splitlines()[-1])["refusal_before"] >= 0.9
 
+    # Resuming with another KL objective would mix incomparable values: refused before any forward pass.
+    tasks.clear()
+    extra = ("--study.n_trials", "9", "--overwrite", "true", "--module.evaluation.kl_tokens", "3")
+    code, _, err = run_cli(organism_args(organism_config, organism_dir, out, *extra), capsys)
+    assert code == 2 and "kl_tokens 1 -> 3" in err and "--output_dir" in err, err
+    assert len(err.strip().splitlines()) == 1 and tasks == []
+    assert len(optuna.load_study(study_name="abliterate", storage=f"sqlite:///{out / 'study.db'}").trials) == 7
+
 
 def test_directions_verb_contrastive_pca(organism_config, organism_dir, tmp_path, capsys):
     from safetensors import safe_open

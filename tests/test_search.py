@@ -217,3 +217,23 @@ def test_ctrl_c_anywhere_between_ask_and_tell_fails_the_trial(where, monkeypatch
     states = [t.state for t in study.trials]
     assert TrialState.RUNNING not in states
     assert states[:2] == [TrialState.COMPLETE, TrialState.COMPLETE] and states[-1] == TrialState.FAIL
+
+
+def test_a_study_refuses_trials_scored_another_way():
+    from abliterate.search import check_objective
+
+    scoring = {"kl_tokens": 1, "eval_prompts": "abc"}
+    study = optuna.create_study(directions=["minimize", "minimize"])
+    check_objective(study, scoring, record=False)  # a new study: nothing to compare, nothing recorded
+    assert "objective" not in study.user_attrs
+    check_objective(study, scoring, record=True)
+    study.add_trial(create_trial(values=[0.1, 0.2]))
+    check_objective(study, dict(scoring), record=True)  # the same scoring resumes
+    with pytest.raises(AbliterateError, match=r"kl_tokens 1 -> 16\).*new --output_dir"):
+        check_objective(study, {**scoring, "kl_tokens": 16}, record=True)
+    assert study.user_attrs["objective"] == scoring
+
+    old = optuna.create_study(directions=["minimize", "minimize"])
+    old.add_trial(create_trial(values=[0.1, 0.2]))  # trials, but no record of how they were scored
+    with pytest.raises(AbliterateError, match="older abliterate.*new --output_dir"):
+        check_objective(old, scoring, record=True)

@@ -92,6 +92,36 @@ def make_study(options: StudyOptions, storage: str | optuna.storages.BaseStorage
     )
 
 
+OBJECTIVE_ATTR = "objective"
+
+
+def check_objective(study: optuna.Study, objective: dict[str, str], record: bool) -> None:
+    """Refuse to add trials to a study whose values were measured another way.
+
+    `objective` names what the two values depend on (model, eval prompts, refusal markers, KL
+    positions...). A new study records it; trials scored under another one would be mixed silently.
+    """
+    stored = study.user_attrs.get(OBJECTIVE_ATTR)
+    has_trials = bool(study.get_trials(deepcopy=False, states=FINISHED))
+    if stored is None and has_trials:
+        raise AbliterateError(
+            f"study {study.study_name!r} was made by an older abliterate that did not record how its trials "
+            "were scored; search again with a new --output_dir"
+        )
+    if stored is not None and stored != objective:
+        changed = ", ".join(
+            f"{key} {stored.get(key)!r} -> {objective.get(key)!r}"
+            for key in sorted(set(stored) | set(objective))
+            if stored.get(key) != objective.get(key)
+        )
+        raise AbliterateError(
+            f"study {study.study_name!r} was scored with other settings ({changed}); restore them, "
+            "or search again with a new --output_dir"
+        )
+    if stored is None and record:
+        study.set_user_attr(OBJECTIVE_ATTR, objective)
+
+
 def completed_points(study: optuna.Study) -> list[Point]:
     return [tuple(t.values) for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))]
 

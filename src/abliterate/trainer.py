@@ -29,6 +29,7 @@ from abliterate.module import AbliterationModule
 from abliterate.options import DirectionOptions, SearchSpace, StudyOptions
 from abliterate.search import (
     TrialPlan,
+    check_objective,
     make_study,
     pareto_front,
     plot_pareto,
@@ -50,6 +51,17 @@ def model_stamp(model_id: str | None) -> str:
         return str(model_id)
     files = sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in path.iterdir() if p.is_file())
     return f"{model_id}:{fingerprint(files)}"
+
+
+def objective(model: AbliterationModule, datamodule: PromptDataModule) -> dict:
+    """What a trial's (refusal rate, KL) depends on besides its parameters, as a study records it."""
+    return {
+        "model": str(model.model_id),
+        "kl_tokens": model.eval_options.kl_tokens,
+        "max_new_tokens": model.eval_options.max_new_tokens,
+        "refusal_markers": fingerprint(model.markers),
+        "eval_prompts": fingerprint(datamodule.fingerprint_parts(EVAL_ROLES)),
+    }
 
 
 def run_dir(output_dir: str) -> Path:
@@ -189,7 +201,10 @@ class AbliterationTrainer(L.Trainer):
         model.configure_model()  # with both caches hit, nothing has loaded the model yet
         return out, baseline
 
-    def open_study(self, output_dir: Path, study: StudyOptions) -> optuna.Study:
+    def open_study(
+        self, output_dir: Path, study: StudyOptions, scoring: tuple[AbliterationModule, PromptDataModule] | None = None
+    ) -> optuna.Study:
+        """Open (or create) the study; with `scoring`, a study that will get new trials must match how they are scored."""
         from abliterate.workers import is_worker
 
         storage = study.storage or f"sqlite:///{(output_dir / 'study.db').resolve()}"
@@ -205,7 +220,20 @@ class AbliterationTrainer(L.Trainer):
             for t in optuna_study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
                 optuna_study._storage.set_trial_state_values(t._trial_id, optuna.trial.TrialState.FAIL)
                 log.info("trial %d was interrupted in an earlier run; marked FAIL", t.number)
+        if scoring is not None:
+            check_objective(optuna_study, objective(*scoring), record=self.is_global_zero)
         return optuna_study
+
+    def _check_local_study(self, output_dir: Path, study: StudyOptions, model, datamodule) -> None:
+        """The `open_study` scoring check, early: before residuals and baseline cost minutes (read-only)."""
+        path = output_dir / "study.db"
+        if study.storage is not None or not path.is_file():
+            return
+        storage = f"sqlite:///{path.resolve()}"
+        if study.study_name not in {s.study_name for s in optuna.get_all_study_summaries(storage)}:
+            return
+        existing = optuna.load_study(study_name=study.study_name, storage=storage)
+        check_objective(existing, objective(model, datamodule), record=False)
 
     def plan_for(self, model: AbliterationModule, trial: optuna.trial.FrozenTrial, space: SearchSpace) -> TrialPlan:
         try:
@@ -241,8 +269,9 @@ class AbliterationTrainer(L.Trainer):
         start = time.perf_counter()
         target = Path(export_dir) if export_dir else Path(output_dir) / "model"
         check_writable(target, overwrite)
+        self._check_local_study(Path(output_dir), study, model, datamodule)
         out, baseline = self.prepare(model, datamodule, output_dir)
-        optuna_study = self.open_study(out, study)
+        optuna_study = self.open_study(out, study, scoring=(model, datamodule))
         self._search(model, datamodule, optuna_study, study, space)
         self._recheck(model, datamodule, optuna_study, space, classifier, out)
         chosen = self._report(optuna_study, study, out, interactive=True)
@@ -319,8 +348,9 @@ class AbliterationTrainer(L.Trainer):
             output_dir: run dir: study.db, cache/, trials.csv, pareto.png.
             classifier: an optional model that re-checks the best Pareto trials' refusals after the search.
         """
+        self._check_local_study(Path(output_dir), study, model, datamodule)
         out, _ = self.prepare(model, datamodule, output_dir)
-        optuna_study = self.open_study(out, study)
+        optuna_study = self.open_study(out, study, scoring=(model, datamodule))
         self._search(model, datamodule, optuna_study, study, space)
         from abliterate.workers import is_worker
 
