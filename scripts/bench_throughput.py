@@ -81,6 +81,13 @@ def main() -> None:
     parser.add_argument("--eval-batch-size", type=int, default=50)
     parser.add_argument("--max-new-tokens", type=int, default=32)
     parser.add_argument("--trials", type=int, default=5)
+    parser.add_argument(
+        "--kl-tokens",
+        type=int,
+        nargs="+",
+        default=[EvalOptions.kl_tokens],
+        help="KL positions of the search objective; several values are timed in the same run, with ratios",
+    )
     args = parser.parse_args()
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -116,13 +123,24 @@ def main() -> None:
         tokens = sum(
             len(data.dataset(r).input_ids[i]) for r in ("harmful", "harmless") for i in range(len(data.dataset(r)))
         )
-        trainer.compute_baseline(module, data, cache_dir=None)
-
-        options = StudyOptions(n_trials=args.trials, n_startup_trials=args.trials, prune=False)
-        study = make_study(options, optuna.storages.InMemoryStorage())
-        start = time.perf_counter()
-        run_search(trainer, module, data, options, SearchSpace(), study)
-        search_s = time.perf_counter() - start
+        per_kl = {}
+        for kl_tokens in args.kl_tokens:
+            module.eval_options = EvalOptions(max_new_tokens=args.max_new_tokens, kl_tokens=kl_tokens)
+            start = time.perf_counter()
+            trainer.compute_baseline(module, data, cache_dir=None)
+            baseline_s = time.perf_counter() - start
+            options = StudyOptions(n_trials=args.trials, n_startup_trials=args.trials, prune=False)
+            study = make_study(options, optuna.storages.InMemoryStorage())  # same seed: the same trials
+            start = time.perf_counter()
+            run_search(trainer, module, data, options, SearchSpace(), study)
+            per_kl[kl_tokens] = {
+                "baseline_s": round(baseline_s, 3),
+                "seconds_per_trial": round((time.perf_counter() - start) / args.trials, 3),
+                "reference_mb": round(module.reference_logprobs.numel() * 4 / 2**20, 1),
+            }
+        first = per_kl[args.kl_tokens[0]]["seconds_per_trial"]
+        for row in per_kl.values():
+            row["seconds_per_trial_ratio"] = round(row["seconds_per_trial"] / first, 3)
 
     if trainer.is_global_zero:
         print(
@@ -137,7 +155,8 @@ def main() -> None:
                     "residual_s": round(residual_s, 3),
                     "eval_prompts": len(data.dataset("eval_harmful")) + len(data.dataset("eval_harmless")),
                     "max_new_tokens": args.max_new_tokens,
-                    "seconds_per_trial": round(search_s / args.trials, 3),
+                    "seconds_per_trial": per_kl[args.kl_tokens[0]]["seconds_per_trial"],
+                    "kl_tokens": per_kl,
                 }
             )
         )
