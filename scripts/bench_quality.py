@@ -537,6 +537,8 @@ def ratio(a, b):
 
 
 def main() -> None:
+    from abliterate.options import EvalOptions
+
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--organism", choices=("tiny", "smollm2-refusal"), default="tiny")
     parser.add_argument(
@@ -557,8 +559,8 @@ def main() -> None:
     parser.add_argument(
         "--search-kl-tokens",
         type=int,
-        default=1,
-        help="KL positions of the search objective (1 = first reply token, like heretic)",
+        default=EvalOptions.kl_tokens,
+        help="KL positions of the search objective (default: the tool's; 1 = first reply token, like heretic)",
     )
     parser.add_argument("--search-batch-size", type=int, default=25)
     parser.add_argument("--eval-batch-size", type=int, default=25)

@@ -194,7 +194,7 @@ def test_resume_keeps_trials_and_reuses_caches(organism_config, organism_dir, tm
     tasks.clear()
     extra = ("--study.n_trials", "9", "--overwrite", "true", "--module.evaluation.kl_tokens", "3")
     code, _, err = run_cli(organism_args(organism_config, organism_dir, out, *extra), capsys)
-    assert code == 2 and "kl_tokens 1 -> 3" in err and "--output_dir" in err, err
+    assert code == 2 and "kl_tokens 16 -> 3" in err and "--output_dir" in err, err
     assert len(err.strip().splitlines()) == 1 and tasks == []
     assert len(optuna.load_study(study_name="abliterate", storage=f"sqlite:///{out / 'study.db'}").trials) == 7
 

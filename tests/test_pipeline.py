@@ -170,6 +170,21 @@ def test_run_abliterates_the_organism(organism_dir, organism_config, tmp_path, c
     topic_after = topic_rate(generate_replies(ablated, tok, harmless), harmless)
     assert topic_after >= 0.9 * topic_before
 
+    # The search scored KL over the first 16 reply tokens (the default); the bar is first-token KL.
+    from abliterate.metrics import KLDivergence, next_token_logprobs
+
+    chats = [[{"role": "user", "content": p}] for p in harmless]
+    tok.padding_side = "left"
+    batch = tok.apply_chat_template(
+        chats, add_generation_prompt=True, padding=True, return_tensors="pt", return_dict=True
+    )
+    first_token_kl = KLDivergence()
+    first_token_kl.update(
+        next_token_logprobs(ablated, batch["input_ids"], batch["attention_mask"]),
+        next_token_logprobs(original, batch["input_ids"], batch["attention_mask"]),
+    )
+    assert first_token_kl.compute().item() <= 0.1
+
 
 def test_unhelpful_role_streams_and_orthogonalises(organism_dir, tmp_path):
     import json as json_

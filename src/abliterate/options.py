@@ -49,8 +49,10 @@ class EvalOptions:
     """refusal marker substrings; None uses the packaged list."""
     max_new_tokens: int = 32
     """greedy tokens generated per harmful prompt (a sequence stops early on a marker)."""
-    kl_tokens: int = 1
-    """positions of the KL divergence: 1 is the first reply token; n follows the original's greedy reply."""
+    kl_tokens: int = 16
+    """KL divergence averaged over the first n reply tokens, teacher-forced on the original's greedy reply
+    (1: first token only, as heretic). n > 1 also sees replies that drift after a good first token; the
+    cached reference holds n x vocab floats per harmless prompt."""
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1 or self.kl_tokens < 1:
