@@ -95,7 +95,7 @@ def make_study(options: StudyOptions, storage: str | optuna.storages.BaseStorage
 OBJECTIVE_ATTR = "objective"
 
 
-def check_objective(study: optuna.Study, objective: dict[str, str], record: bool) -> None:
+def check_objective(study: optuna.Study, objective: dict, record: bool) -> None:
     """Refuse to add trials to a study whose values were measured another way.
 
     `objective` names what the two values depend on (model, eval prompts, refusal markers, KL

@@ -64,6 +64,11 @@ def objective(model: AbliterationModule, datamodule: PromptDataModule) -> dict:
     }
 
 
+def local_study_url(output_dir: Path) -> str:
+    """The default storage: SQLite file study.db in the run dir."""
+    return f"sqlite:///{(output_dir / 'study.db').resolve()}"
+
+
 def run_dir(output_dir: str) -> Path:
     """The run dir with its cache/ subdir, created; a clear error when it can't be."""
     out = Path(output_dir)
@@ -207,7 +212,7 @@ class AbliterationTrainer(L.Trainer):
         """Open (or create) the study; with `scoring`, a study that will get new trials must match how they are scored."""
         from abliterate.workers import is_worker
 
-        storage = study.storage or f"sqlite:///{(output_dir / 'study.db').resolve()}"
+        storage = study.storage or local_study_url(output_dir)
         optuna.logging.set_verbosity(optuna.logging.WARNING)
         # Under DDP rank 0 creates the study first; the other ranks then load it.
         if self.world_size > 1 and not self.is_global_zero:
@@ -226,13 +231,12 @@ class AbliterationTrainer(L.Trainer):
 
     def _check_local_study(self, output_dir: Path, study: StudyOptions, model, datamodule) -> None:
         """The `open_study` scoring check, early: before residuals and baseline cost minutes (read-only)."""
-        path = output_dir / "study.db"
-        if study.storage is not None or not path.is_file():
+        if study.storage is not None or not (output_dir / "study.db").is_file():
             return
-        storage = f"sqlite:///{path.resolve()}"
-        if study.study_name not in {s.study_name for s in optuna.get_all_study_summaries(storage)}:
+        try:
+            existing = optuna.load_study(study_name=study.study_name, storage=local_study_url(output_dir))
+        except KeyError:  # the file holds no study of that name yet
             return
-        existing = optuna.load_study(study_name=study.study_name, storage=storage)
         check_objective(existing, objective(model, datamodule), record=False)
 
     def plan_for(self, model: AbliterationModule, trial: optuna.trial.FrozenTrial, space: SearchSpace) -> TrialPlan:
