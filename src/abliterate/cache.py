@@ -1,15 +1,26 @@
-"""On-disk cache of residuals, directions and baselines, keyed by a hash of their inputs."""
+"""On-disk cache of residuals, directions and baselines, keyed by a hash of their inputs.
+
+`TensorCache` keeps one file per (name, key): `{name}-{key}.safetensors`, so switching between
+inputs (say a one-off evaluate with other prompts) and back reuses what was computed before. A
+cache file that cannot be read is ignored with one warning and recomputed. Writes are atomic: a
+temp file beside the target, renamed into place.
+"""
 
 import hashlib
 import json
 import logging
 import os
+import re
+from contextlib import suppress
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
+
+from abliterate.errors import first_line
+from abliterate.rundir import stale_temps, temp_sibling
 
 log = logging.getLogger("abliterate.cache")
 
@@ -29,20 +40,78 @@ def fingerprint(*parts: Any) -> str:
 
 
 def save_tensors(path: Path, tensors: dict[str, torch.Tensor], key: str, info: dict[str, str] | None = None) -> None:
-    """Write tensors with their cache key in the metadata; atomic via a temp file."""
+    """Write tensors with their cache key in the metadata; atomic via a temp file, removed on failure."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + f".tmp{os.getpid()}")
+    tmp = temp_sibling(path, "tmp")
     metadata = {"key": key, **(info or {})}
-    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=metadata)
-    os.replace(tmp, path)
+    try:
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=metadata)
+        os.replace(tmp, path)
+    except BaseException:
+        with suppress(OSError):
+            tmp.unlink()
+        raise
 
 
 def load_tensors(path: Path, key: str) -> dict[str, torch.Tensor] | None:
-    """The cached tensors when the file exists and was written for `key`, else None."""
+    """The cached tensors when the file exists, is readable and was written for `key`, else None."""
     if not path.is_file():
         return None
-    with safe_open(str(path), framework="pt") as f:
-        if (f.metadata() or {}).get("key") != key:
-            log.info("cache %s is stale (inputs changed); recomputing", path.name)
-            return None
-        return {name: f.get_tensor(name) for name in f.keys()}
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            if (f.metadata() or {}).get("key") != key:
+                log.info("cache %s is stale (inputs changed); recomputing", path.name)
+                return None
+            return {name: f.get_tensor(name) for name in f.keys()}
+    except (SafetensorError, OSError, ValueError, RuntimeError) as err:
+        log.warning("ignoring unreadable cache file %s (%s); recomputing", path, first_line(err))
+        return None
+
+
+_NAME = re.compile(r"[A-Za-z0-9_.][A-Za-z0-9_.-]*")
+_KEY = re.compile(r"[A-Za-z0-9_]+")
+
+
+class TensorCache:
+    """Tensors in `directory`, one file per name and content key; the `keep` latest used per name survive."""
+
+    def __init__(self, directory: Path, keep: int = 4) -> None:
+        self.directory = Path(directory)
+        self.keep = keep
+
+    def path(self, name: str, key: str) -> Path:
+        if not _NAME.fullmatch(name) or not _KEY.fullmatch(key):
+            raise ValueError(f"cache name {name!r} / key {key!r}: use letters, digits and _ (and . - in names)")
+        return self.directory / f"{name}-{key}.safetensors"
+
+    def load(self, name: str, key: str) -> dict[str, torch.Tensor] | None:
+        """The tensors saved for (name, key), or None when there are none or they cannot be read."""
+        path = self.path(name, key)
+        tensors = load_tensors(path, key)
+        if tensors is not None:
+            with suppress(OSError):
+                os.utime(path)  # recently used: pruned last
+        return tensors
+
+    def save(self, name: str, key: str, tensors: dict[str, torch.Tensor], info: dict[str, str] | None = None) -> Path:
+        """Store tensors for (name, key), then drop the least recently used slots of `name` beyond `keep`."""
+        path = self.path(name, key)
+        for stale, _ in stale_temps(self.directory):  # left by a writer that was killed mid-write
+            log.warning("removing %s, left by a cache write whose process is gone", stale)
+            with suppress(OSError):
+                stale.unlink()
+        save_tensors(path, tensors, key, info)
+        self._prune(name)
+        return path
+
+    def _prune(self, name: str) -> None:
+        slot = re.compile(re.escape(name) + r"-[A-Za-z0-9_]+\.safetensors")
+        slots = []
+        for path in self.directory.iterdir():
+            if slot.fullmatch(path.name):
+                with suppress(OSError):
+                    slots.append((path.stat().st_mtime, path))
+        for _, path in sorted(slots, reverse=True)[self.keep :]:
+            log.info("dropping the least recently used cache file %s", path.name)
+            with suppress(OSError):
+                path.unlink()

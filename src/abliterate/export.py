@@ -1,21 +1,154 @@
-"""Write an ablated model as a normal HF checkpoint, atomically."""
+"""Write an ablated model as a normal HF checkpoint, atomically, and never over a user's files.
+
+An export is a directory holding exactly the files that `save_checkpoint` wrote there: what
+`model.save_pretrained` and `tokenizer.save_pretrained` write, README.md, and abliterate.json,
+whose "export_files" lists every one of those files but itself. `--overwrite true` may replace
+such a directory and nothing else: not the run dir, the current directory or one containing
+either, nor a directory that holds anything not in that list.
+"""
 
 import json
 import logging
 import os
 import shutil
 import time
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
-from abliterate.errors import AbliterateError
+from abliterate.errors import AbliterateError, first_line
+from abliterate.rundir import stale_temps, temp_sibling
 
 log = logging.getLogger("abliterate.export")
 
+MANIFEST = "abliterate.json"
+FILES_KEY = "export_files"
 
-def check_writable(target: Path, overwrite: bool) -> None:
-    """Fail before any work when the export could not be written."""
-    if target.exists() and not overwrite:
-        raise AbliterateError(f"{target} already exists; pass --overwrite true or choose another --export_dir")
+
+def _raise(err: OSError) -> None:
+    raise err
+
+
+def _contents(path: Path) -> tuple[set[str], set[str]] | None:
+    """(files, subdirs) under `path` as relative posix paths; None if it holds a link or a special file."""
+    files: set[str] = set()
+    dirs: set[str] = set()
+    for root, dirnames, filenames in os.walk(path, onerror=_raise):
+        rel = Path(root).relative_to(path)
+        for name in dirnames:
+            if (Path(root) / name).is_symlink():
+                return None
+            dirs.add((rel / name).as_posix())
+        for name in filenames:
+            full = Path(root) / name
+            if full.is_symlink() or not full.is_file():
+                return None
+            files.add((rel / name).as_posix())
+    return files, dirs
+
+
+def export_files(path: Path) -> set[str] | None:
+    """The files of the export at `path`, abliterate.json included; None when `path` is not exactly an export."""
+    try:
+        card = json.loads((path / MANIFEST).read_text())
+        contents = _contents(path)
+    except (OSError, ValueError):
+        return None
+    listed = card.get(FILES_KEY) if isinstance(card, dict) else None
+    if contents is None or not isinstance(listed, list) or not all(isinstance(f, str) for f in listed):
+        return None
+    names = {PurePosixPath(f) for f in listed} | {PurePosixPath(MANIFEST)}
+    if any(n.is_absolute() or ".." in n.parts or n == PurePosixPath(".") for n in names):
+        return None
+    files = {n.as_posix() for n in names}
+    parents = {p.as_posix() for n in names for p in n.parents if p != PurePosixPath(".")}
+    return files if contents == (files, parents) else None
+
+
+def _remove_export(path: Path) -> bool:
+    """Delete an export's own files and dirs; anything else found there stays, with a warning."""
+    files = export_files(path)
+    if files is None:
+        log.warning("left %s in place: it holds files abliterate did not write", path)
+        return False
+    try:
+        for name in files:
+            (path / name).unlink()
+        for name in sorted({p for f in files for p in PurePosixPath(f).parents}, key=lambda p: -len(p.parts)):
+            (path / name).rmdir()  # the export's own subdirs, deepest first, then `path` itself
+    except OSError as err:  # something appeared in it meanwhile
+        log.warning("left %s in place (%s)", path, first_line(err))
+        return False
+    return True
+
+
+def clean_stale_temps(target: Path) -> None:
+    """Remove what killed writers of `target` left beside it: `.NAME.tmp-PID` / `.NAME.old-PID` of dead pids."""
+    for path, kind in stale_temps(target.parent, target.name):
+        if kind == "old" and path.is_dir() and not path.is_symlink():
+            if not _remove_export(path):  # a replaced export: only its own files
+                continue
+        elif path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)  # a half-written export: all ours
+        else:
+            path.unlink(missing_ok=True)
+        log.warning("removed %s, left by an export whose process is gone", path)
+
+
+def _not_export(target: Path, entries: list[str]) -> str:
+    """What makes the non-empty dir `target` not an export, for an error message."""
+    try:
+        listed = json.loads((target / MANIFEST).read_text()).get(FILES_KEY)
+    except (OSError, ValueError, AttributeError):
+        listed = None
+    if (target / MANIFEST).is_file() and not isinstance(listed, list):
+        return "an export without a file list (older abliterate)"
+    ours = {PurePosixPath(str(f)).parts[0] for f in listed or [] if str(f)} | {MANIFEST}
+    foreign = [e for e in entries if e not in ours] or entries
+    return f"files abliterate did not write ({', '.join(foreign[:3])}{', ...' if len(foreign) > 3 else ''})"
+
+
+def _refuse(target: Path, why: str) -> AbliterateError:
+    return AbliterateError(f"--export_dir {target} {why}")
+
+
+def check_export_target(target: Path, overwrite: bool, run_dir: Path | None = None) -> None:
+    """Fail before any work when the export could not be written, or would replace anything but an export.
+
+    Passing checks make this process the writer of `target`: it then removes the temp dirs that
+    killed writers of `target` left beside it.
+    """
+    _check(target, overwrite, run_dir)
+    clean_stale_temps(target)
+
+
+def _check(target: Path, overwrite: bool, run_dir: Path | None) -> None:
+    resolved = target.resolve()
+    cwd = Path.cwd().resolve()
+    if resolved == cwd or resolved in cwd.parents:
+        raise _refuse(target, "is the current directory or contains it; choose a new directory to export to")
+    if run_dir is not None:
+        run = run_dir.resolve()
+        if resolved == run or resolved in run.parents:
+            raise _refuse(
+                target,
+                f"is the run dir {run_dir} or contains it (study.db, cache/); choose another --export_dir, "
+                f"e.g. {run_dir / 'model'}",
+            )
+    if target.is_symlink():
+        raise _refuse(target, "is a symlink; pass a real directory as --export_dir")
+    if target.exists():
+        if not target.is_dir():
+            raise _refuse(target, "exists and is not a directory; choose another --export_dir")
+        try:
+            entries = sorted(p.name for p in target.iterdir())
+        except OSError as err:
+            raise _refuse(target, f"cannot be read ({first_line(err)}); choose another --export_dir") from err
+        if entries:
+            if export_files(target) is None:
+                why = f"already exists and holds {_not_export(target, entries)}"
+                fix = "--overwrite only replaces an export abliterate wrote: choose another --export_dir"
+                raise _refuse(target, f"{why}; {fix}")
+            if not overwrite:
+                raise _refuse(target, "holds an earlier export; pass --overwrite true to replace it")
     parent = target.parent
     try:
         parent.mkdir(parents=True, exist_ok=True)
@@ -55,26 +188,39 @@ def model_card(base_model: str, card: dict) -> str:
     return "\n".join(lines)
 
 
-def save_checkpoint(model, tokenizer, target: Path, overwrite: bool, card: dict) -> Path:
-    """save_pretrained (sharded safetensors) into a temp dir beside `target`, then rename."""
-    check_writable(target, overwrite)
+def save_checkpoint(model, tokenizer, target: Path, overwrite: bool, card: dict, run_dir: Path | None = None) -> Path:
+    """save_pretrained (sharded safetensors) into a temp dir beside `target`, then rename it into place.
+
+    abliterate.json holds `card` plus the list of files written. An earlier export at `target` is
+    moved aside and removed only after the new one is in place.
+    """
+    check_export_target(target, overwrite, run_dir)
     start = time.perf_counter()
-    tmp = target.parent / f".{target.name}.tmp-{os.getpid()}"
+    tmp, old = temp_sibling(target, "tmp"), temp_sibling(target, "old")
     shutil.rmtree(tmp, ignore_errors=True)
+    moved = False
     try:
+        tmp.mkdir()
         model.save_pretrained(tmp, max_shard_size="4GB")
         tokenizer.save_pretrained(tmp)
         (tmp / "README.md").write_text(model_card(str(card.get("base_model", "model")), card))
-        (tmp / "abliterate.json").write_text(json.dumps(card, indent=2, sort_keys=True, default=str))
-        if target.exists():
-            old = target.parent / f".{target.name}.old-{os.getpid()}"
+        contents = _contents(tmp)
+        if contents is None:
+            raise AbliterateError(f"the model's save_pretrained wrote links into {tmp}; export cannot list its files")
+        manifest = {**card, FILES_KEY: sorted(contents[0])}
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True, default=str))
+        _check(target, overwrite, run_dir)  # again: the save can take long
+        if target.exists() and any(target.iterdir()):
             os.replace(target, old)
-            os.replace(tmp, target)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, target)
+            moved = True
+        os.replace(tmp, target)  # rename(2) also replaces an empty dir
+        if moved:
+            moved = False
+            _remove_export(old)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        if moved and not target.exists():
+            os.replace(old, target)  # put the earlier export back
         raise
     log.info("exported to %s in %.1fs", target, time.perf_counter() - start)
     return target

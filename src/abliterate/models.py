@@ -8,10 +8,12 @@ put a post-norm between the writers and the residual add; `post_norm_gains` desc
 
 from __future__ import annotations
 
+import functools
+import itertools
 import logging
 import os
 import re
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -50,9 +52,6 @@ SHARED_EXPERT_NAMES = ("shared_expert", "shared_experts", "shared_mlp")
 _DTYPE_PROBLEM = re.compile(r"b?float16|bf16|fp16|\bhalf\b|dtype|float32|fp32|float8", re.IGNORECASE)
 
 
-# ---- loading -----------------------------------------------------------------------------------
-
-
 def _check_local_path(model_id: str) -> None:
     # Something that is clearly a path must exist: otherwise HF reports a confusing hub error.
     looks_like_path = model_id.startswith((".", "/", "~")) or Path(model_id).suffix in (".gguf", ".safetensors")
@@ -65,12 +64,29 @@ def _first_line(err: BaseException) -> str:
     return text.splitlines()[0] if text else type(err).__name__
 
 
-def _not_found_error(model_id: str, err: Exception) -> AbliterateError:
-    if os.environ.get("HF_HUB_OFFLINE", "0").lower() not in ("", "0", "false", "no", "off"):
-        fix = "HF_HUB_OFFLINE is set, so it must already be in the HF cache: set HF_HUB_OFFLINE=0 to download it"
-    else:
-        fix = "check the hub id and --module.load.revision (gated models need `hf auth login`)"
-    return AbliterateError(f"cannot load {model_id!r} ({_first_line(err)}); {fix}, or pass a local model dir")
+def _hub_kwargs(revision: str | None, gguf_file: str | None, trust_remote_code: bool) -> dict:
+    # trust_remote_code is always passed, False included: left unset, transformers asks on stdin whether
+    # to run the repo's own code (auto_map) and runs it on "y". A gguf_file is dequantised on load.
+    kwargs = {"trust_remote_code": bool(trust_remote_code), "revision": revision, "gguf_file": gguf_file}
+    return {key: value for key, value in kwargs.items() if value is not None}
+
+
+def _load_error(model_id: str, err: Exception, what: str = "") -> AbliterateError | None:
+    """The one-line error for a failure no other dtype would fix; None for the rest."""
+    if isinstance(err, OSError):  # not found / not downloadable
+        if os.environ.get("HF_HUB_OFFLINE", "0").lower() not in ("", "0", "false", "no", "off"):
+            fix = "HF_HUB_OFFLINE is set, so it must already be in the HF cache: set HF_HUB_OFFLINE=0 to download it"
+        else:
+            fix = "check the hub id and --module.load.revision (gated models need `hf auth login`)"
+        return AbliterateError(f"cannot load {model_id!r} ({_first_line(err)}); {fix}, or pass a local model dir")
+    if isinstance(err, ImportError):  # e.g. gguf not installed
+        return AbliterateError(f"cannot load {what}{model_id}: {_first_line(err)}")
+    if isinstance(err, ValueError) and "trust_remote_code=True" in str(err):  # raised before any of that code runs
+        return AbliterateError(
+            f"{model_id} needs its own Python code to load (auto_map in its config files); pass "
+            "--module.load.trust_remote_code true only if you trust that code"
+        )
+    return None
 
 
 def load_tokenizer(
@@ -80,21 +96,10 @@ def load_tokenizer(
     from transformers import AutoTokenizer
 
     _check_local_path(model_id)
-    kwargs: dict = {}
-    if revision is not None:
-        kwargs["revision"] = revision
-    if gguf_file is not None:
-        kwargs["gguf_file"] = gguf_file
-    if trust_remote_code:  # only when asked: it runs the repo's own code
-        kwargs["trust_remote_code"] = True
     try:
-        tokenizer = AutoTokenizer.from_pretrained(model_id, **kwargs)
-    except OSError as err:
-        raise _not_found_error(model_id, err) from err
-    except ImportError as err:
-        raise AbliterateError(f"cannot load the tokenizer of {model_id}: {_first_line(err)}") from err
-    except ValueError as err:
-        raise AbliterateError(
+        tokenizer = AutoTokenizer.from_pretrained(model_id, **_hub_kwargs(revision, gguf_file, trust_remote_code))
+    except (OSError, ImportError, ValueError) as err:
+        raise _load_error(model_id, err, "the tokenizer of ") or AbliterateError(
             f"cannot load the tokenizer of {model_id} ({_first_line(err)}); the model dir needs tokenizer files"
         ) from err
     tokenizer.padding_side = "left"  # generation continues from the last position of every row
@@ -156,37 +161,29 @@ def load_model(
     parsed = _parse_dtypes(dtypes)
     if load_in_4bit:
         _four_bit_config("auto")  # fail before loading anything
-    kwargs: dict = {}
-    if revision is not None:
-        kwargs["revision"] = revision
-    if gguf_file is not None:
-        kwargs["gguf_file"] = gguf_file  # dequantised by transformers on load
+    kwargs = _hub_kwargs(revision, gguf_file, trust_remote_code)
     if device_map is not None:
         kwargs["device_map"] = device_map
-    if trust_remote_code:  # only when asked: it runs the repo's own code
-        kwargs["trust_remote_code"] = True
-
     failures: list[str] = []
     for name, dtype in zip(dtypes, parsed, strict=True):
         if load_in_4bit:
             kwargs["quantization_config"] = _four_bit_config(dtype)
         try:
             model = AutoModelForCausalLM.from_pretrained(model_id, dtype=dtype, **kwargs)
-        except OSError as err:  # not found / not downloadable
-            raise _not_found_error(model_id, err) from err
-        except ImportError as err:  # e.g. gguf not installed
-            raise AbliterateError(f"cannot load {model_id}: {_first_line(err)}") from err
         except torch.cuda.OutOfMemoryError as err:
             raise AbliterateError(
                 f"out of memory loading {model_id} as {name}; try --module.load.device_map auto, "
                 "a smaller dtype or --module.load.load_in_4bit"
             ) from err
-        except (RuntimeError, TypeError, ValueError) as err:
-            if not _DTYPE_PROBLEM.search(str(err)):
-                raise AbliterateError(
+        except (OSError, ImportError, RuntimeError, TypeError, ValueError) as err:
+            fatal = _load_error(model_id, err)
+            if fatal is None and not _DTYPE_PROBLEM.search(str(err)):
+                fatal = AbliterateError(
                     f"cannot load {model_id} ({_first_line(err)}); check the model files, "
                     "or pass --module.load.trust_remote_code for a custom architecture you trust"
-                ) from err
+                )
+            if fatal is not None:
+                raise fatal from err
             log.warning("loading %s as %s failed (%s); trying the next dtype", model_id, name, _first_line(err))
             failures.append(f"{name}: {_first_line(err)}")
             continue
@@ -199,22 +196,10 @@ def load_model(
     )
 
 
-# ---- architecture discovery --------------------------------------------------------------------
-
-
-def _get_path(root: nn.Module, path: str) -> object | None:
-    node: object | None = root
-    for part in path.split("."):
-        node = getattr(node, part, None)
-        if node is None:
-            return None
-    return node
-
-
 def decoder_layers(model: nn.Module) -> nn.ModuleList:
     """The decoder layers, in order, for the common layouts (see LAYER_PATHS)."""
     for path in LAYER_PATHS:
-        layers = _get_path(model, path)
+        layers = functools.reduce(lambda node, part: getattr(node, part, None), path.split("."), model)
         if isinstance(layers, nn.ModuleList) and len(layers) > 0:
             return layers
     raise AbliterateError(
@@ -226,12 +211,9 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
 def hidden_size(model: nn.Module) -> int:
     """d_model: the text config's hidden size (multimodal configs nest it)."""
     config = getattr(model, "config", None)
-    if config is not None:
-        text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
-        size = getattr(text_config, "hidden_size", None)
-        if isinstance(size, int):
-            return size
-    return int(model.get_input_embeddings().embedding_dim)
+    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    size = getattr(text_config, "hidden_size", None)
+    return size if isinstance(size, int) else int(model.get_input_embeddings().embedding_dim)
 
 
 def _unsupported(index: int, layer: nn.Module, what: str) -> AbliterateError:
@@ -255,9 +237,8 @@ def _checked(ref: WriterRef, hidden: int, where: str) -> WriterRef:
             f"{where} has weight shape {tuple(weight.shape)}, whose out axis {ref.out_dim} is not the "
             f"hidden size {hidden}; this architecture is not supported yet"
         )
-    bias = ref.bias
-    if bias is not None and bias.shape[-1] != hidden:
-        raise AbliterateError(f"{where} has bias shape {tuple(bias.shape)}, not ending in the hidden size {hidden}")
+    if ref.bias is not None and ref.bias.shape[-1] != hidden:
+        raise AbliterateError(f"{where} has bias shape {tuple(ref.bias.shape)}, not ending in the hidden size {hidden}")
     return ref
 
 
@@ -311,26 +292,22 @@ def _mlp_writers(mlp: nn.Module, hidden: int, where: str) -> list[WriterRef]:
     dense = _dense_writer(mlp, MLP_DOWN_NAMES, hidden, where)
     if dense is not None:
         return [dense]
-    refs: list[WriterRef] = []
     experts = getattr(mlp, "experts", None)
+    routed: Iterable[WriterRef | None] = ()
     if isinstance(experts, nn.ModuleList):  # one module per expert
-        for e, expert in enumerate(experts):
-            ref = _dense_writer(expert, MLP_DOWN_NAMES, hidden, f"{where}.experts.{e}")
-            if ref is None:
-                return []
-            refs.append(ref)
+        routed = (_dense_writer(x, MLP_DOWN_NAMES, hidden, f"{where}.experts.{e}") for e, x in enumerate(experts))
     elif isinstance(experts, nn.Module):
-        fused = _fused_experts_writer(experts, hidden, f"{where}.experts")
-        if fused is None:
+        routed = (_fused_experts_writer(experts, hidden, f"{where}.experts"),)
+    shared = (  # a scalar gate on the shared expert keeps it a plain writer
+        _dense_writer(getattr(mlp, n), MLP_DOWN_NAMES, hidden, f"{where}.{n}")
+        for n in SHARED_EXPERT_NAMES
+        if getattr(mlp, n, None) is not None
+    )
+    refs: list[WriterRef] = []
+    for ref in itertools.chain(routed, shared):  # lazily: the first expert without a writer ends the search
+        if ref is None:
             return []
-        refs.append(fused)
-    for name in SHARED_EXPERT_NAMES:  # a scalar gate on the shared expert keeps it a plain writer
-        shared = getattr(mlp, name, None)
-        if shared is not None:
-            ref = _dense_writer(shared, MLP_DOWN_NAMES, hidden, f"{where}.{name}")
-            if ref is None:
-                return []
-            refs.append(ref)
+        refs.append(ref)
     return refs
 
 
@@ -412,8 +389,7 @@ def describe_architecture(model: nn.Module) -> str:
     n_attn = sum(len(w["attn"]) for w in writers)
     n_mlp = sum(len(w["mlp"]) for w in writers)
     moe = any(ref.weight.dim() == 3 or len(w["mlp"]) > 1 for w in writers for ref in w["mlp"])
-    layer = decoder_layers(model)[0]
-    post_norm = isinstance(getattr(layer, _POST_NORMS["mlp"], None), nn.Module)
+    post_norm = isinstance(getattr(decoder_layers(model)[0], _POST_NORMS["mlp"], None), nn.Module)
     return (
         f"{type(model).__name__}: {len(writers)} layers, hidden {hidden_size(model)}, "
         f"{n_attn} attention and {n_mlp} MLP writers{' (MoE)' if moe else ''}"
