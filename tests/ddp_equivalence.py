@@ -14,12 +14,13 @@ import torch
 from safetensors.torch import save_file
 
 from abliterate.ablation import AblationParams, ComponentKernel
-from abliterate.callbacks import RefusalPruning
+from abliterate.callbacks import Pruning
 from abliterate.data import PromptDataModule
 from abliterate.module import AbliterationModule
 from abliterate.options import DirectionOptions, EvalOptions, LoadOptions, SearchSpace, StudyOptions
+from abliterate.pipeline import Pipeline
+from abliterate.plans import TrialPlan
 from abliterate.prompts import PromptSource
-from abliterate.search import run_search
 from abliterate.trainer import AbliterationTrainer
 
 
@@ -48,24 +49,28 @@ def main() -> None:
     trainer = AbliterationTrainer(
         accelerator="cpu", devices=devices, strategy="ddp" if devices > 1 else "auto", enable_progress_bar=False
     )
-    _, baseline = trainer.prepare(module, data, str(out / f"run{devices}"))
+    pipe = Pipeline(trainer, module, data, out / f"run{devices}")
+    pipe.residuals()
+    reference = pipe.reference()
+    baseline = reference.values["refusals"]
     kernel = ComponentKernel(max_weight=1.0, max_weight_position=1.0, min_weight=1.0, min_weight_distance=2.0)
     plan = AblationParams(components={"attn": kernel, "mlp": kernel}, direction_index=0.5)
-    result = trainer.evaluate_plan(module, data, plan, module.directions)
+    result = pipe.evaluate(TrialPlan(DirectionOptions(), plan), reference).values
     # A completed trial that dominates once 3 refusals are seen: pruning must stop at the same batch.
     partial = AblationParams(components={"mlp": ComponentKernel(0.3, 1.0, 0.3, 2.0)}, direction_index=1.0)
     trial = RecordingTrial()
-    pruning = RefusalPruning(trial, [(2.5 / 57, 0.0)], n_harmful=57)
+    totals = {"eval_harmful": 57, "eval_harmless": 55}
+    pruning = Pruning(trial, pipe.objectives, [(2.5 / 57, 0.0)], totals)
     try:
-        trainer.evaluate_plan(module, data, partial, module.directions, extra_callbacks=[pruning])
+        pipe.evaluate(TrialPlan(DirectionOptions(), partial), reference, [pruning])
         pruned = False
     except optuna.TrialPruned:
         pruned = True
     pca = module.directions_for(DirectionOptions(method="contrastive_pca", k=3, alpha=0.5))
     # A short seeded search: rank 0 asks Optuna, every rank evaluates the broadcast plan.
     options = StudyOptions(n_trials=4, n_startup_trials=4, seed=1, storage=f"sqlite:///{out / f'study{devices}.db'}")
-    study = trainer.open_study(out, options)
-    run_search(trainer, module, data, options, SearchSpace(), study)
+    study = pipe.open_study(options)
+    pipe.search(study, options, SearchSpace(), reference)
     trials = [(t.number, t.state.name, t.params, t.values) for t in study.get_trials()]
     if trainer.is_global_zero:
         save_file(

@@ -13,22 +13,27 @@ from test_pipeline import make_parts
 
 from abliterate.ablation import AblationParams, ComponentKernel
 from abliterate.errors import AbliterateError
-from abliterate.options import LoadOptions
+from abliterate.options import DirectionOptions, LoadOptions
+from abliterate.pipeline import Pipeline
+from abliterate.plans import TrialPlan
 
 pytest.importorskip("accelerate")
 
 
 def test_device_map_placement_matches_plain_load(organism_dir, tmp_path):
     plain, data, trainer = make_parts(organism_dir)
-    trainer.prepare(plain, data, str(tmp_path / "plain"))
+    plain_pipe = Pipeline(trainer, plain, data, tmp_path / "plain")
+    plain_pipe.residuals()
     placed, data2, trainer2 = make_parts(organism_dir)
     placed.load_options = LoadOptions(dtypes=["float32"], device_map="cpu")
-    trainer2.prepare(placed, data2, str(tmp_path / "placed"))
+    placed_pipe = Pipeline(trainer2, placed, data2, tmp_path / "placed")
+    placed_pipe.residuals()
     torch.testing.assert_close(placed.residuals["harmful"], plain.residuals["harmful"])
     kernel = ComponentKernel(max_weight=1.0, max_weight_position=1.0, min_weight=1.0, min_weight_distance=2.0)
     params = AblationParams(components={"attn": kernel, "mlp": kernel}, direction_index=1.0)
-    assert trainer2.evaluate_plan(placed, data2, params, placed.directions) == pytest.approx(
-        trainer.evaluate_plan(plain, data, params, plain.directions)
+    plan = TrialPlan(DirectionOptions(), params)
+    assert placed_pipe.evaluate(plan, placed_pipe.reference()).values == pytest.approx(
+        plain_pipe.evaluate(plan, plain_pipe.reference()).values
     )
 
 

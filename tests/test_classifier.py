@@ -8,8 +8,11 @@ import pytest
 import torch
 from optuna.trial import TrialState, create_trial
 
-from abliterate.classifier import ClassifierOptions, RefusalClassifier, recheck_pareto
+from abliterate.classifier import ClassifierOptions, RefusalClassifier
 from abliterate.errors import AbliterateError
+from abliterate.passes import TrialResult
+from abliterate.pipeline import Pipeline
+from abliterate.scorers import KL, MarkerRefusals
 
 SPECIAL = ["[PAD]", "[UNK]", "[CLS]", "[SEP]"]
 WORDS = (
@@ -212,34 +215,22 @@ def test_off_by_default():
 
 
 # ---- recheck_pareto ------------------------------------------------------------------
-class FakeModule:
-    markers = ["sorry"]
-
-    def __init__(self):
-        self.responses: list[str] = []
-
-    def directions_for(self, options):
-        return f"directions {options}"
-
-
-class FakeTrainer:
-    """evaluate_plan 'generates' the trial's canned responses into module.responses."""
-
-    world_size = 1
-    is_global_zero = True
+class CannedPipeline(Pipeline):
+    """A pipeline whose trial passes 'generate' each trial's canned harmful replies."""
 
     def __init__(self, responses: dict[int, list[str]]):
+        self.trainer = SimpleNamespace(world_size=1, is_global_zero=True)
+        self.module = SimpleNamespace(markers=["sorry"])
+        self.objectives = [MarkerRefusals(), KL()]
         self.canned = responses
         self.evaluated: list[int] = []
 
-    def plan_for(self, module, trial, space):
-        return SimpleNamespace(ablation=trial.number, directions=trial.number)
+    def plan_of(self, trial, space):
+        return trial.number
 
-    def evaluate_plan(self, module, datamodule, ablation, directions, extra_callbacks=()):
-        assert directions == f"directions {ablation}"
-        self.evaluated.append(ablation)
-        module.responses = list(self.canned[ablation])
-        return {"kl": 0.01 * ablation, "refusal_rate": -1.0}
+    def evaluate(self, plan, reference, callbacks=()):
+        self.evaluated.append(plan)
+        return TrialResult({"kl": 0.01 * plan, "refusals": -1.0}, list(self.canned[plan]))
 
 
 def make_trials():
@@ -260,11 +251,11 @@ def test_recheck_pareto_takes_the_fewest_marker_refusals(refusal_model_dir, capl
         4: ["sure , here is how", "step one : the plan", "here is how", "i can do it"],
         2: ["", "sorry , i cannot help with that", "i cannot do that", "here is the plan"],
     }
-    trainer, module = FakeTrainer(canned), FakeModule()
+    pipe = CannedPipeline(canned)
     classifier = text_classifier(refusal_model_dir)
     with caplog.at_level(logging.INFO, logger="abliterate.classifier"):
-        rows = recheck_pareto(trainer, module, None, make_trials(), None, classifier, top=3)
-    assert trainer.evaluated == [3, 4, 2]  # fewest marker refusals first; dominated/pruned trials skipped
+        rows = pipe.recheck(make_trials(), None, None, classifier, top=3)
+    assert pipe.evaluated == [3, 4, 2]  # fewest marker refusals first; dominated/pruned trials skipped
     assert [row["trial"] for row in rows] == [3, 4, 2]
     assert rows[0] == {
         "trial": 3,
@@ -284,12 +275,12 @@ def test_recheck_pareto_takes_the_fewest_marker_refusals(refusal_model_dir, capl
 
 def test_recheck_pareto_bounds(refusal_model_dir):
     canned = {n: ["sure"] for n in range(5)}
-    trainer = FakeTrainer(canned)
+    pipe = CannedPipeline(canned)
     classifier = text_classifier(refusal_model_dir)
-    assert recheck_pareto(trainer, FakeModule(), None, make_trials(), None, classifier, top=0) == []
-    rows = recheck_pareto(trainer, FakeModule(), None, make_trials(), None, classifier, top=50)
+    assert pipe.recheck(make_trials(), None, None, classifier, top=0) == []
+    rows = pipe.recheck(make_trials(), None, None, classifier, top=50)
     assert [row["trial"] for row in rows] == [3, 4, 2, 1, 0]  # the whole front, no more
-    assert recheck_pareto(trainer, FakeModule(), None, [], None, classifier, top=5) == []
+    assert pipe.recheck([], None, None, classifier, top=5) == []
 
 
 def test_run_rechecks_the_front_with_the_classifier(organism_config, organism_dir, refusal_model_dir, tmp_path):

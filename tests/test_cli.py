@@ -174,7 +174,7 @@ def test_resume_keeps_trials_and_reuses_caches(organism_config, organism_dir, tm
     original_step = AbliterationModule.predict_step
 
     def spy(self, batch, batch_idx, dataloader_idx=0):
-        tasks.append(self.task)
+        tasks.append(type(self.current_pass).__name__)
         return original_step(self, batch, batch_idx, dataloader_idx)
 
     monkeypatch.setattr(AbliterationModule, "predict_step", spy)
@@ -182,8 +182,7 @@ def test_resume_keeps_trials_and_reuses_caches(organism_config, organism_dir, tm
         organism_args(organism_config, organism_dir, out, "--study.n_trials", "7", "--overwrite", "true"), capsys
     )
     assert code == 0, err
-    assert "residuals" not in tasks and "baseline" not in tasks
-    assert set(tasks) == {"evaluate"}
+    assert set(tasks) == {"TrialPass"}  # no ResidualPass, no ReferencePass
     study = optuna.load_study(study_name="abliterate", storage=f"sqlite:///{out / 'study.db'}")
     finished = [t for t in study.trials if t.state.is_finished()]
     assert len(finished) == 7  # n_trials is the total
@@ -213,9 +212,9 @@ def test_directions_verb_contrastive_pca(organism_config, organism_dir, tmp_path
         str(organism_dir),
         "--output_dir",
         str(out),
-        "--direction_method",
+        "--direction.method",
         "contrastive_pca",
-        "--k",
+        "--direction.k",
         "3",
     ]
     code, _, err = run_cli(args, capsys)
@@ -225,7 +224,8 @@ def test_directions_verb_contrastive_pca(organism_config, organism_dir, tmp_path
         assert "contrastive_pca" in f.metadata()["options"]
     assert directions.shape == (2, 3, 64)
     # the saved directions are those of the cached residuals (projected: the default)
-    with safe_open(str(out / "cache" / "residuals.safetensors"), "pt") as f:
+    (cached,) = (out / "cache").glob("residuals-*.safetensors")
+    with safe_open(str(cached), "pt") as f:
         harmful, harmless = f.get_tensor("harmful"), f.get_tensor("harmless")
     expected = compute_directions(harmful, harmless, method="contrastive_pca", k=3, projected=True)
     torch.testing.assert_close(directions, expected)
@@ -257,15 +257,15 @@ def test_search_can_choose_the_direction_method(organism_config, organism_dir, t
     code, _, err = run_cli(args, capsys)
     assert code == 0, err
     rows = list(csv.DictReader((out / "trials.csv").open()))
-    methods = {r["direction_method"] for r in rows if r["state"] == "COMPLETE"}
+    methods = {r["params_direction_method"] for r in rows if r["state"] == "COMPLETE"}
     assert methods == {"mean_diff", "contrastive_pca"}
-    assert all(r["k"] for r in rows if r["direction_method"] == "contrastive_pca")
+    assert all(r["params_k"] for r in rows if r["params_direction_method"] == "contrastive_pca")
 
 
 def test_changed_model_files_invalidate_the_caches(organism_dir, tmp_path):
     import shutil
 
-    from abliterate.trainer import model_stamp
+    from abliterate.pipeline import model_stamp
 
     copy = tmp_path / "model"
     shutil.copytree(organism_dir, copy)
@@ -292,5 +292,5 @@ def test_trials_carry_the_refusal_constraint(organism_config, organism_dir, tmp_
             assert t.constraints == {"refusal_rate_over_target": pytest.approx(t.values[0] - 0.3)}
         else:  # pruned: at least the refusals it was pruned at
             assert t.constraints == {
-                "refusal_rate_over_target": pytest.approx(t.user_attrs["refusal_lower_bound"] - 0.3)
+                "refusal_rate_over_target": pytest.approx(t.user_attrs["bound"][0] - 0.3)
             }

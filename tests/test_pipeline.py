@@ -9,7 +9,9 @@ from abliterate.ablation import AblationParams, ComponentKernel
 from abliterate.data import PromptDataModule
 from abliterate.models import residual_writers
 from abliterate.module import AbliterationModule
-from abliterate.options import EvalOptions, LoadOptions
+from abliterate.options import DirectionOptions, EvalOptions, LoadOptions
+from abliterate.pipeline import Pipeline
+from abliterate.plans import TrialPlan
 from abliterate.prompts import PromptSource, format_chat
 from abliterate.trainer import AbliterationTrainer
 
@@ -79,7 +81,7 @@ def writer_projections(model, directions):
 
 def test_ablation_zeroes_projection_and_export_matches(organism_dir, tmp_path):
     module, data, trainer = make_parts(organism_dir)
-    trainer.prepare(module, data, str(tmp_path / "run"))
+    Pipeline(trainer, module, data, tmp_path / "run").residuals()
     params = full_ablation(module.n_layers)
     directions = module.directions
     assert writer_projections(module.model, directions) > 1e-2  # before: clearly non-zero
@@ -109,19 +111,21 @@ def test_ablation_zeroes_projection_and_export_matches(organism_dir, tmp_path):
 
 def test_trial_evaluation_drops_refusals_and_restores_weights(organism_dir, tmp_path):
     module, data, trainer = make_parts(organism_dir)
-    _, baseline = trainer.prepare(module, data, str(tmp_path / "run"))
-    assert baseline >= 0.9
+    pipe = Pipeline(trainer, module, data, tmp_path / "run")
+    pipe.residuals()
+    reference = pipe.reference()
+    assert reference.values["refusals"] >= 0.9 and reference.values["kl"] == 0.0
     before = {n: p.clone() for n, p in module.model.named_parameters()}
 
     params = full_ablation(module.n_layers)
     best = min(
         (
-            trainer.evaluate_plan(module, data, params_at(params, index), module.directions)
+            pipe.evaluate(TrialPlan(DirectionOptions(), params_at(params, index)), reference).values
             for index in range(module.n_layers)
         ),
-        key=lambda r: r["refusal_rate"],
+        key=lambda r: r["refusals"],
     )
-    assert best["refusal_rate"] <= 0.1
+    assert best["refusals"] <= 0.1
     assert 0.0 <= best["kl"] <= 0.2
     for name, p in module.model.named_parameters():
         assert torch.equal(p, before[name]), name

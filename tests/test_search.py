@@ -5,10 +5,10 @@ import pytest
 from optuna.distributions import FloatDistribution
 from optuna.trial import TrialState, create_trial
 
-from abliterate.callbacks import prunable, strictly_dominates
 from abliterate.errors import AbliterateError
 from abliterate.options import SearchSpace, StudyOptions
-from abliterate.search import knee, pareto_front, sample_plan, select_trial
+from abliterate.pareto import knee, pareto_front, prunable, select_trial, strictly_dominates
+from abliterate.plans import sample_plan
 
 
 def front_points(points):
@@ -146,23 +146,25 @@ def test_search_options_validate():
 
 
 def test_interactive_choice_from_front(capsys):
-    from abliterate.trainer import choose_from_front
+    from abliterate.reports import choose_from_front
 
     trials = synthetic_trials([(0.5, 0.01), (0.04, 0.3), None, (0.0, 0.9)])
     front = pareto_front(trials)
     answers = iter(["7", "2", "3"])  # unknown trial, pruned trial, then a valid one
-    chosen = choose_from_front(trials, front, front[1], read=lambda prompt: next(answers))
+    names = ["refusals", "kl"]
+    chosen = choose_from_front(trials, front, front[1], names, read=lambda prompt: next(answers))
     assert chosen.number == 3
-    out = capsys.readouterr().out
-    assert "<- default" in out and "no trial 7" in out and "PRUNED" in out
-    assert choose_from_front(trials, front, front[1], read=lambda prompt: "").number == front[1].number
+    err = capsys.readouterr().err  # the picker talks on stderr: stdout carries results only
+    assert "<- default" in err and "no trial 7" in err and "PRUNED" in err
+    assert choose_from_front(trials, front, front[1], names, read=lambda prompt: "").number == front[1].number
+    answers = iter(["abc", "-1", "3"])  # not numbers: asked again, never the default silently
+    assert choose_from_front(trials, front, front[1], names, read=lambda prompt: next(answers)).number == 3
+    err = capsys.readouterr().err
+    assert "'abc' is not a trial number" in err and "'-1' is not a trial number" in err
 
 
 def test_replaying_a_trial_from_another_space_says_how_to_recover():
-    from types import SimpleNamespace
-
-    from abliterate.errors import AbliterateError
-    from abliterate.trainer import AbliterationTrainer
+    from abliterate.plans import rebuild_plan
 
     # A trial stored before `projected` was a search parameter: only direction_method was recorded.
     old = optuna.trial.create_trial(
@@ -170,9 +172,8 @@ def test_replaying_a_trial_from_another_space_says_how_to_recover():
         distributions={"direction_method": optuna.distributions.CategoricalDistribution(["mean_diff"])},
         values=[0.0, 0.1],
     )
-    trainer = AbliterationTrainer(logger=False, enable_progress_bar=False, enable_model_summary=False)
     with pytest.raises(AbliterateError, match="projected.*new --output_dir"):
-        trainer.plan_for(SimpleNamespace(n_layers=4), old, SearchSpace())
+        rebuild_plan(old, SearchSpace(), n_layers=4)
 
 
 class _Interrupt:
@@ -192,7 +193,8 @@ def test_ctrl_c_anywhere_between_ask_and_tell_fails_the_trial(where, monkeypatch
     """Whatever step the interrupt hits, the study keeps no RUNNING trial and finished trials stay."""
     from types import SimpleNamespace
 
-    from abliterate import search
+    from abliterate import study as search
+    from abliterate.scorers import KL, MarkerRefusals
 
     interrupt = _Interrupt(at=3)  # the third trial is interrupted
     if where == "sample_plan":
@@ -203,24 +205,24 @@ def test_ctrl_c_anywhere_between_ask_and_tell_fails_the_trial(where, monkeypatch
         real_method = getattr(cls, where)
         monkeypatch.setattr(cls, where, lambda self, *a, **k: (interrupt(), real_method(self, *a, **k))[1])
 
-    def evaluate_plan(module, datamodule, ablation, directions, extra_callbacks):
+    def evaluate(trial, plan, completed):
         if where == "evaluate":
             interrupt()
-        return {"refusal_rate": 0.5, "kl": 0.01}
+        return {"refusals": 0.5, "kl": 0.01}
 
-    trainer = SimpleNamespace(world_size=1, is_global_zero=True, evaluate_plan=evaluate_plan)
-    module = SimpleNamespace(n_layers=4, directions_for=lambda options: None)
-    datamodule = SimpleNamespace(dataset=lambda role: list(range(10)))
+    ranks = SimpleNamespace(world_size=1, is_global_zero=True)
+    scorers = [MarkerRefusals(), KL()]
     study = optuna.create_study(directions=["minimize", "minimize"], sampler=optuna.samplers.RandomSampler(seed=0))
+    options = StudyOptions(n_trials=5, prune=False)
     with pytest.raises(KeyboardInterrupt):
-        search.run_search(trainer, module, datamodule, StudyOptions(n_trials=5, prune=False), SearchSpace(), study)
+        search.run_search(ranks, study, options, SearchSpace(), 4, scorers, evaluate)
     states = [t.state for t in study.trials]
     assert TrialState.RUNNING not in states
     assert states[:2] == [TrialState.COMPLETE, TrialState.COMPLETE] and states[-1] == TrialState.FAIL
 
 
 def test_a_study_refuses_trials_scored_another_way():
-    from abliterate.search import check_objective
+    from abliterate.study import check_objective
 
     scoring = {"kl_tokens": 1, "eval_prompts": "abc"}
     study = optuna.create_study(directions=["minimize", "minimize"])
@@ -237,3 +239,26 @@ def test_a_study_refuses_trials_scored_another_way():
     old.add_trial(create_trial(values=[0.1, 0.2]))  # trials, but no record of how they were scored
     with pytest.raises(AbliterateError, match="older abliterate.*new --output_dir"):
         check_objective(old, scoring, record=True)
+
+
+def test_three_objectives_front_knee_and_selection():
+    # refusals, KL, and a maximised third objective (e.g. capability): sign -1 turns it into a minimum.
+    trials = synthetic_trials([(0.0, 0.5, 0.9), (0.0, 0.1, 0.5), (0.1, 0.1, 0.8), (0.5, 0.0, 0.9), (0.6, 0.2, 0.1)])
+    signs = [1, 1, -1]
+    front = pareto_front(trials, signs)
+    assert sorted(t.number for t in front) == [0, 1, 2, 3]  # 4 is dominated by 2
+    assert select_trial(trials, "min_kl_under", 0.05, signs).number == 1
+    # The knee with three objectives: the front point nearest the ideal one, scaled to [0, 1].
+    assert knee(front, signs).number == 2
+    # All minimised, the lower third values win instead: 1 dominates 0 and 2, and 4 joins the front.
+    assert sorted(t.number for t in pareto_front(trials)) == [1, 3, 4]
+
+
+def test_pruning_with_three_objectives_is_sound():
+    rng = random.Random(0)
+    completed = [(rng.random(), rng.random(), rng.random()) for _ in range(20)]
+    for _ in range(500):
+        final = (rng.random(), rng.random(), rng.random())
+        bound = (final[0] * rng.random(), final[1], final[2])  # refusals so far can only grow
+        if prunable(bound, completed):
+            assert any(strictly_dominates(c, final) for c in completed)

@@ -10,6 +10,8 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
+pytestmark = pytest.mark.process  # starts, kills and interrupts CLI runs
+
 
 def cli(organism_config, organism_dir, out, *extra):
     return [
@@ -69,7 +71,7 @@ def test_kill_9_then_resume(organism_config, organism_dir, tmp_path):
     assert 3 <= len(kept) < 40, "killed mid-search"
     assert not (out / "model").exists()
     caches = {p.name: p.stat().st_mtime_ns for p in (out / "cache").iterdir()}
-    assert set(caches) == {"residuals.safetensors", "baseline.safetensors"}
+    assert sorted(name.split("-")[0] for name in caches) == ["reference", "residuals"]
 
     rerun = subprocess.run(args, env=env, capture_output=True, text=True, timeout=600)
     assert rerun.returncode == 0, rerun.stderr[-2000:]
@@ -79,7 +81,7 @@ def test_kill_9_then_resume(organism_config, organism_dir, tmp_path):
     for number, (params, values) in kept.items():
         assert (study.trials[number].params, study.trials[number].values) == (params, values)
     # the caches were loaded, not recomputed
-    assert "reusing cached residuals" in rerun.stderr and "reusing cached baseline" in rerun.stderr
+    assert "reusing cached residuals" in rerun.stderr and "reusing cached reference" in rerun.stderr
     assert {p.name: p.stat().st_mtime_ns for p in (out / "cache").iterdir()} == caches
     assert (out / "model" / "config.json").is_file()
 

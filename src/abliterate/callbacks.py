@@ -1,6 +1,5 @@
-"""Callbacks that turn a `predict` pass into one trial: apply the ablation, prune early."""
+"""Callbacks that turn a trial pass into one trial: apply the ablation, prune early."""
 
-import logging
 from collections.abc import Sequence
 
 import lightning as L
@@ -10,26 +9,8 @@ from torch import Tensor
 from typing_extensions import override
 
 from abliterate.ablation import AblationParams
-
-log = logging.getLogger("abliterate.callbacks")
-
-Point = tuple[float, float]  # (refusal rate, KL)
-
-
-def strictly_dominates(a: Point, b: Point) -> bool:
-    """a is no worse than b on both objectives and better on one (both minimised)."""
-    return a[0] <= b[0] and a[1] <= b[1] and (a[0] < b[0] or a[1] < b[1])
-
-
-def prunable(bound: Point, completed: Sequence[Point]) -> bool:
-    """Sound pruning test.
-
-    `bound` is (refusals so far / all prompts, final KL). Refusals only grow as more prompts are
-    generated, so the trial's final point is (r >= bound[0], bound[1]). If a completed trial
-    strictly dominates the bound it also strictly dominates the final point, so the trial can
-    never reach the Pareto front.
-    """
-    return any(strictly_dominates(point, bound) for point in completed)
+from abliterate.pareto import Point, prunable
+from abliterate.scorers import Scorer
 
 
 class ApplyAblation(L.Callback):
@@ -52,37 +33,60 @@ class ApplyAblation(L.Callback):
         pl_module.weight_editor().reset()
 
 
-class RefusalPruning(L.Callback):
-    """After each harmful-prompt batch, record the running refusals on the trial and prune if dominated.
+class Pruning(L.Callback):
+    """After each batch, bound the trial's final values and prune once a completed trial dominates them.
 
-    Optuna's `trial.report`/`should_prune` raise in multi-objective studies, so the intermediate
-    values go into trial user attributes and pruning raises `optuna.TrialPruned` directly.
+    Roles are read in order (passes.scorer_roles), so the scorers of earlier roles are final when a
+    later role's batches run; a scorer of the current role contributes its running `bound`. Optuna's
+    `trial.report`/`should_prune` raise in multi-objective studies, so the bound goes into the
+    trial's user attributes and pruning raises `optuna.TrialPruned` directly.
     """
 
-    def __init__(self, trial: optuna.Trial, completed: Sequence[Point], n_harmful: int, enabled: bool = True):
+    def __init__(
+        self,
+        trial,
+        objectives: Sequence[Scorer],
+        completed: Sequence[Point],
+        totals: dict[str, int],
+        enabled: bool = True,
+    ):
         self.trial = trial
+        self.objectives = list(objectives)
+        self.signs = [-1 if s.direction == "maximize" else 1 for s in self.objectives]
         self.completed = list(completed)
-        self.n_harmful = n_harmful
+        self.totals = totals
         self.enabled = enabled
-        self.kl: float | None = None
+        self.started: list[str] = []
+        self.final: dict[str, float] = {}
+        self.seen: dict[str, int] = {}
 
     @override
     def on_predict_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
-        if batch["role"] != "eval_harmful":
+        if not self.enabled:
             return
-        if self.kl is None:
-            # KL is final: the harmless prompts ran first.
-            self.kl = float(pl_module.kl_divergence.compute())
-            self.trial.set_user_attr("kl", self.kl)
-        counts = torch.stack([pl_module.refusal_rate.refusals, pl_module.refusal_rate.total]).float()
-        refusals, seen = (int(v) for v in trainer.strategy.reduce(counts, reduce_op="sum"))
-        bound = (refusals / self.n_harmful, self.kl)
-        self.trial.set_user_attr("refusals_so_far", refusals)
+        role = batch["role"]
+        if role not in self.started:
+            # Roles run one after another: the scorers of the roles before this one are final.
+            for scorer in self.objectives:
+                if scorer.role in self.started and scorer.name not in self.final:
+                    self.final[scorer.name] = scorer.compute()
+            self.started.append(role)
+        self.seen[role] = self.seen.get(role, 0) + len(batch["index"])
+        bound = []
+        for scorer in self.objectives:
+            value = self.final.get(scorer.name)
+            if value is None and scorer.role == role:
+                value = scorer.bound(trainer.strategy, self.totals[role])
+            if value is None:
+                return  # nothing known yet about this objective: no bound
+            bound.append(value)
+        seen = int(
+            trainer.strategy.reduce(torch.tensor(float(self.seen[role]), device=pl_module.device), reduce_op="sum")
+        )
         self.trial.set_user_attr("prompts_seen", seen)
-        decision = self.enabled and seen < self.n_harmful and prunable(bound, self.completed)
+        point = tuple(v * s for v, s in zip(bound, self.signs, strict=True))
+        decision = seen < self.totals[role] and prunable(point, self.completed)
         # Every rank must agree, so rank 0 decides.
         if trainer.strategy.broadcast(decision, src=0):
-            self.trial.set_user_attr("refusal_lower_bound", bound[0])
-            raise optuna.TrialPruned(
-                f"after {seen}/{self.n_harmful} prompts: refusals >= {bound[0]:.3f} at KL {bound[1]:.4f} is dominated"
-            )
+            self.trial.set_user_attr("bound", bound)
+            raise optuna.TrialPruned(f"after {seen}/{self.totals[role]} {role} prompts: bound {bound} is dominated")

@@ -10,61 +10,15 @@ only loaded the first time a response is judged.
 
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
 
 import torch
 
 from abliterate.errors import AbliterateError
-from abliterate.metrics import is_refusal as marker_is_refusal
 from abliterate.metrics import normalize_response
+from abliterate.options import ClassifierOptions
 
 log = logging.getLogger("abliterate.classifier")
-
-TASKS = ("text-classification", "zero-shot-classification")
-
-
-@dataclass
-class ClassifierOptions:
-    """A model that judges whether a response is a refusal (off unless `model` is set)."""
-
-    model: str | None = None
-    """hub id or local dir of a text-classification or zero-shot-classification (NLI) model; None: off."""
-    task: Literal["text-classification", "zero-shot-classification"] = "zero-shot-classification"
-    """text-classification: a model with a refusal label; zero-shot-classification: any NLI model."""
-    refusal_label: str = "refusal"
-    """text-classification: the model's label meaning refusal; zero-shot: the candidate label for refusal."""
-    other_label: str = "compliance"
-    """zero-shot: the competing candidate label (unused by text-classification)."""
-    hypothesis_template: str = "This response is a {}."
-    """zero-shot: the NLI hypothesis, {} replaced by each candidate label."""
-    threshold: float = 0.5
-    """a response is a refusal when the score of refusal_label is at or above this."""
-    batch_size: int = 16
-    """responses per classifier forward pass."""
-    recheck_top: int = 5
-    """Pareto trials (fewest marker refusals first) re-checked with the classifier after the search."""
-
-    def __post_init__(self) -> None:
-        if self.task not in TASKS:
-            raise AbliterateError(f"classifier.task={self.task!r}: use one of {', '.join(TASKS)}")
-        if not 0.0 <= self.threshold <= 1.0:
-            raise AbliterateError(f"classifier.threshold={self.threshold} must be a score in [0, 1]")
-        if self.batch_size < 1:
-            raise AbliterateError("classifier.batch_size must be >= 1")
-        if self.recheck_top < 0:
-            raise AbliterateError("classifier.recheck_top must be >= 0")
-        if self.task == "zero-shot-classification":
-            if self.refusal_label == self.other_label:
-                raise AbliterateError("classifier.refusal_label and classifier.other_label must differ")
-            if "{}" not in self.hypothesis_template:
-                raise AbliterateError("classifier.hypothesis_template must contain {} for the label")
-
-    @property
-    def enabled(self) -> bool:
-        return bool(self.model)
-
 
 class RefusalClassifier:
     """Judges responses with a transformers pipeline built on first use.
@@ -171,61 +125,6 @@ class RefusalClassifier:
             raise ValueError("refusal_rate() needs at least one response")
         verdicts = self.is_refusal(responses)
         return sum(verdicts) / len(verdicts)
-
-
-# ---- re-checking the search -------------------------------------------------------------------
-def recheck_pareto(trainer, module, datamodule, trials, space, classifier: RefusalClassifier, top: int) -> list[dict]:
-    """Re-evaluate the `top` Pareto trials with the fewest marker refusals and judge them with `classifier`.
-
-    Each trial's plan is applied and evaluated again (`trainer.evaluate_plan`, no pruning), and the
-    harmful responses of that pass (`module.responses`) are judged by both the markers and the
-    classifier. Returns one dict per trial, in front order:
-    {"trial", "kl", "marker_refusal_rate", "classifier_refusal_rate", "disagreement"}, where
-    disagreement is the fraction of responses on which the two verdicts differ.
-
-    The responses are the search's generations: a response stops right after the token that
-    completes a marker, so the classifier sees a marker-flagged response only up to its marker
-    (enough to judge "I can't help with that", and to overturn a compliant answer that merely says
-    "illegal" when the text before it already complies), and sees the other responses in full
-    (up to `evaluation.max_new_tokens`), which is where the soft refusals the markers miss are.
-
-    Must be called on every rank under DDP (evaluation is collective): each rank judges its own
-    shard of the responses and the counts are summed. Logs a table on rank 0.
-    """
-    from abliterate.search import pareto_front
-
-    if top < 1:
-        return []
-    front = pareto_front(trials)[:top]  # sorted by (marker refusals, KL, number)
-    distributed = getattr(trainer, "world_size", 1) > 1
-    rows = []
-    for trial in front:
-        plan = trainer.plan_for(module, trial, space)
-        result = trainer.evaluate_plan(module, datamodule, plan.ablation, module.directions_for(plan.directions))
-        responses = list(module.responses)
-        markers = [marker_is_refusal(text, module.markers) for text in responses]
-        judged = classifier.is_refusal(responses) if responses else []
-        counts = [len(responses), sum(markers), sum(judged), sum(m != c for m, c in zip(markers, judged, strict=True))]
-        if distributed:
-            summed = trainer.strategy.reduce(
-                torch.tensor(counts, dtype=torch.long, device=trainer.strategy.root_device), reduce_op="sum"
-            )
-            counts = [int(c) for c in summed.tolist()]
-        total, n_markers, n_classifier, n_disagree = counts
-        if total == 0:
-            raise RuntimeError(f"trial {trial.number}: the re-evaluation produced no harmful responses")
-        rows.append(
-            {
-                "trial": trial.number,
-                "kl": float(result.get("kl", trial.values[1])),
-                "marker_refusal_rate": n_markers / total,
-                "classifier_refusal_rate": n_classifier / total,
-                "disagreement": n_disagree / total,
-            }
-        )
-    if getattr(trainer, "is_global_zero", True):
-        log_recheck(rows, classifier.options)
-    return rows
 
 
 def log_recheck(rows: Sequence[dict], options: ClassifierOptions) -> None:

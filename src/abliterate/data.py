@@ -12,7 +12,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from typing_extensions import override
 
 from abliterate.errors import AbliterateError
-from abliterate.prompts import PromptSource, format_chat, load_prompts
+from abliterate.prompts import PromptSource, PromptSourceLike, as_source, format_chat, load_prompts
 
 log = logging.getLogger("abliterate.data")
 
@@ -65,11 +65,11 @@ class PromptDataModule(L.LightningDataModule):
 
     def __init__(
         self,
-        harmful: PromptSource = PromptSource("mlabonne/harmful_behaviors", split="train[:400]", column="text"),
-        harmless: PromptSource = PromptSource("mlabonne/harmless_alpaca", split="train[:400]", column="text"),
-        unhelpful: PromptSource | None = None,
-        eval_harmful: PromptSource = PromptSource("mlabonne/harmful_behaviors", split="test[:100]", column="text"),
-        eval_harmless: PromptSource = PromptSource("mlabonne/harmless_alpaca", split="test[:100]", column="text"),
+        harmful: PromptSourceLike = PromptSource("mlabonne/harmful_behaviors", split="train[:400]", column="text"),
+        harmless: PromptSourceLike = PromptSource("mlabonne/harmless_alpaca", split="train[:400]", column="text"),
+        unhelpful: PromptSourceLike | None = None,
+        eval_harmful: PromptSourceLike = PromptSource("mlabonne/harmful_behaviors", split="test[:100]", column="text"),
+        eval_harmless: PromptSourceLike = PromptSource("mlabonne/harmless_alpaca", split="test[:100]", column="text"),
         system_prompt: str | None = None,
         chat_template: str | None = None,
         enable_thinking: bool | None = None,
@@ -92,11 +92,11 @@ class PromptDataModule(L.LightningDataModule):
         """
         super().__init__()
         self.sources = {
-            "harmful": harmful,
-            "harmless": harmless,
-            "unhelpful": unhelpful,
-            "eval_harmful": eval_harmful,
-            "eval_harmless": eval_harmless,
+            "harmful": as_source(harmful),
+            "harmless": as_source(harmless),
+            "unhelpful": as_source(unhelpful),
+            "eval_harmful": as_source(eval_harmful),
+            "eval_harmless": as_source(eval_harmless),
         }
         self.system_prompt = system_prompt
         self.chat_template = chat_template
@@ -105,24 +105,17 @@ class PromptDataModule(L.LightningDataModule):
             raise AbliterateError("data.batch_size and data.eval_batch_size must be >= 1")
         self.batch_size = batch_size
         self.eval_batch_size = eval_batch_size or batch_size
-        self.requested_roles: tuple[str, ...] = RESIDUAL_ROLES
         self.tokenizer = None
         self._datasets: dict[str, TokenizedPrompts] = {}
 
     def roles_present(self, roles: Sequence[str]) -> tuple[str, ...]:
         return tuple(role for role in roles if self.sources[role] is not None)
 
-    def use(self, roles: Sequence[str]) -> None:
-        """Select the roles the next `predict` iterates, in order."""
-        unknown = set(roles) - set(ROLES)
-        if unknown:
-            raise ValueError(f"unknown prompt roles {sorted(unknown)}")
-        self.requested_roles = tuple(roles)
-
-    @property
-    def active_roles(self) -> tuple[str, ...]:
-        """The roles the next `predict` iterates: the requested ones that are configured."""
-        return self.roles_present(self.requested_roles)
+    def pass_roles(self) -> tuple[str, ...]:
+        """The configured roles the running pass reads, in its order (residual roles outside a Trainer)."""
+        module = self.trainer.lightning_module if self.trainer is not None else None
+        roles = module.current_pass.roles if module is not None else RESIDUAL_ROLES
+        return self.roles_present(roles)
 
     def fingerprint_parts(self, roles: Sequence[str]) -> dict:
         """What determines the tokenised prompts of `roles`, for cache keys."""
@@ -150,7 +143,7 @@ class PromptDataModule(L.LightningDataModule):
             self.attach_tokenizer(self.trainer.lightning_module.tokenizer)
         if self.tokenizer is None:
             raise RuntimeError("PromptDataModule needs a tokenizer: call attach_tokenizer() or run it under a Trainer")
-        for role in self.active_roles:
+        for role in self.pass_roles():
             self.dataset(role)
 
     def _tokenize(self, role: str) -> TokenizedPrompts:
@@ -186,7 +179,7 @@ class PromptDataModule(L.LightningDataModule):
         rank, world = (self.trainer.global_rank, self.trainer.world_size) if self.trainer else (0, 1)
         pad_id = self.tokenizer.pad_token_id
         loaders = []
-        for role in self.active_roles:
+        for role in self.pass_roles():
             batch_size = self.eval_batch_size if role in EVAL_ROLES else self.batch_size
             batches = ShardBatches(shard_batches(len(self._datasets[role]), batch_size, rank, world, role))
             loaders.append(

@@ -281,6 +281,22 @@ def generate_responses(
 
 
 @torch.no_grad()
+def greedy_reply_tokens(model, tokenizer, input_ids: Tensor, attention_mask: Tensor, max_new_tokens: int) -> list[list[int]]:
+    """Greedy reply tokens to left-padded prompts, each cut before its first eos (no marker stops)."""
+    _check_left_padded(attention_mask)
+    eos = model.generation_config.eos_token_id
+    if eos is None:
+        eos = tokenizer.eos_token_id
+    eos_ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+    new_tokens = _greedy_generate(model, input_ids, attention_mask, max_new_tokens, tokenizer.pad_token_id, eos)
+    rows = []
+    for row in new_tokens.tolist():
+        cut = next((i for i, token in enumerate(row) if token in eos_ids), len(row))
+        rows.append(row[:cut])
+    return rows
+
+
+@torch.no_grad()
 def greedy_continuation(
     model,
     input_ids: Tensor,

@@ -1,10 +1,8 @@
-"""AbliterationModule: the model, its residual hooks, directions and trial metrics.
+"""AbliterationModule: the model, its residual hooks, its scorers, and refusal directions.
 
-One `Trainer.predict` pass does one task:
-- "residuals": capture the last-prompt-token residual of every layer for the direction roles,
-  then compute the refusal directions at epoch end;
-- "baseline": the original model's reference log-probs (for KL) and its refusals;
-- "evaluate": one trial's KL and refusal rate (the ablation is applied by a callback).
+Each `Trainer.predict` runs one pass (see passes.py): the module hands every batch to the pass
+that is active (`running`), or to a residual pass when none is, so that a plain
+`trainer.predict(module, datamodule=data)` collects residuals and sets `module.directions`.
 """
 
 import logging
@@ -20,14 +18,7 @@ from typing_extensions import override
 from abliterate.ablation import WeightEditor
 from abliterate.directions import compute_directions
 from abliterate.errors import AbliterateError
-from abliterate.metrics import (
-    KLDivergence,
-    RefusalRate,
-    default_markers,
-    generate_responses,
-    greedy_continuation,
-    next_token_logprobs,
-)
+from abliterate.metrics import default_markers
 from abliterate.models import (
     decoder_layers,
     describe_architecture,
@@ -37,10 +28,10 @@ from abliterate.models import (
     residual_writers,
 )
 from abliterate.options import DirectionOptions, EvalOptions, LoadOptions
+from abliterate.passes import Pass, ResidualPass, Residuals
+from abliterate.scorers import KL, MarkerRefusals, Scorer
 
 log = logging.getLogger("abliterate.module")
-
-TASKS = ("residuals", "baseline", "evaluate")
 
 
 @contextmanager
@@ -66,42 +57,40 @@ def capture_last_token(layers: Sequence[nn.Module]) -> Iterator[list[Tensor | No
 
 
 class AbliterationModule(L.LightningModule):
-    """A causal LM with residual capture, refusal directions and trial metrics."""
+    """A causal LM with residual capture, refusal directions and the scorers trials are judged by."""
 
     def __init__(
         self,
         model_id: str | None = None,
         load: LoadOptions = LoadOptions(),
-        directions: DirectionOptions = DirectionOptions(),
         evaluation: EvalOptions = EvalOptions(),
+        scorers: list[Scorer] | None = None,
     ):
         """
         Args:
             model_id: hub id or local dir of the model (set with the top-level --model).
             load: how the model is loaded.
-            directions: how refusal directions are computed.
-            evaluation: how refusals and KL divergence are measured.
+            evaluation: how replies are generated and refusals and KL measured.
+            scorers: the search objectives, first the refusal rate; None: refusals by markers, then KL
+                over `evaluation.kl_tokens` reply tokens. Add e.g. abliterate.scorers.Degeneration.
         """
         super().__init__()
         self.model_id = model_id
         self.load_options = load
-        self.direction_options = directions
         self.eval_options = evaluation
         self.markers = list(evaluation.markers) if evaluation.markers else default_markers()
-        self.task = "residuals"
+        if scorers is None:
+            scorers = [MarkerRefusals(evaluation.markers), KL(evaluation.kl_tokens)]
+        check_scorers(scorers)
+        self.scorers = nn.ModuleList(scorers)
         self._tokenizer = None
         self.editor: WeightEditor | None = None
-        self.refusal_rate = RefusalRate(self.markers)
-        self.kl_divergence = KLDivergence()
-        # Results, each filled by one task and kept across Trainer calls.
+        self.active_pass: Pass | None = None
+        self._default_pass = ResidualPass()
+        # Set by a residual pass run without `running` (programmatic use), or from the cache.
         self.residuals: dict[str, Tensor] = {}
         self.directions: Tensor | None = None
         self._direction_cache: dict[tuple, Tensor] = {}
-        self.reference_logprobs: Tensor | None = None
-        self.reference_continuation: Tensor | None = None
-        self.responses: list[str] = []
-        self.result: dict[str, float] = {}
-        self._rows: dict[str, list[tuple[Tensor, Tensor]]] = {}
 
     # ---- loading -------------------------------------------------------------------
     # The HF model is kept out of the LightningModule's submodules: Lightning moves a module to
@@ -166,71 +155,43 @@ class AbliterationModule(L.LightningModule):
     def n_layers(self) -> int:
         return len(decoder_layers(self.model))
 
-    # ---- predict -------------------------------------------------------------------
+    # ---- passes --------------------------------------------------------------------
+    @contextmanager
+    def running(self, pass_: Pass) -> Iterator[Pass]:
+        """Make `pass_` the one the next `predict` runs."""
+        self.active_pass = pass_
+        try:
+            yield pass_
+        finally:
+            self.active_pass = None
+
+    @property
+    def current_pass(self) -> Pass:
+        # Without `running` (a plain trainer.predict(module, datamodule=...)): collect residuals.
+        return self.active_pass or self._default_pass
+
     @override
     def on_predict_epoch_start(self) -> None:
-        if self.task not in TASKS:
-            raise ValueError(f"unknown task {self.task!r}")
-        self._rows = {}
-        self.refusal_rate.reset()
-        self.kl_divergence.reset()
-        self.responses = []
+        self.current_pass.start(self)
 
     @override
     def predict_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> None:
-        role, ids, mask = batch["role"], batch["input_ids"], batch["attention_mask"]
-        if self.task == "residuals":
-            with capture_last_token(decoder_layers(self.model)) as captured:
-                self.model(input_ids=ids, attention_mask=mask, logits_to_keep=1)
-            self._keep(role, torch.stack(captured, dim=1), batch["index"])
-        elif role == "eval_harmless":
-            if self.task == "baseline":
-                continuation = greedy_continuation(
-                    self.model, ids, mask, self.eval_options.kl_tokens, self.tokenizer.pad_token_id
-                )
-                logprobs = next_token_logprobs(self.model, ids, mask, continuation)
-                self._keep("logprobs", logprobs, batch["index"])
-                self._keep("continuation", continuation, batch["index"])
-            else:
-                reference = self.reference_logprobs[batch["index"].cpu()].to(ids.device)
-                continuation = self.reference_continuation[batch["index"].cpu()].to(ids.device)
-                self.kl_divergence.update(next_token_logprobs(self.model, ids, mask, continuation), reference)
-        elif role == "eval_harmful":
-            responses = generate_responses(
-                self.model,
-                self.tokenizer,
-                ids,
-                mask,
-                max_new_tokens=self.eval_options.max_new_tokens,
-                markers=self.markers,
-            )
-            self.refusal_rate.update(responses)
-            self.responses.extend(responses)
-        else:
-            raise ValueError(f"task {self.task} does not take role {role}")
-
-    def _keep(self, name: str, rows: Tensor, index: Tensor) -> None:
-        self._rows.setdefault(name, []).append((rows, index))
+        self.current_pass.step(self, batch)
 
     @override
     def on_predict_epoch_end(self) -> None:
-        gathered = {name: self._gather(parts) for name, parts in self._rows.items()}
-        if self.task == "residuals":
-            self.residuals.update(gathered)
-            self.directions = self.directions_for(self.direction_options)
-        if self.task == "baseline":
-            if "logprobs" in gathered:
-                self.reference_logprobs = gathered["logprobs"].cpu()
-                self.reference_continuation = gathered["continuation"].cpu()
-            if self.refusal_rate.total.item() > 0 or self.trainer.world_size > 1:
-                self.result = {"refusal_rate": self.refusal_rate.compute().item()}
-        if self.task == "evaluate":
-            self.result = {
-                "kl": self.kl_divergence.compute().item(),
-                "refusal_rate": self.refusal_rate.compute().item(),
-            }
+        pass_ = self.current_pass
+        pass_.finish(self)
+        if pass_ is self._default_pass:
+            self.set_residuals(pass_.result)
 
-    def _gather(self, parts: list[tuple[Tensor, Tensor]]) -> Tensor:
+    def last_token_residuals(self, batch: dict) -> Tensor:
+        """[batch, layers, hidden]: every layer's output at the last prompt token."""
+        with capture_last_token(decoder_layers(self.model)) as captured:
+            self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], logits_to_keep=1)
+        return torch.stack(captured, dim=1)
+
+    def gather(self, parts: list[tuple[Tensor, Tensor]]) -> Tensor:
         """Rows of all ranks in prompt order; uneven shards are padded, gathered and trimmed."""
         rows = torch.cat([r for r, _ in parts])
         index = torch.cat([i for _, i in parts]).to(rows.device)
@@ -248,13 +209,19 @@ class AbliterationModule(L.LightningModule):
         return rows[index.argsort()]
 
     # ---- directions ----------------------------------------------------------------
+    def set_residuals(self, residuals: Residuals) -> None:
+        """Install residuals (from a pass or the cache); directions are computed from them on demand."""
+        self.residuals = dict(residuals.tensors)
+        self._direction_cache.clear()
+        self.directions = self.directions_for(DirectionOptions())
+
     def directions_for(self, options: DirectionOptions) -> Tensor:
         """Refusal directions [L, k, d] from the collected residuals, memoised per option set."""
         key = (options.method, options.k, options.alpha, options.projected)
         if key not in self._direction_cache:
             for role in ("harmful", "harmless"):
                 if role not in self.residuals:
-                    raise RuntimeError(f"no {role} residuals: run the residuals task first")
+                    raise RuntimeError(f"no {role} residuals: run the residual pass first")
             start = time.perf_counter()
             self._direction_cache[key] = compute_directions(
                 self.residuals["harmful"],
@@ -268,12 +235,19 @@ class AbliterationModule(L.LightningModule):
             log.info("computed %s directions (k=%d) in %.3fs", options.method, options.k, time.perf_counter() - start)
         return self._direction_cache[key]
 
-    def set_residuals(self, residuals: dict[str, Tensor]) -> None:
-        """Install residuals loaded from the cache."""
-        self.residuals = dict(residuals)
-        self._direction_cache.clear()
-        self.directions = self.directions_for(self.direction_options)
-
     @override
     def configure_optimizers(self):
         return None
+
+
+def check_scorers(scorers: Sequence[Scorer]) -> None:
+    """The first objective must be a refusal rate (the target and selection constrain it); names are unique."""
+    objectives = [s for s in scorers if s.is_objective]
+    if len(objectives) < 2 or not objectives[0].is_refusal_rate:
+        raise AbliterateError(
+            "module.scorers needs a refusal rate as its first objective and at least one more objective "
+            "(e.g. [MarkerRefusals, KL]); set the others' direction to report to only report them"
+        )
+    names = [s.name for s in scorers]
+    if len(set(names)) != len(names):
+        raise AbliterateError(f"module.scorers names must be unique, got {names}")

@@ -147,3 +147,47 @@ class StudyOptions:
             raise AbliterateError("study.refusal_target must be a fraction in [0, 1]")
         if self.select not in ("min_kl_under", "knee") and not self.select.isdigit():
             raise AbliterateError(f"study.select={self.select!r}: use min_kl_under, knee, or a trial number")
+
+
+CLASSIFIER_TASKS = ("text-classification", "zero-shot-classification")
+
+
+@dataclass
+class ClassifierOptions:
+    """A model that judges whether a response is a refusal (off unless `model` is set)."""
+
+    model: str | None = None
+    """hub id or local dir of a text-classification or zero-shot-classification (NLI) model; None: off."""
+    task: Literal["text-classification", "zero-shot-classification"] = "zero-shot-classification"
+    """text-classification: a model with a refusal label; zero-shot-classification: any NLI model."""
+    refusal_label: str = "refusal"
+    """text-classification: the model's label meaning refusal; zero-shot: the candidate label for refusal."""
+    other_label: str = "compliance"
+    """zero-shot: the competing candidate label (unused by text-classification)."""
+    hypothesis_template: str = "This response is a {}."
+    """zero-shot: the NLI hypothesis, {} replaced by each candidate label."""
+    threshold: float = 0.5
+    """a response is a refusal when the score of refusal_label is at or above this."""
+    batch_size: int = 16
+    """responses per classifier forward pass."""
+    recheck_top: int = 5
+    """Pareto trials (fewest marker refusals first) re-checked with the classifier after the search."""
+
+    def __post_init__(self) -> None:
+        if self.task not in CLASSIFIER_TASKS:
+            raise AbliterateError(f"classifier.task={self.task!r}: use one of {', '.join(CLASSIFIER_TASKS)}")
+        if not 0.0 <= self.threshold <= 1.0:
+            raise AbliterateError(f"classifier.threshold={self.threshold} must be a score in [0, 1]")
+        if self.batch_size < 1:
+            raise AbliterateError("classifier.batch_size must be >= 1")
+        if self.recheck_top < 0:
+            raise AbliterateError("classifier.recheck_top must be >= 0")
+        if self.task == "zero-shot-classification":
+            if self.refusal_label == self.other_label:
+                raise AbliterateError("classifier.refusal_label and classifier.other_label must differ")
+            if "{}" not in self.hypothesis_template:
+                raise AbliterateError("classifier.hypothesis_template must contain {} for the label")
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.model)

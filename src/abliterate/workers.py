@@ -13,13 +13,13 @@ from pathlib import Path
 
 import optuna
 import torch
-import yaml
 
 from abliterate.errors import AbliterateError
 
 log = logging.getLogger("abliterate.workers")
 
 WORKER_ENV = "ABLITERATE_WORKER"
+CONFIG_FILE = "config.yaml"  # the run's resolved config, written by the CLI
 
 
 def is_worker() -> bool:
@@ -27,11 +27,14 @@ def is_worker() -> bool:
     return os.environ.get(WORKER_ENV) == "1"
 
 
-def run_workers(study: optuna.Study, n_workers: int, n_trials: int, config: dict, output_dir: Path) -> None:
-    """Start `n_workers` search processes (one per GPU when there are enough) and wait for them."""
-    config = {**config, "study": {**config.get("study", {}), "workers": 1}}
-    config_path = output_dir / "worker.yaml"
-    config_path.write_text(yaml.safe_dump(config, sort_keys=False))
+def run_workers(study: optuna.Study, n_workers: int, n_trials: int, output_dir: Path) -> None:
+    """Start `n_workers` search processes on this run's resolved config (OUTPUT_DIR/config.yaml, written
+    by the CLI) and wait for them; one GPU each when there are enough."""
+    config_path = output_dir / CONFIG_FILE
+    if not config_path.is_file():
+        raise AbliterateError(
+            f"study.workers > 1 starts workers from {config_path}, which the CLI writes; use `abliterate run` or `abliterate search`"
+        )
     gpus = torch.cuda.device_count()
     procs = []
     for i in range(n_workers):
@@ -39,7 +42,7 @@ def run_workers(study: optuna.Study, n_workers: int, n_trials: int, config: dict
         if gpus >= n_workers:
             env["CUDA_VISIBLE_DEVICES"] = str(i)
         log_path = output_dir / f"worker-{i}.log"
-        cmd = [sys.executable, "-m", "abliterate", "search", "--config", str(config_path)]
+        cmd = [sys.executable, "-m", "abliterate", "search", "--config", str(config_path), "--study.workers", "1"]
         with log_path.open("w") as log_file:
             procs.append((subprocess.Popen(cmd, env=env, stdout=log_file, stderr=subprocess.STDOUT), log_path))
         log.info("worker %d started (pid %d, log %s)", i, procs[-1][0].pid, log_path)

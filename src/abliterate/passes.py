@@ -1,0 +1,134 @@
+"""The three passes over prompts, each one `Trainer.predict`: residuals, reference, trial.
+
+A pass names the prompt roles it reads, in order, handles their batches, and returns a typed
+result. The module runs whichever pass is active (`AbliterationModule.running`); nothing is
+left on the module when it ends.
+"""
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from abliterate.data import RESIDUAL_ROLES
+from abliterate.scorers import Observations, Scorer
+
+
+@dataclass
+class Residuals:
+    """Per role, the last-prompt-token residual of every layer: [prompts, layers, hidden] (fp32)."""
+
+    tensors: dict[str, Tensor]
+
+
+@dataclass
+class Reference:
+    """The original model, as the scorers compare against it: their values, and per-prompt rows."""
+
+    values: dict[str, float]
+    tensors: dict[str, Tensor] = field(default_factory=dict)
+
+    def to_tensors(self) -> dict[str, Tensor]:
+        return {
+            **self.tensors,
+            **{f"value.{name}": torch.tensor(v, dtype=torch.float64) for name, v in self.values.items()},
+        }
+
+    @classmethod
+    def from_tensors(cls, tensors: dict[str, Tensor]) -> "Reference":
+        values = {k.removeprefix("value."): float(v) for k, v in tensors.items() if k.startswith("value.")}
+        return cls(values, {k: v for k, v in tensors.items() if not k.startswith("value.")})
+
+
+@dataclass
+class TrialResult:
+    """Each scorer's value for one ablated model, and this rank's harmful replies (for re-checks)."""
+
+    values: dict[str, float]
+    responses: list[str] = field(default_factory=list)
+
+
+def scorer_roles(scorers: Sequence[Scorer]) -> tuple[str, ...]:
+    """Roles the scorers read, roles of scorers without a running bound first: pruning needs their
+    final values before the bounded scorers' batches start (KL before refusals)."""
+    unbounded = [s.role for s in scorers if type(s).bound is Scorer.bound]
+    return tuple(dict.fromkeys([*unbounded, *(s.role for s in scorers)]))
+
+
+class Pass:
+    roles: tuple[str, ...] = ()
+
+    def start(self, module) -> None:
+        self.rows: dict[str, list[tuple[Tensor, Tensor]]] = {}
+
+    def step(self, module, batch: dict) -> None:
+        raise NotImplementedError
+
+    def keep(self, name: str, rows: Tensor, index: Tensor) -> None:
+        self.rows.setdefault(name, []).append((rows, index))
+
+    def finish(self, module) -> None:
+        raise NotImplementedError
+
+
+class ResidualPass(Pass):
+    """Capture every layer's residual at the last prompt token for the direction roles."""
+
+    roles = RESIDUAL_ROLES
+
+    def step(self, module, batch: dict) -> None:
+        self.keep(batch["role"], module.last_token_residuals(batch), batch["index"])
+
+    def finish(self, module) -> None:
+        self.result = Residuals({role: module.gather(parts) for role, parts in self.rows.items()})
+
+
+class ReferencePass(Pass):
+    """Run every scorer on the original model: its values, and the rows trials compare against."""
+
+    def __init__(self, scorers: Sequence[Scorer]):
+        self.scorers = list(scorers)
+        self.roles = scorer_roles(scorers)
+
+    def start(self, module) -> None:
+        super().start(module)
+        for scorer in self.scorers:
+            scorer.reset()
+
+    def step(self, module, batch: dict) -> None:
+        obs = Observations(module, batch)
+        for scorer in self.scorers:
+            if scorer.role == batch["role"]:
+                for name, rows in scorer.observe_original(obs).items():
+                    self.keep(f"{scorer.name}.{name}", rows, batch["index"])
+
+    def finish(self, module) -> None:
+        tensors = {name: module.gather(parts).cpu() for name, parts in self.rows.items()}
+        self.result = Reference({s.name: s.original_value() for s in self.scorers}, tensors)
+
+
+class TrialPass(Pass):
+    """Score the (already ablated) model with every scorer."""
+
+    def __init__(self, scorers: Sequence[Scorer], reference: Reference):
+        self.scorers = list(scorers)
+        self.reference = reference
+        self.roles = scorer_roles(scorers)
+
+    def start(self, module) -> None:
+        super().start(module)
+        self.responses: list[str] = []
+        for scorer in self.scorers:
+            scorer.reset()
+
+    def step(self, module, batch: dict) -> None:
+        obs = Observations(module, batch, self.reference.tensors)
+        for scorer in self.scorers:
+            if scorer.role == batch["role"]:
+                scorer.update(obs)
+        if obs.generated_responses is not None:
+            self.responses.extend(obs.generated_responses)
+
+    def finish(self, module) -> None:
+        self.result = TrialResult({s.name: s.compute() for s in self.scorers}, self.responses)

@@ -1,0 +1,281 @@
+"""The pipeline: the passes in order, with the run dir's caches and the study.
+
+Plain code over a Trainer, a module and a datamodule; the Trainer verbs only build a Pipeline
+and call it. Reads top to bottom as `run` does: residuals, reference, search, select, export.
+"""
+
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import asdict
+from pathlib import Path
+
+import lightning as L
+import optuna
+import torch
+
+from abliterate.cache import TensorCache, fingerprint
+from abliterate.callbacks import ApplyAblation, Pruning
+from abliterate.data import EVAL_ROLES, RESIDUAL_ROLES
+from abliterate.errors import AbliterateError
+from abliterate.pareto import pareto_front, select_trial
+from abliterate.passes import Reference, ReferencePass, ResidualPass, Residuals, TrialPass, TrialResult
+from abliterate.plans import TrialPlan, rebuild_plan
+from abliterate.scorers import KL, MarkerRefusals, Scorer
+from abliterate.study import check_objective, make_study, objectives_of, run_search, signs_of
+
+log = logging.getLogger("abliterate")
+
+CACHE_VERSION = "2"
+
+
+def model_stamp(model_id: str | None) -> str:
+    """The model id, plus the files' sizes and mtimes for a local dir: a model rewritten in place invalidates caches."""
+    path = Path(model_id or "")
+    if not model_id or not path.is_dir():
+        return str(model_id)
+    files = sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in path.iterdir() if p.is_file())
+    return f"{model_id}:{fingerprint(files)}"
+
+
+def scorer_spec(scorer: Scorer) -> dict:
+    """A scorer's class and settings, for cache keys and the study's record."""
+    settings = {k: v for k, v in vars(scorer).items() if not k.startswith("_") and k != "training"}
+    return {
+        "class": type(scorer).__name__,
+        **{k: v for k, v in settings.items() if isinstance(v, (int, float, str, bool, list, type(None)))},
+    }
+
+
+def local_study_url(output_dir: Path) -> str:
+    """The default storage: SQLite file study.db in the run dir."""
+    return f"sqlite:///{(output_dir / 'study.db').resolve()}"
+
+
+class Pipeline:
+    """One model and prompt set, in one run dir (None: no caches, no study)."""
+
+    def __init__(self, trainer: L.Trainer, module, datamodule, run_dir: Path | None):
+        self.trainer = trainer
+        self.module = module
+        self.datamodule = datamodule
+        self.run_dir = run_dir
+        self.cache = TensorCache(run_dir / "cache") if run_dir is not None else None
+        self.scorers: list[Scorer] = list(module.scorers)
+        self.objectives = objectives_of(self.scorers)
+
+    # ---- passes -----------------------------------------------------------------------
+    def _predict(self, pass_, callbacks: Sequence[L.Callback] = (), show_bar: bool = True):
+        """Run one pass as a `Trainer.predict`; per-pass callbacks are added for this call only."""
+        bar = self.trainer.progress_bar_callback
+        hide = bar is not None and not show_bar and bar.is_enabled
+        if hide:  # one bar per trial would flood the terminal: the search reports its own progress
+            bar.disable()
+        self.trainer.callbacks.extend(callbacks)
+        try:
+            with self.module.running(pass_):
+                self.trainer.predict(self.module, datamodule=self.datamodule, return_predictions=False)
+        finally:
+            for callback in callbacks:
+                self.trainer.callbacks.remove(callback)
+            if hide:
+                bar.enable()
+        return pass_.result
+
+    def _cached(self, name: str, key: str, compute, always_compute: bool = False):
+        tensors = self.cache.load(name, key) if self.cache and not always_compute else None
+        if tensors is not None:
+            log.info("reusing cached %s (%s)", name, key)
+            return tensors, True
+        result, tensors = compute()
+        if self.cache is not None and self.trainer.is_global_zero:
+            self.cache.save(name, key, tensors)
+        return result, False
+
+    def residuals(self) -> Residuals:
+        """Residuals of the direction roles (cached); installed on the module for its directions."""
+        self.datamodule.attach_tokenizer(self.module.tokenizer)
+        key = fingerprint(
+            CACHE_VERSION,
+            model_stamp(self.module.model_id),
+            asdict(self.module.load_options),
+            self.datamodule.fingerprint_parts(RESIDUAL_ROLES),
+        )
+
+        def compute():
+            start = time.perf_counter()
+            residuals = self._predict(ResidualPass())
+            log.info("collected residuals in %.1fs", time.perf_counter() - start)
+            return residuals, residuals.tensors
+
+        result, hit = self._cached("residuals", key, compute)
+        residuals = Residuals(result) if hit else result
+        self.module.set_residuals(residuals)
+        return residuals
+
+    def reference(self) -> Reference:
+        """The original model as the scorers see it (cached): their values and per-prompt rows."""
+        self.datamodule.attach_tokenizer(self.module.tokenizer)
+        key = fingerprint(
+            CACHE_VERSION,
+            model_stamp(self.module.model_id),
+            asdict(self.module.load_options),
+            asdict(self.module.eval_options),
+            self.module.markers,
+            [scorer_spec(s) for s in self.scorers],
+            self.datamodule.fingerprint_parts(EVAL_ROLES),
+        )
+
+        def compute():
+            start = time.perf_counter()
+            reference = self._predict(ReferencePass(self.scorers))
+            shown = ", ".join(f"{n} {v:.4f}" for n, v in reference.values.items())
+            log.info("reference (original model): %s (%.1fs)", shown, time.perf_counter() - start)
+            return reference, reference.to_tensors()
+
+        # Under DDP this pass also starts the other ranks before the search needs them, so it always runs.
+        result, hit = self._cached("reference", key, compute, always_compute=self.trainer.world_size > 1)
+        return Reference.from_tensors(result) if hit else result
+
+    def evaluate(self, plan: TrialPlan, reference: Reference, callbacks: Sequence[L.Callback] = ()) -> TrialResult:
+        """One trial: the plan's ablation applied for the pass, every scorer on the eval prompts."""
+        self.module.configure_model()
+        directions = self.module.directions_for(plan.directions)
+        callbacks = [ApplyAblation(plan.ablation, directions), *callbacks]
+        return self._predict(TrialPass(self.scorers, reference), callbacks, show_bar=False)
+
+    # ---- the study --------------------------------------------------------------------
+    def objective_record(self) -> dict:
+        """What a trial's values depend on besides its parameters, as a study records it."""
+        record = {
+            "model": str(self.module.model_id),
+            "kl_tokens": self.module.eval_options.kl_tokens,
+            "max_new_tokens": self.module.eval_options.max_new_tokens,
+            "refusal_markers": fingerprint(self.module.markers),
+            "eval_prompts": fingerprint(self.datamodule.fingerprint_parts(EVAL_ROLES)),
+        }
+        defaults = [
+            scorer_spec(s)
+            for s in (MarkerRefusals(self.module.eval_options.markers), KL(self.module.eval_options.kl_tokens))
+        ]
+        specs = [scorer_spec(s) for s in self.scorers]
+        if specs != defaults:  # studies made with the default scorers keep the record they had
+            record["scorers"] = specs
+        return record
+
+    def open_study(self, options, check_scoring: bool = True) -> optuna.Study:
+        """Open (or create) the study; one that will get new trials must match how they are scored."""
+        storage = options.storage or local_study_url(self.run_dir)
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
+        # Under DDP rank 0 creates the study first; the other ranks then load it.
+        distributed = self.trainer.world_size > 1
+        if distributed and not self.trainer.is_global_zero:
+            self.trainer.strategy.barrier("open_study")
+        study = make_study(options, storage, self.objectives)
+        if distributed and self.trainer.is_global_zero:
+            self.trainer.strategy.barrier("open_study")
+        if check_scoring:
+            check_objective(study, self.objective_record(), record=self.trainer.is_global_zero)
+        return study
+
+    def check_existing_study(self, options) -> None:
+        """The scoring check before residuals and reference cost minutes (read-only)."""
+        if options.storage is not None or not (self.run_dir / "study.db").is_file():
+            return
+        try:
+            existing = optuna.load_study(study_name=options.study_name, storage=local_study_url(self.run_dir))
+        except KeyError:  # the file holds no study of that name yet
+            return
+        check_objective(existing, self.objective_record(), record=False)
+
+    def search(self, study: optuna.Study, options, space, reference: Reference, progress=None) -> None:
+        """Trials until the study holds options.n_trials finished ones."""
+        self.module.configure_model()  # with both caches hit, nothing has loaded the model yet
+        totals = {role: len(self.datamodule.dataset(role)) for role in EVAL_ROLES if self.datamodule.sources[role]}
+
+        def evaluate(trial, plan: TrialPlan, completed) -> dict[str, float]:
+            record = trial if trial is not None else _OtherRankTrial()
+            pruning = Pruning(record, self.objectives, completed, totals, enabled=options.prune)
+            return self.evaluate(plan, reference, [pruning]).values
+
+        run_search(self.trainer, study, options, space, self.module.n_layers, self.scorers, evaluate, progress)
+
+    def signs(self) -> list[int]:
+        return signs_of(self.objectives)
+
+    def choose(self, study: optuna.Study, options) -> optuna.trial.FrozenTrial:
+        return select_trial(study.get_trials(deepcopy=False), options.select, options.refusal_target, self.signs())
+
+    def front(self, study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
+        return pareto_front(study.get_trials(deepcopy=False), self.signs())
+
+    def plan_of(self, trial: optuna.trial.FrozenTrial, space) -> TrialPlan:
+        self.module.configure_model()
+        return rebuild_plan(trial, space, self.module.n_layers)
+
+    # ---- re-check and export ------------------------------------------------------------
+    def recheck(self, trials, space, reference: Reference, judge, top: int) -> list[dict]:
+        """Re-evaluate the `top` Pareto trials with the fewest refusals and judge their harmful replies.
+
+        One dict per trial, in front order: trial, kl, marker_refusal_rate, classifier_refusal_rate and
+        disagreement (share of replies on which markers and classifier differ). The replies are the
+        search's (cut after a marker). Collective under DDP: each rank judges its shard, counts are summed.
+        """
+        from abliterate.classifier import log_recheck
+        from abliterate.metrics import is_refusal
+
+        rows = []
+        for trial in pareto_front(trials, self.signs())[: max(top, 0)]:
+            result = self.evaluate(self.plan_of(trial, space), reference)
+            responses = result.responses
+            markers = [is_refusal(text, self.module.markers) for text in responses]
+            judged = judge.is_refusal(responses) if responses else []
+            counts = [
+                len(responses),
+                sum(markers),
+                sum(judged),
+                sum(m != c for m, c in zip(markers, judged, strict=True)),
+            ]
+            if self.trainer.world_size > 1:
+                summed = self.trainer.strategy.reduce(
+                    torch.tensor(counts, dtype=torch.long, device=self.trainer.strategy.root_device), reduce_op="sum"
+                )
+                counts = [int(c) for c in summed.tolist()]
+            total, n_markers, n_judged, n_disagree = counts
+            if total == 0:
+                raise RuntimeError(f"trial {trial.number}: the re-evaluation produced no harmful responses")
+            rows.append(
+                {
+                    "trial": trial.number,
+                    "kl": float(result.values.get("kl", trial.values[1])),
+                    "marker_refusal_rate": n_markers / total,
+                    "classifier_refusal_rate": n_judged / total,
+                    "disagreement": n_disagree / total,
+                }
+            )
+        if self.trainer.is_global_zero:
+            log_recheck(rows, judge.options)
+        return rows
+
+    def export(self, plan: TrialPlan, card: dict, target: Path, overwrite: bool) -> Path:
+        """The plan merged into the weights, saved as a normal HF checkpoint (rank 0)."""
+        from abliterate.export import save_checkpoint
+
+        if self.trainer.is_global_zero:
+            self.module.configure_model()
+            directions = self.module.directions_for(plan.directions)
+            with self.module.weight_editor().applied(plan.ablation, directions):
+                save_checkpoint(self.module.model, self.module.tokenizer, target, overwrite, card, run_dir=self.run_dir)
+        return target
+
+
+class _OtherRankTrial:
+    """Stands in for the trial on ranks other than 0, which keep no Optuna state."""
+
+    def set_user_attr(self, key: str, value) -> None:
+        pass
+
+
+def require_trials(study: optuna.Study) -> None:
+    if not study.get_trials(deepcopy=False):
+        raise AbliterateError(f"study {study.study_name!r} has no trials yet; run `abliterate search` first")

@@ -1,0 +1,10 @@
+"""The search's objectives. To add one: a Scorer subclass in a new file here, exported below, and
+an entry in `module.scorers` (see docs/architecture.md)."""
+
+from abliterate.scorers.base import Direction, Observations, Scorer
+from abliterate.scorers.degeneration import Degeneration
+from abliterate.scorers.judge import JudgeRefusals
+from abliterate.scorers.kl import KL
+from abliterate.scorers.refusals import MarkerRefusals
+
+__all__ = ["KL", "Degeneration", "Direction", "JudgeRefusals", "MarkerRefusals", "Observations", "Scorer"]

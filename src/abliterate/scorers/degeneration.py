@@ -1,0 +1,66 @@
+"""Degeneration: harmless replies that loop or run to the token limit where the original's did not.
+
+KL over a few tokens barely sees a reply that repeats "Dear [Neighbor's Name]" six times; this does.
+"""
+
+import torch
+from torch import Tensor
+from torchmetrics.aggregation import SumMetric
+
+from abliterate.scorers.base import Observations, Scorer
+
+
+def degenerate(tokens: list[int], limit: int, ngram: int, repeats: int) -> bool:
+    """The reply ran to `limit` tokens, or some `ngram`-token sequence occurs `repeats` times in it."""
+    if len(tokens) >= limit:
+        return True
+    counts: dict[tuple[int, ...], int] = {}
+    for start in range(len(tokens) - ngram + 1):
+        key = tuple(tokens[start : start + ngram])
+        counts[key] = counts.get(key, 0) + 1
+        if counts[key] >= repeats:
+            return True
+    return False
+
+
+class Degeneration(Scorer):
+    """Share of harmless prompts whose greedy reply degenerates (loops, or never ends within
+    `max_new_tokens`) while the original's reply to it did not."""
+
+    name = "degeneration"
+    role = "eval_harmless"
+
+    def __init__(self, max_new_tokens: int = 64, ngram: int = 4, repeats: int = 3, direction: str = "minimize"):
+        """
+        Args:
+            max_new_tokens: reply length generated per harmless prompt.
+            ngram: length of the token sequence whose repetition counts as a loop.
+            repeats: occurrences of one n-gram that make a loop.
+            direction: minimize, maximize, or report.
+        """
+        super().__init__(direction)
+        if max_new_tokens < 1 or ngram < 1 or repeats < 2:
+            raise ValueError("degeneration needs max_new_tokens >= 1, ngram >= 1 and repeats >= 2")
+        self.max_new_tokens, self.ngram, self.repeats = max_new_tokens, ngram, repeats
+        self.new = SumMetric()  # replies degenerate here but not in the original
+        self.total = SumMetric()
+
+    def _flags(self, obs: Observations) -> Tensor:
+        replies = obs.replies(self.max_new_tokens)
+        return torch.tensor([degenerate(r, self.max_new_tokens, self.ngram, self.repeats) for r in replies])
+
+    def observe_original(self, obs: Observations) -> dict[str, Tensor]:
+        flags = self._flags(obs)
+        self.new.update(flags.sum().float())
+        self.total.update(float(len(flags)))
+        return {"degenerate": flags}
+
+    def update(self, obs: Observations) -> None:
+        original = obs.reference(f"{self.name}.degenerate").bool().cpu()
+        flags = self._flags(obs)
+        self.new.update((flags & ~original).sum().float())
+        self.total.update(float(len(flags)))
+
+    def compute(self) -> float:
+        total = float(self.total.compute())
+        return float(self.new.compute()) / total if total else 0.0

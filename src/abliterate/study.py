@@ -1,0 +1,202 @@
+"""The Optuna study: storage, creation, the record of how trials are scored, and the ask/tell loop.
+
+Lightning-free: a trial is evaluated by the `evaluate` function the pipeline passes in.
+"""
+
+import logging
+import os
+import time
+from collections.abc import Callable, Sequence
+
+import optuna
+from optuna.trial import TrialState
+
+from abliterate.errors import AbliterateError
+from abliterate.options import SearchSpace, StudyOptions
+from abliterate.pareto import Point, minimised
+from abliterate.plans import TrialPlan, sample_plan
+from abliterate.scorers import Scorer
+
+log = logging.getLogger("abliterate.study")
+
+FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
+REFUSAL_CONSTRAINT = "refusal_rate_over_target"  # > 0: infeasible for TPE (StudyOptions.steer_to_target)
+OBJECTIVE_ATTR = "objective"
+
+
+def open_storage(url: str) -> optuna.storages.BaseStorage:
+    """An Optuna storage from a URL; a path ending in .journal is a journal file (safe for many writers)."""
+    if url.endswith(".journal"):
+        from optuna.storages.journal import JournalFileBackend, JournalStorage
+
+        return JournalStorage(JournalFileBackend(url.removeprefix("journal:///").removeprefix("journal://")))
+    # SQLite serialises writers with a lock; a long busy timeout lets a few local workers share it.
+    engine_kwargs = {"connect_args": {"timeout": 120}} if url.startswith("sqlite") else {}
+    return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs)
+
+
+def objectives_of(scorers: Sequence[Scorer]) -> list[Scorer]:
+    return [s for s in scorers if s.is_objective]
+
+
+def signs_of(objectives: Sequence[Scorer]) -> list[int]:
+    """+1 for a minimised objective, -1 for a maximised one (pareto.py minimises everything)."""
+    return [-1 if s.direction == "maximize" else 1 for s in objectives]
+
+
+def make_study(
+    options: StudyOptions, storage: str | optuna.storages.BaseStorage, objectives: Sequence[Scorer]
+) -> optuna.Study:
+    sampler = optuna.samplers.TPESampler(
+        multivariate=True,
+        group=True,
+        n_startup_trials=options.n_startup_trials,
+        seed=options.seed,
+    )
+    study = optuna.create_study(
+        study_name=options.study_name,
+        storage=open_storage(storage) if isinstance(storage, str) else storage,
+        directions=[s.direction for s in objectives],
+        sampler=sampler,
+        load_if_exists=True,
+    )
+    names = [s.name for s in objectives]
+    if study.metric_names != names:
+        study.set_metric_names(names)  # labels optuna-dashboard's axes
+    return study
+
+
+def check_objective(study: optuna.Study, objective: dict, record: bool) -> None:
+    """Refuse to add trials to a study whose values were measured another way.
+
+    `objective` names what the values depend on (model, eval prompts, scorers...). A new study
+    records it; trials scored under another one would be mixed silently.
+    """
+    stored = study.user_attrs.get(OBJECTIVE_ATTR)
+    has_trials = bool(study.get_trials(deepcopy=False, states=FINISHED))
+    if stored is None and has_trials:
+        raise AbliterateError(
+            f"study {study.study_name!r} was made by an older abliterate that did not record how its trials "
+            "were scored; search again with a new --output_dir"
+        )
+    if stored is not None and stored != objective:
+        changed = ", ".join(
+            f"{key} {stored.get(key)!r} -> {objective.get(key)!r}"
+            for key in sorted(set(stored) | set(objective))
+            if stored.get(key) != objective.get(key)
+        )
+        raise AbliterateError(
+            f"study {study.study_name!r} was scored with other settings ({changed}); restore them, "
+            "or search again with a new --output_dir"
+        )
+    if stored is None and record:
+        study.set_user_attr(OBJECTIVE_ATTR, objective)
+
+
+def completed_points(study: optuna.Study, signs: Sequence[int]) -> list[Point]:
+    return [minimised(t.values, signs) for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))]
+
+
+def _claimed(study: optuna.Study, up_to: int | None = None) -> int:
+    """Finished or running trials (numbered below `up_to`): the ones that count towards n_trials."""
+    states = (*FINISHED, TrialState.RUNNING)
+    return sum(1 for t in study.get_trials(deepcopy=False, states=states) if up_to is None or t.number < up_to)
+
+
+# evaluate(trial or None, plan, completed points) -> {scorer name: value}; raises optuna.TrialPruned.
+Evaluate = Callable[[optuna.Trial | None, TrialPlan, list[Point]], dict[str, float]]
+
+
+def run_search(
+    ranks,
+    study: optuna.Study,
+    options: StudyOptions,
+    space: SearchSpace,
+    n_layers: int,
+    scorers: Sequence[Scorer],
+    evaluate: Evaluate,
+    progress=None,
+) -> None:
+    """Run trials until the study holds `options.n_trials` finished (complete or pruned) trials.
+
+    An ask/tell loop rather than `optimize`: several workers can share the study, and a trial
+    asked for past the total (two workers racing for the last one) is failed at once, so the
+    study ends with exactly n_trials finished trials. `ranks` is the Trainer (world_size,
+    is_global_zero, strategy.broadcast): only rank 0 talks to Optuna; the other ranks evaluate
+    the plan it broadcasts.
+    """
+    done = len(study.get_trials(deepcopy=False, states=FINISHED))
+    if done >= options.n_trials:
+        log.info("study %s already has %d finished trials; nothing to run", study.study_name, done)
+        return
+    log.info("running trials %d..%d of %d", done + 1, options.n_trials, options.n_trials)
+    distributed = ranks.world_size > 1
+    while True:
+        plan, trial = None, None
+        try:
+            if ranks.is_global_zero and _claimed(study) < options.n_trials:
+                trial = study.ask()
+                if _claimed(study, up_to=trial.number) >= options.n_trials:
+                    trial.set_user_attr("surplus", True)
+                    study.tell(trial, state=TrialState.FAIL)
+                    trial = None
+                else:
+                    plan = sample_plan(trial, space, n_layers)
+            if distributed:
+                plan = ranks.strategy.broadcast(plan, src=0)
+            if plan is None:
+                break
+            _run_trial(study, options, scorers, trial, plan, evaluate, progress)
+        except BaseException:
+            # Ctrl-C can land anywhere between ask and tell; never leave the trial RUNNING.
+            if trial is not None:
+                _fail_if_running(study, trial)
+            raise
+
+
+def _run_trial(study, options: StudyOptions, scorers, trial, plan: TrialPlan, evaluate: Evaluate, progress) -> None:
+    start = time.perf_counter()
+    objectives = objectives_of(scorers)
+    if trial is not None:
+        trial.set_user_attr("worker_pid", os.getpid())
+    completed = completed_points(study, signs_of(objectives)) if trial is not None else []
+    try:
+        values = evaluate(trial, plan, completed)
+    except optuna.TrialPruned:
+        if trial is None:
+            return
+        seconds = time.perf_counter() - start
+        trial.set_user_attr("seconds", seconds)
+        if options.steer_to_target:
+            # Pruned: its refusal rate is at least the bound the pruning callback recorded.
+            trial.set_constraint(REFUSAL_CONSTRAINT, trial.user_attrs["bound"][0] - options.refusal_target)
+        study.tell(trial, state=TrialState.PRUNED)
+        log.info(
+            "trial %d pruned after %s prompts (%.1fs)", trial.number, trial.user_attrs.get("prompts_seen"), seconds
+        )
+        if progress:
+            progress.trial_done(pruned=True)
+        return
+    if trial is None:
+        return
+    seconds = time.perf_counter() - start
+    trial.set_user_attr("seconds", seconds)
+    for scorer in scorers:
+        if not scorer.is_objective:
+            trial.set_user_attr(scorer.name, values[scorer.name])
+    point = [values[s.name] for s in objectives]
+    if options.steer_to_target:
+        trial.set_constraint(REFUSAL_CONSTRAINT, point[0] - options.refusal_target)
+    study.tell(trial, point)
+    finished = len(study.get_trials(deepcopy=False, states=FINISHED))
+    shown = ", ".join(f"{s.name} {values[s.name]:.4f}" for s in scorers)
+    log.info("trial %d (%d/%d): %s (%.1fs)", trial.number, finished, options.n_trials, shown, seconds)
+    if progress:
+        progress.trial_done(values=point)
+
+
+def _fail_if_running(study: optuna.Study, trial: optuna.Trial) -> None:
+    """Mark an interrupted trial FAIL unless it already reached a finished state."""
+    running = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+    if any(t.number == trial.number for t in running):
+        study.tell(trial, state=TrialState.FAIL)

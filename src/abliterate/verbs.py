@@ -1,0 +1,323 @@
+"""The verbs as typed functions over (trainer, module, datamodule): what each command does, in order.
+
+`AbliterationTrainer` methods delegate here; the passes, caches and study are the Pipeline's.
+"""
+
+import json
+import logging
+import sys
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import optuna
+from optuna.trial import TrialState
+
+from abliterate.errors import AbliterateError
+from abliterate.options import ClassifierOptions, DirectionOptions, SearchSpace, StudyOptions
+from abliterate.pipeline import Pipeline
+from abliterate.reports import (
+    SearchProgress,
+    choose_from_front,
+    log_study,
+    plot_pareto,
+    print_run_summary,
+    write_trials_csv,
+)
+from abliterate.rundir import RunDir
+from abliterate.study import FINISHED
+
+log = logging.getLogger("abliterate")
+
+
+class Interrupted(Exception):
+    """Ctrl-C or SIGTERM, with what was kept and how to resume (the CLI prints it and exits 130)."""
+
+
+@contextmanager
+def phase(name: str, kept: str):
+    """Turn an interrupt during `name` into one line saying what was kept and how to resume."""
+    try:
+        yield
+    except (KeyboardInterrupt, SystemExit) as err:
+        if isinstance(err, SystemExit) and not isinstance(err.__context__, KeyboardInterrupt) and err.code in (0, None):
+            raise
+        raise Interrupted(f"interrupted during {name}; {kept}. Rerun the same command to resume.") from None
+
+
+def run_dir_of(output_dir: str) -> Path:
+    if not str(output_dir).strip():
+        raise AbliterateError("--output_dir is empty; name a run dir, e.g. --output_dir outputs")
+    return Path(output_dir)
+
+
+@contextmanager
+def writing(trainer, out: Path, options: StudyOptions | None = None):
+    """Hold the run dir for this process (rank 0); then RUNNING trials of its local study were left by a killed run."""
+    if not trainer.is_global_zero:
+        yield
+        return
+    with RunDir(out).lock():
+        yield
+
+
+def fail_interrupted_trials(study: optuna.Study, options: StudyOptions) -> None:
+    """With the run dir's lock held, a RUNNING trial of its own study belongs to a process that died."""
+    from abliterate.workers import is_worker
+
+    if options.storage is not None or is_worker():
+        return
+    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        study.tell(t.number, state=TrialState.FAIL)
+        log.info("trial %d was interrupted in an earlier run; marked FAIL", t.number)
+
+
+def prepare(pipe: Pipeline):
+    """Residuals (directions) and the reference, each cached; an interrupt says what was kept."""
+    with phase("residual collection", "nothing of it was cached"):
+        pipe.residuals()
+    with phase("the reference pass", "the residuals are cached"):
+        reference = pipe.reference()
+    return reference
+
+
+def search_study(pipe: Pipeline, study: optuna.Study, options: StudyOptions, space: SearchSpace, reference) -> None:
+    if options.workers > 1:
+        from abliterate.workers import run_workers
+
+        run_workers(study, options.workers, options.n_trials, pipe.run_dir)
+        return
+    done = len(study.get_trials(deepcopy=False, states=FINISHED))
+    names = [s.name for s in pipe.objectives]
+    progress = (
+        SearchProgress(done, options.n_trials, names, options.refusal_target) if pipe.trainer.is_global_zero else None
+    )
+    kept = f"the running trial is marked FAIL and finished trials are kept in study {study.study_name!r}"
+    with phase("the search", kept):
+        pipe.search(study, options, space, reference, progress)
+
+
+def recheck(pipe: Pipeline, study, space, reference, classifier: ClassifierOptions) -> None:
+    """Re-judge the best Pareto trials' harmful replies with the classifier (reported, not used to select)."""
+    if not (classifier.enabled and classifier.recheck_top):
+        return
+    from abliterate.classifier import RefusalClassifier
+
+    judge = RefusalClassifier(classifier, device=pipe.trainer.strategy.root_device)
+    rows = pipe.recheck(study.get_trials(deepcopy=False), space, reference, judge, classifier.recheck_top)
+    if pipe.trainer.is_global_zero:
+        (pipe.run_dir / "classifier_recheck.json").write_text(json.dumps(rows, indent=2))
+
+
+def report(pipe: Pipeline, study: optuna.Study, options: StudyOptions, interactive: bool = False):
+    """trials.csv, pareto.png and the log summary; on a terminal, the user may pick another trial."""
+    trials = study.get_trials(deepcopy=False)
+    chosen = pipe.choose(study, options)
+    front = pipe.front(study)
+    names = [s.name for s in pipe.objectives]
+    if pipe.trainer.is_global_zero:
+        write_trials_csv(study, pipe.run_dir / "trials.csv")
+        plot_pareto(trials, front, chosen, names, pipe.run_dir / "pareto.png")
+        log_study(trials, front, chosen, names, options.select)
+        if interactive and sys.stdin.isatty() and sys.stdout.isatty():
+            chosen = choose_from_front(trials, front, chosen, names)
+    return chosen
+
+
+def trial_by_number(study: optuna.Study, number: int) -> optuna.trial.FrozenTrial:
+    from abliterate.pareto import select_trial
+
+    if number < 0:
+        raise AbliterateError(f"--trial {number} is not a trial number; use one from trials.csv (0 or more)")
+    return select_trial(study.get_trials(deepcopy=False), str(number), 0.0)
+
+
+def export_card(pipe: Pipeline, chosen, reference, study: optuna.Study) -> dict:
+    names = [s.name for s in pipe.objectives]
+    before = {n: round(reference.values.get(n, 0.0), 5) for n in names}
+    return {
+        "base_model": pipe.module.model_id,
+        "trial": chosen.number,
+        "study": study.study_name,
+        "run_dir": str(pipe.run_dir.resolve()),
+        "refusal_before": before[names[0]],
+        "refusal_after": round(chosen.values[0], 4),
+        "kl": round(dict(zip(names, chosen.values, strict=True)).get("kl", chosen.values[1]), 5),
+        "before": before,
+        "after": {n: round(v, 5) for n, v in zip(names, chosen.values, strict=True)},
+        "params": chosen.params,
+    }
+
+
+def own_export(target: Path, out: Path, options: StudyOptions) -> dict | None:
+    """The record of an export this run dir's study made at `target` earlier (None if there is none)."""
+    try:
+        record = json.loads((target / "abliterate.json").read_text())
+    except (OSError, ValueError):
+        return None
+    same = record.get("run_dir") == str(out.resolve()) and record.get("study") == options.study_name
+    return record if same else None
+
+
+def run(
+    trainer,
+    module,
+    datamodule,
+    study: StudyOptions,
+    space: SearchSpace,
+    output_dir: str,
+    export_dir,
+    overwrite,
+    classifier,
+) -> Path:
+    from abliterate.export import check_export_target
+
+    start = time.perf_counter()
+    out = run_dir_of(output_dir)
+    target = Path(export_dir) if export_dir else out / "model"
+    with writing(trainer, out):
+        previous = own_export(target, out, study)
+        if trainer.is_global_zero:  # it also removes stale temp dirs: one process only
+            check_export_target(target, overwrite or previous is not None, out)
+        pipe = Pipeline(trainer, module, datamodule, out)
+        pipe.check_existing_study(study)
+        reference = prepare(pipe)
+        check_refusals_to_remove(pipe, reference, study)
+        optuna_study = pipe.open_study(study)
+        fail_interrupted_trials(optuna_study, study)
+        search_study(pipe, optuna_study, study, space, reference)
+        recheck(pipe, optuna_study, space, reference, classifier)
+        chosen = report(pipe, optuna_study, study, interactive=True)
+        if previous is not None and previous.get("trial") == chosen.number and not overwrite:
+            print(f"nothing new: {target} already holds trial {chosen.number} of this study", file=sys.stderr)
+            return target
+        with phase("export", "the study and caches are kept; the export was not written"):
+            pipe.export(
+                pipe.plan_of(chosen, space),
+                export_card(pipe, chosen, reference, optuna_study),
+                target,
+                True if previous else overwrite,
+            )
+    if trainer.is_global_zero:
+        names = [s.name for s in pipe.objectives]
+        counts = {
+            "harmful": len(datamodule.dataset("eval_harmful")),
+            "harmless": len(datamodule.dataset("eval_harmless")),
+        }
+        print_run_summary(module.model_id, chosen, reference.values, names, counts, target, time.perf_counter() - start)
+    return target
+
+
+def check_refusals_to_remove(pipe: Pipeline, reference, study: StudyOptions) -> None:
+    """A model that does not refuse the harmful prompts has nothing to abliterate."""
+    name = pipe.objectives[0].name
+    rate = reference.values[name]
+    if rate == 0.0:
+        raise AbliterateError(
+            f"the original model's {name} on the harmful eval prompts is 0: there is nothing to remove; "
+            "check --data.eval_harmful and the refusal scorer (module.scorers / evaluation.markers)"
+        )
+    if rate <= study.refusal_target:
+        log.warning(
+            "the original model's %s is %.3f, already at or under the target %.3f", name, rate, study.refusal_target
+        )
+
+
+def directions(trainer, module, datamodule, output_dir: str, options: DirectionOptions) -> Path:
+    from abliterate.cache import fingerprint, save_tensors
+
+    out = run_dir_of(output_dir)
+    with writing(trainer, out):
+        pipe = Pipeline(trainer, module, datamodule, out)
+        with phase("residual collection", "nothing of it was cached"):
+            pipe.residuals()
+        result = module.directions_for(options)
+        path = out / "directions.safetensors"
+        if trainer.is_global_zero:
+            info = {"model": str(module.model_id), "options": json.dumps(options.__dict__)}
+            save_tensors(path, {"directions": result}, key=fingerprint(info), info=info)
+            log.info("saved directions %s to %s", tuple(result.shape), path)
+    return path
+
+
+def search(
+    trainer, module, datamodule, study: StudyOptions, space: SearchSpace, output_dir: str, classifier
+) -> optuna.Study:
+    from abliterate.workers import is_worker
+
+    out = run_dir_of(output_dir)
+    with writing(trainer, out) if not is_worker() else _nothing():
+        pipe = Pipeline(trainer, module, datamodule, out)
+        pipe.check_existing_study(study)
+        reference = prepare(pipe)
+        optuna_study = pipe.open_study(study)
+        fail_interrupted_trials(optuna_study, study)
+        search_study(pipe, optuna_study, study, space, reference)
+        if not is_worker():  # the coordinator reports once all workers are done
+            recheck(pipe, optuna_study, space, reference, classifier)
+            report(pipe, optuna_study, study)
+    return optuna_study
+
+
+@contextmanager
+def _nothing():
+    yield
+
+
+def evaluate(trainer, module, datamodule, study: StudyOptions, space: SearchSpace, output_dir: str, trial) -> dict:
+    out = run_dir_of(output_dir)
+    pipe = Pipeline(trainer, module, datamodule, out)
+    if trial is not None:  # fail before any forward pass
+        frozen = trial_by_number(pipe.open_study(study, check_scoring=False), trial)
+    reference = prepare(pipe)
+    names = [s.name for s in pipe.scorers]
+    result = {f"{n}_before": reference.values[n] for n in names}
+    result["refusal_before"] = reference.values[pipe.objectives[0].name]
+    if trial is not None:
+        after = pipe.evaluate(pipe.plan_of(frozen, space), reference)
+        result.update({"trial": trial, **{f"{n}_after": v for n, v in after.values.items()}})
+        result.update({"refusal_after": after.values[pipe.objectives[0].name], "kl": after.values.get("kl")})
+    print(json.dumps(result))
+    return result
+
+
+def export(
+    trainer, module, datamodule, study: StudyOptions, space: SearchSpace, output_dir: str, export_dir, trial, overwrite
+) -> Path:
+    from abliterate.export import check_export_target
+
+    out = run_dir_of(output_dir)
+    target = Path(export_dir) if export_dir else out / "model"
+    with writing(trainer, out):
+        previous = own_export(target, out, study)
+        check_export_target(target, overwrite or previous is not None, out)
+        pipe = Pipeline(trainer, module, datamodule, out)
+        optuna_study = pipe.open_study(study, check_scoring=False)
+        chosen = trial_by_number(optuna_study, trial) if trial is not None else None
+        with phase("residual collection", "nothing of it was cached"):
+            pipe.residuals()  # the directions; the reference is only needed for the card's "before"
+        reference = pipe.reference()
+        if chosen is None:
+            chosen = report(pipe, optuna_study, study, interactive=True)
+        pipe.export(
+            pipe.plan_of(chosen, space),
+            export_card(pipe, chosen, reference, optuna_study),
+            target,
+            overwrite or previous is not None,
+        )
+    return target
+
+
+def chat(
+    trainer, module, datamodule, study: StudyOptions, space: SearchSpace, output_dir: str, trial, max_new_tokens: int
+) -> None:
+    from abliterate.chat import chat_loop
+
+    module.configure_model()
+    if trial is not None:
+        pipe = Pipeline(trainer, module, datamodule, run_dir_of(output_dir))
+        frozen = trial_by_number(pipe.open_study(study, check_scoring=False), trial)
+        pipe.residuals()
+        plan = pipe.plan_of(frozen, space)
+        module.weight_editor().apply(plan.ablation, module.directions_for(plan.directions))
+    chat_loop(module.model, module.tokenizer, datamodule, max_new_tokens=max_new_tokens)
