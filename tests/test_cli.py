@@ -262,7 +262,7 @@ def test_search_can_choose_the_direction_method(organism_config, organism_dir, t
     assert all(r["params_k"] for r in rows if r["params_direction_method"] == "contrastive_pca")
 
 
-def test_changed_model_files_invalidate_the_caches(organism_dir, tmp_path):
+def test_changed_model_files_invalidate_the_caches(organism_dir, tmp_path, monkeypatch):
     import shutil
 
     from abliterate.pipeline import model_stamp
@@ -273,7 +273,20 @@ def test_changed_model_files_invalidate_the_caches(organism_dir, tmp_path):
     assert model_stamp(str(copy)) == before
     (copy / "config.json").write_text((copy / "config.json").read_text() + "\n")
     assert model_stamp(str(copy)) != before
-    assert model_stamp("org/hub-id") == "org/hub-id"
+
+    # A hub id is keyed by the commit its revision resolves to: a moved `main` misses the cache.
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    assert model_stamp("org/hub-id") == "org/hub-id@main"  # nothing known offline: the revision name
+    refs = tmp_path / "hub" / "models--org--hub-id" / "refs"
+    refs.mkdir(parents=True)
+    (refs / "main").write_text("a" * 40)
+    assert model_stamp("org/hub-id") == "org/hub-id@" + "a" * 40
+    (refs / "main").write_text("b" * 40)  # main moved
+    assert model_stamp("org/hub-id") == "org/hub-id@" + "b" * 40
+    assert model_stamp("org/hub-id", revision="c" * 40) == "org/hub-id@" + "c" * 40
 
 
 @pytest.mark.parametrize("steer", [True, False])

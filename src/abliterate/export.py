@@ -10,6 +10,7 @@ either, nor a directory that holds anything not in that list.
 import json
 import logging
 import os
+import re
 import shutil
 import time
 from pathlib import Path, PurePosixPath
@@ -158,25 +159,40 @@ def _check(target: Path, overwrite: bool, run_dir: Path | None) -> None:
         raise AbliterateError(f"{parent} is not writable; choose a writable --output_dir")
 
 
+def hub_id(model: str) -> str | None:
+    """The hub id a model name stands for: itself when it is one, the repo of an HF cache snapshot
+    path (…/models--org--name/snapshots/…), else None (a plain local dir)."""
+    match = re.search(r"models--([^/]+?)--([^/]+?)(?:/|$)", model)
+    if match:
+        return f"{match[1]}/{match[2]}"
+    looks_local = model.startswith((".", "/", "~")) or Path(model).exists()
+    return None if looks_local or not re.fullmatch(r"[\w.-]+(/[\w.-]+)?", model) else model
+
+
 def model_card(base_model: str, card: dict) -> str:
+    """README.md of an export: front matter (base_model only when it is a hub id), metrics, parameters."""
+    repo = hub_id(base_model)
+    names = list(card.get("after", {})) or ["refusal rate", "kl"]
+    before = card.get("before", {"refusal rate": card.get("refusal_before"), "kl": 0})
+    after = card.get("after", {"refusal rate": card.get("refusal_after"), "kl": card.get("kl")})
     lines = [
         "---",
-        f"base_model: {base_model}",
+        *([f"base_model: {repo}"] if repo else []),
         "tags: [abliterated, abliterate]",
         "---",
-        f"# {base_model} (abliterated)",
+        f"# {repo or Path(base_model).name} (abliterated)",
         "",
-        f"Refusal directions were ablated from `{base_model}` with "
+        f"Refusal directions were ablated from `{repo or base_model}` with "
         "[abliterate](https://pypi.org/project/abliterate/): directional ablation of the "
         "residual-stream writers (attention out-projections and MLP down-projections), with "
         "parameters chosen by an Optuna search that co-minimises refusals and KL divergence.",
         "",
-        "## Metrics",
+        "## Metrics (first objective: refusal rate on harmful prompts; the others on harmless ones)",
         "",
-        "| | refusal rate (harmful eval) | KL divergence (harmless eval) |",
-        "|---|---|---|",
-        f"| original | {card.get('refusal_before', 'n/a')} | 0 |",
-        f"| this model | {card.get('refusal_after', 'n/a')} | {card.get('kl', 'n/a')} |",
+        "| | " + " | ".join(names) + " |",
+        "|---|" + "---|" * len(names),
+        "| original | " + " | ".join(str(before.get(n, "n/a")) for n in names) + " |",
+        "| this model | " + " | ".join(str(after.get(n, "n/a")) for n in names) + " |",
         "",
         "## Parameters",
         "",

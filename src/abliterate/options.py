@@ -3,6 +3,7 @@
 Every field has a docstring: LightningCLI turns them into `--help` and `--print_config`.
 """
 
+import logging
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -57,6 +58,15 @@ class EvalOptions:
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1 or self.kl_tokens < 1:
             raise AbliterateError("evaluation.max_new_tokens and evaluation.kl_tokens must be >= 1")
+        if self.kl_tokens > self.max_new_tokens:
+            # Not an error (KL is teacher-forced on the original's reply), but its values are not
+            # comparable with a run that scores fewer positions: say so once.
+            logging.getLogger("abliterate.options").warning(
+                "evaluation.kl_tokens=%d averages KL over more reply tokens than the %d generated for refusals; "
+                "KL values are only comparable between runs with the same kl_tokens",
+                self.kl_tokens,
+                self.max_new_tokens,
+            )
 
 
 def check_range(name: str, bounds: tuple[float, float] | list[float], low: float, high: float) -> tuple[float, float]:
@@ -145,6 +155,10 @@ class StudyOptions:
             raise AbliterateError("study.n_trials must be >= 1")
         if not 0.0 <= self.refusal_target <= 1.0:
             raise AbliterateError("study.refusal_target must be a fraction in [0, 1]")
+        if self.workers < 1:
+            raise AbliterateError(f"study.workers={self.workers}: use 1 for one process, or more for parallel workers")
+        if self.n_startup_trials < 0:
+            raise AbliterateError("study.n_startup_trials must be >= 0")
         if self.select not in ("min_kl_under", "knee") and not self.select.isdigit():
             raise AbliterateError(f"study.select={self.select!r}: use min_kl_under, knee, or a trial number")
 

@@ -22,20 +22,55 @@ from abliterate.pareto import pareto_front, select_trial
 from abliterate.passes import Reference, ReferencePass, ResidualPass, Residuals, TrialPass, TrialResult
 from abliterate.plans import TrialPlan, rebuild_plan
 from abliterate.scorers import KL, MarkerRefusals, Scorer
-from abliterate.study import check_objective, make_study, objectives_of, run_search, signs_of
+from abliterate.study import (
+    InfeasiblePlan,
+    check_objective,
+    make_study,
+    objectives_of,
+    open_storage,
+    run_search,
+    signs_of,
+)
 
 log = logging.getLogger("abliterate")
 
 CACHE_VERSION = "2"
 
 
-def model_stamp(model_id: str | None) -> str:
-    """The model id, plus the files' sizes and mtimes for a local dir: a model rewritten in place invalidates caches."""
+def model_stamp(model_id: str | None, revision: str | None = None) -> str:
+    """What identifies the model's weights for cache keys: a local dir's file sizes and mtimes (a model
+    rewritten in place invalidates caches), or a hub model's resolved commit (a moved branch does)."""
     path = Path(model_id or "")
-    if not model_id or not path.is_dir():
+    if not model_id:
         return str(model_id)
-    files = sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in path.iterdir() if p.is_file())
-    return f"{model_id}:{fingerprint(files)}"
+    if path.is_dir():
+        files = sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in path.iterdir() if p.is_file())
+        return f"{model_id}:{fingerprint(files)}"
+    commit = hub_commit(model_id, revision)
+    return f"{model_id}@{commit}" if commit else f"{model_id}@{revision or 'main'}"
+
+
+def hub_commit(model_id: str, revision: str | None) -> str | None:
+    """The commit a hub revision points at: the revision itself when it is a commit, else the local
+    HF cache's ref (what an offline load uses), else the hub's answer; None when nobody knows."""
+    import re
+
+    revision = revision or "main"
+    if re.fullmatch(r"[0-9a-f]{40}", revision):
+        return revision
+    from huggingface_hub import constants
+
+    ref = Path(constants.HF_HUB_CACHE) / f"models--{model_id.replace('/', '--')}" / "refs" / revision
+    if ref.is_file():
+        return ref.read_text().strip()
+    if constants.HF_HUB_OFFLINE:
+        return None
+    try:
+        from huggingface_hub import HfApi
+
+        return HfApi().model_info(model_id, revision=revision).sha
+    except Exception:  # unreachable or unknown: the load itself will say why
+        return None
 
 
 def scorer_spec(scorer: Scorer) -> dict:
@@ -45,6 +80,15 @@ def scorer_spec(scorer: Scorer) -> dict:
         "class": type(scorer).__name__,
         **{k: v for k, v in settings.items() if isinstance(v, (int, float, str, bool, list, type(None)))},
     }
+
+
+def study_error(url: str, err: Exception) -> AbliterateError:
+    from abliterate.errors import first_line
+
+    return AbliterateError(
+        f"cannot open the study at {url} ({first_line(err)}); fix --study.storage, or move a damaged study.db "
+        "aside and use another --output_dir"
+    )
 
 
 def local_study_url(output_dir: Path) -> str:
@@ -97,12 +141,13 @@ class Pipeline:
         self.datamodule.attach_tokenizer(self.module.tokenizer)
         key = fingerprint(
             CACHE_VERSION,
-            model_stamp(self.module.model_id),
+            model_stamp(self.module.model_id, self.module.load_options.revision),
             asdict(self.module.load_options),
             self.datamodule.fingerprint_parts(RESIDUAL_ROLES),
         )
 
         def compute():
+            self.check_prompt_lengths(RESIDUAL_ROLES, reply_tokens=0)
             start = time.perf_counter()
             residuals = self._predict(ResidualPass())
             log.info("collected residuals in %.1fs", time.perf_counter() - start)
@@ -118,7 +163,7 @@ class Pipeline:
         self.datamodule.attach_tokenizer(self.module.tokenizer)
         key = fingerprint(
             CACHE_VERSION,
-            model_stamp(self.module.model_id),
+            model_stamp(self.module.model_id, self.module.load_options.revision),
             asdict(self.module.load_options),
             asdict(self.module.eval_options),
             self.module.markers,
@@ -127,6 +172,8 @@ class Pipeline:
         )
 
         def compute():
+            options = self.module.eval_options
+            self.check_prompt_lengths(EVAL_ROLES, reply_tokens=max(options.max_new_tokens, options.kl_tokens))
             start = time.perf_counter()
             reference = self._predict(ReferencePass(self.scorers))
             shown = ", ".join(f"{n} {v:.4f}" for n, v in reference.values.items())
@@ -136,6 +183,20 @@ class Pipeline:
         # Under DDP this pass also starts the other ranks before the search needs them, so it always runs.
         result, hit = self._cached("reference", key, compute, always_compute=self.trainer.world_size > 1)
         return Reference.from_tensors(result) if hit else result
+
+    def check_prompt_lengths(self, roles: Sequence[str], reply_tokens: int) -> None:
+        """A prompt the model cannot hold (with its reply) fails here, not as a 40x slower trial."""
+        self.module.configure_model()
+        limit = getattr(self.module.model.config, "max_position_embeddings", None)
+        if not limit:
+            return
+        for role in self.datamodule.roles_present(roles):
+            longest = max((len(ids) for ids in self.datamodule.dataset(role).input_ids), default=0)
+            if longest + reply_tokens > limit:
+                raise AbliterateError(
+                    f"the longest {role} prompt has {longest} tokens; with {reply_tokens} reply tokens that exceeds "
+                    f"the model's {limit} positions: shorten or drop long prompts in --data.{role}"
+                )
 
     def evaluate(self, plan: TrialPlan, reference: Reference, callbacks: Sequence[L.Callback] = ()) -> TrialResult:
         """One trial: the plan's ablation applied for the pass, every scorer on the eval prompts."""
@@ -179,14 +240,32 @@ class Pipeline:
         return study
 
     def check_existing_study(self, options) -> None:
-        """The scoring check before residuals and reference cost minutes (read-only)."""
-        if options.storage is not None or not (self.run_dir / "study.db").is_file():
+        """Before residuals and reference cost minutes: the storage opens, and a study that exists was
+        scored the way new trials would be (read-only)."""
+        url = options.storage or local_study_url(self.run_dir)
+        if options.storage is None and not (self.run_dir / "study.db").is_file():
             return
         try:
-            existing = optuna.load_study(study_name=options.study_name, storage=local_study_url(self.run_dir))
-        except KeyError:  # the file holds no study of that name yet
+            existing = optuna.load_study(study_name=options.study_name, storage=open_storage(url))
+        except KeyError:  # the storage holds no study of that name yet
             return
+        except Exception as err:  # a bad URL, a server that is down, a file that is not a database
+            raise study_error(url, err) from err
         check_objective(existing, self.objective_record(), record=False)
+
+    def load_study(self, options) -> optuna.Study:
+        """The run's study, read-only: a verb that only reads never creates or changes it."""
+        url = options.storage or local_study_url(self.run_dir)
+        if options.storage is None and not (self.run_dir / "study.db").is_file():
+            raise AbliterateError(f"{self.run_dir} has no study.db; run `abliterate run` there first, or set --output_dir")
+        try:
+            return optuna.load_study(study_name=options.study_name, storage=open_storage(url))
+        except KeyError:
+            raise AbliterateError(
+                f"no study named {options.study_name!r} in {url}; check --study.study_name"
+            ) from None
+        except Exception as err:
+            raise study_error(url, err) from err
 
     def search(self, study: optuna.Study, options, space, reference: Reference, progress=None) -> None:
         """Trials until the study holds options.n_trials finished ones."""
@@ -194,6 +273,10 @@ class Pipeline:
         totals = {role: len(self.datamodule.dataset(role)) for role in EVAL_ROLES if self.datamodule.sources[role]}
 
         def evaluate(trial, plan: TrialPlan, completed) -> dict[str, float]:
+            try:
+                self.module.directions_for(plan.directions)
+            except AbliterateError as err:  # e.g. a contrastive PCA k these prompts cannot support
+                raise InfeasiblePlan(str(err)) from err
             record = trial if trial is not None else _OtherRankTrial()
             pruning = Pruning(record, self.objectives, completed, totals, enabled=options.prune)
             return self.evaluate(plan, reference, [pruning]).values

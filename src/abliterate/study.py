@@ -24,6 +24,11 @@ REFUSAL_CONSTRAINT = "refusal_rate_over_target"  # > 0: infeasible for TPE (Stud
 OBJECTIVE_ATTR = "objective"
 
 
+class InfeasiblePlan(Exception):
+    """A sampled plan that cannot be evaluated (e.g. more contrastive PCA directions than the prompts
+    support): that trial fails, the search goes on."""
+
+
 def open_storage(url: str) -> optuna.storages.BaseStorage:
     """An Optuna storage from a URL; a path ending in .journal is a journal file (safe for many writers)."""
     if url.endswith(".journal"):
@@ -162,6 +167,14 @@ def _run_trial(study, options: StudyOptions, scorers, trial, plan: TrialPlan, ev
     completed = completed_points(study, signs_of(objectives)) if trial is not None else []
     try:
         values = evaluate(trial, plan, completed)
+    except InfeasiblePlan as err:
+        if trial is not None:
+            trial.set_user_attr("infeasible", str(err))
+            study.tell(trial, state=TrialState.FAIL)
+            log.warning("trial %d failed: %s; the search goes on", trial.number, err)
+            if len(study.get_trials(deepcopy=False, states=(TrialState.FAIL,))) > options.n_trials:
+                raise AbliterateError(f"more than {options.n_trials} sampled plans were infeasible ({err}); narrow the search space") from err
+        return
     except optuna.TrialPruned:
         if trial is None:
             return

@@ -196,4 +196,5 @@ class AbliterationTrainer(L.Trainer):
 
         torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
         study, space = configure_demo(model, datamodule, n_trials=n_trials, cache_dir=cache_dir)
-        return verbs.run(self, model, datamodule, study, space, output_dir, None, overwrite, ClassifierOptions())
+        classifier = ClassifierOptions()
+        return verbs.run(self, model, datamodule, study, space, output_dir, None, overwrite, classifier, interactive=False)

@@ -52,8 +52,8 @@ def run_dir_of(output_dir: str) -> Path:
 
 
 @contextmanager
-def writing(trainer, out: Path, options: StudyOptions | None = None):
-    """Hold the run dir for this process (rank 0); then RUNNING trials of its local study were left by a killed run."""
+def writing(trainer, out: Path):
+    """Hold the run dir for this process (rank 0 only: the other ranks are its helpers)."""
     if not trainer.is_global_zero:
         yield
         return
@@ -169,6 +169,7 @@ def run(
     export_dir,
     overwrite,
     classifier,
+    interactive: bool = True,
 ) -> Path:
     from abliterate.export import check_export_target
 
@@ -187,7 +188,7 @@ def run(
         fail_interrupted_trials(optuna_study, study)
         search_study(pipe, optuna_study, study, space, reference)
         recheck(pipe, optuna_study, space, reference, classifier)
-        chosen = report(pipe, optuna_study, study, interactive=True)
+        chosen = report(pipe, optuna_study, study, interactive=interactive)
         if previous is not None and previous.get("trial") == chosen.number and not overwrite:
             print(f"nothing new: {target} already holds trial {chosen.number} of this study", file=sys.stderr)
             return target
@@ -227,6 +228,13 @@ def directions(trainer, module, datamodule, output_dir: str, options: DirectionO
     from abliterate.cache import fingerprint, save_tensors
 
     out = run_dir_of(output_dir)
+    if options.method == "contrastive_pca":  # the rank bound, before any forward pass
+        n = len(datamodule.prompts("harmful")) + len(datamodule.prompts("harmless"))
+        if options.k - 1 > n - 2:
+            raise AbliterateError(
+                f"--direction.k {options.k} needs at least {options.k + 1} harmful and harmless prompts, "
+                f"got {n}: use a smaller k or more prompts"
+            )
     with writing(trainer, out):
         pipe = Pipeline(trainer, module, datamodule, out)
         with phase("residual collection", "nothing of it was cached"):
@@ -268,7 +276,7 @@ def evaluate(trainer, module, datamodule, study: StudyOptions, space: SearchSpac
     out = run_dir_of(output_dir)
     pipe = Pipeline(trainer, module, datamodule, out)
     if trial is not None:  # fail before any forward pass
-        frozen = trial_by_number(pipe.open_study(study, check_scoring=False), trial)
+        frozen = trial_by_number(pipe.load_study(study), trial)
     reference = prepare(pipe)
     names = [s.name for s in pipe.scorers]
     result = {f"{n}_before": reference.values[n] for n in names}
@@ -292,7 +300,7 @@ def export(
         previous = own_export(target, out, study)
         check_export_target(target, overwrite or previous is not None, out)
         pipe = Pipeline(trainer, module, datamodule, out)
-        optuna_study = pipe.open_study(study, check_scoring=False)
+        optuna_study = pipe.load_study(study)
         chosen = trial_by_number(optuna_study, trial) if trial is not None else None
         with phase("residual collection", "nothing of it was cached"):
             pipe.residuals()  # the directions; the reference is only needed for the card's "before"
@@ -316,7 +324,7 @@ def chat(
     module.configure_model()
     if trial is not None:
         pipe = Pipeline(trainer, module, datamodule, run_dir_of(output_dir))
-        frozen = trial_by_number(pipe.open_study(study, check_scoring=False), trial)
+        frozen = trial_by_number(pipe.load_study(study), trial)
         pipe.residuals()
         plan = pipe.plan_of(frozen, space)
         module.weight_editor().apply(plan.ablation, module.directions_for(plan.directions))
