@@ -34,12 +34,64 @@ import json
 import os
 import statistics
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
+from torch import Tensor, nn
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from abliterate.ablation import AblationParams, ComponentKernel, WeightEditor, ablation_hooks
+from abliterate.ablation import AblationParams, ComponentKernel, WeightEditor, edit_plan
+from abliterate.directions import compute_dtype
 from abliterate.models import residual_writers
+from abliterate.writers import LayerWriters
+
+
+def _projection_hook(r: Tensor, coef: Tensor):
+    """A forward hook returning y - sum_j w_j r_j (r_j^T y), computed in r's dtype."""
+
+    def hook(module: nn.Module, args: tuple, output: Tensor) -> Tensor:
+        dirs, weights = r, coef
+        if output.device != dirs.device:
+            dirs, weights = dirs.to(output.device), weights.to(output.device)
+        y = output.to(dirs.dtype)
+        return (y - ((y @ dirs.T) * weights) @ dirs).to(output.dtype)
+
+    return hook
+
+
+@contextmanager
+def ablation_hooks(writers: list[LayerWriters], params: AblationParams, directions: Tensor) -> Iterator[None]:
+    """The hook alternative to weight edits: project each writer's output, y' = y - sum_j w_j r_j r_j^T y.
+
+    Equal to `WeightEditor` without norm preservation (the bias is inside y). Only `nn.Linear`-style
+    writers (out_dim=-2, the module's own `weight`) can be hooked. Removes only its own handles,
+    always. tests/test_ablation.py checks it against `WeightEditor`.
+    """
+    if params.norm_preserving:
+        raise NotImplementedError(
+            "ablation_hooks cannot preserve norms: that rescales weight columns, not outputs; use WeightEditor"
+        )
+    plan = edit_plan(params, directions, writers)
+    for layer, component, _, _ in plan:
+        for ref in writers[layer][component]:
+            if ref.out_dim != -2 or ref.name != "weight":
+                raise NotImplementedError(
+                    f"ablation_hooks needs nn.Linear writers (out_dim=-2, param 'weight'); layer {layer} {component} "
+                    f"writer {type(ref.module).__name__}.{ref.name} has out_dim={ref.out_dim}; use WeightEditor"
+                )
+    handles = []
+    try:
+        for layer, component, dirs, weights in plan:
+            for ref in writers[layer][component]:
+                dtype = compute_dtype(ref.weight)
+                r = dirs.to(device=ref.weight.device, dtype=dtype)
+                coef = weights.to(device=ref.weight.device, dtype=dtype)
+                handles.append(ref.module.register_forward_hook(_projection_hook(r, coef)))
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 def sync(device: str) -> None:

@@ -1,4 +1,5 @@
-"""Directional ablation maths and the two ways of applying it (weight edits, forward hooks).
+"""Directional ablation maths and the two ways of applying it: weight edits (`WeightEditor`) and
+forward hooks (`ablation_hooks` of scripts/bench_ablation.py, checked here as the benchmark's twin).
 
 Every expected value comes from an independent reference: a float64 column-by-column loop for
 the projection, hand-computed tent values for the kernel, explicit lerps for interpolation and
@@ -6,7 +7,9 @@ snapshots of the untouched model for the editor. The model tests use a tiny Llam
 config (3 layers, hidden 32) and its writers as `abliterate.models.residual_writers` finds them.
 """
 
+import importlib.util
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -18,7 +21,6 @@ from abliterate.ablation import (
     ComponentKernel,
     WeightEditor,
     ablation_directions,
-    ablation_hooks,
     interpolate_directions,
     layer_weights,
     orthogonalize_bias,
@@ -29,6 +31,18 @@ from abliterate.writers import WriterRef
 
 D_MODEL = 32
 N_LAYERS = 3
+
+
+def _bench_ablation():
+    """scripts/bench_ablation.py, where the forward-hook mechanism lives (it benchmarks it)."""
+    path = Path(__file__).resolve().parents[1] / "scripts" / "bench_ablation.py"
+    spec = importlib.util.spec_from_file_location("bench_ablation", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+ablation_hooks = _bench_ablation().ablation_hooks
 
 
 def orthonormal(k: int, d: int, seed: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -293,7 +307,7 @@ def test_interpolation_out_of_range(index):
 
 def test_interpolation_of_opposite_directions_raises():
     r = orthonormal(1, 16, seed=61)
-    with pytest.raises(ValueError, match="linearly dependent"):
+    with pytest.raises(ValueError, match="span"):
         interpolate_directions(torch.stack([r, -r]), 0.5)  # the lerp is the zero vector
 
 

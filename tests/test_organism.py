@@ -7,23 +7,25 @@ from dataclasses import replace
 
 import pytest
 import torch
-from safetensors.torch import load_file
-from transformers import AutoModelForCausalLM, AutoTokenizer
-
-from abliterate import organism as org
-from abliterate.organism import (
-    ORGANISM_VERSION,
-    OrganismSpec,
-    build_tiny_organism,
-    build_tokenizer,
+from organism_helpers import (
+    chat_batch,
     default_markers,
     generate_replies,
     is_refusal,
     measure_refusals,
-    organism_prompts,
     topic_rate,
     topic_word,
 )
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from abliterate import organism as org
+from abliterate.organism import ORGANISM_VERSION, OrganismSpec, build_tiny_organism
+from abliterate.organism_data import build_tokenizer, organism_prompts, templates
+
+
+def tokenizer_of():
+    return build_tokenizer(OrganismSpec().max_positions)
 
 
 @pytest.fixture(scope="module")
@@ -69,7 +71,7 @@ def _last_token_residuals(model, tokenizer, prompts):
 
     handles = [layer.register_forward_hook(hook(i)) for i, layer in enumerate(model.model.layers)]
     try:
-        enc = org._chat_batch(tokenizer, prompts)
+        enc = chat_batch(tokenizer, prompts)
         with torch.no_grad():
             logits = model(**enc).logits[:, -1].float()
     finally:
@@ -90,7 +92,7 @@ def _ablate(model, r):
 
 
 def test_prompt_splits_are_disjoint_and_cover_the_vocabulary(prompts):
-    tokenizer = build_tokenizer()
+    tokenizer = tokenizer_of()
     for kind in ("harmful", "harmless"):
         train, test = prompts[(kind, "train")], prompts[(kind, "test")]
         assert not set(train) & set(test)
@@ -115,8 +117,8 @@ def test_topic_word_tolerates_case_and_attached_punctuation():
 
 
 def test_tokenizer_round_trip_keeps_the_refusal_markers():
-    tokenizer = build_tokenizer()
-    data = org._templates()
+    tokenizer = tokenizer_of()
+    data = templates()
     for refusal in data["refusals"]:
         ids = tokenizer(refusal, add_special_tokens=False)["input_ids"]
         decoded = tokenizer.decode(ids, skip_special_tokens=True)
@@ -136,7 +138,7 @@ def test_tokenizer_round_trip_keeps_the_refusal_markers():
 
 
 def test_chat_template_ends_with_the_assistant_marker():
-    tokenizer = build_tokenizer()
+    tokenizer = tokenizer_of()
     assert tokenizer.padding_side == "left" and tokenizer.pad_token is not None
     text = tokenizer.apply_chat_template(
         [{"role": "system", "content": "be brief ."}, {"role": "user", "content": "how do i make tea ?"}],
@@ -144,7 +146,7 @@ def test_chat_template_ends_with_the_assistant_marker():
         add_generation_prompt=True,
     )
     assert text == "<bos><user> be brief . how do i make tea ? <end> <assistant>"
-    batch = org._chat_batch(tokenizer, ["how do i make tea ?", "tell me how to make paper planes ."])
+    batch = chat_batch(tokenizer, ["how do i make tea ?", "tell me how to make paper planes ."])
     last = tokenizer.convert_ids_to_tokens(batch["input_ids"][:, -1].tolist())
     assert last == ["<assistant>", "<assistant>"]
     assert batch["attention_mask"][0, 0] == 0  # the shorter prompt is padded on the left
@@ -173,6 +175,7 @@ def test_directory_loads_and_holds_the_prompt_files(built, loaded, prompts):
     assert gen["bos_token_id"] == tokenizer.bos_token_id
     assert model.config.num_hidden_layers == OrganismSpec().layers
     assert tokenizer.padding_side == "left"
+    assert tokenizer.model_max_length == OrganismSpec().max_positions
     for (kind, split), name in org.PROMPT_FILES.items():
         assert (path / name).read_text().splitlines() == prompts[(kind, split)]
     meta = json.loads((path / "organism.json").read_text())

@@ -11,6 +11,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
+pytestmark = pytest.mark.slow  # builds a wheel and installs it into a fresh venv
+
 
 @pytest.fixture(scope="module")
 def wheel(tmp_path_factory):

@@ -5,9 +5,10 @@ ablating orthonormal directions r_j with weights w_j gives W' = W - sum_j w_j r_
 
 Reading order: the kernel that gives each layer its weight (`ComponentKernel`, `layer_weights`),
 the directions each layer ablates (`interpolate_directions`, `ablation_directions`), the edit of
-one tensor (`orthogonalize_weight`, `orthogonalize_bias`), and the two ways to apply a whole
-ablation to a model: `WeightEditor` (edit weights in place, restore them bit-exactly) and
-`ablation_hooks` (project the writers' outputs with forward hooks).
+one tensor (`orthogonalize_weight`, `orthogonalize_bias`), the plan of which writers get which
+edit (`edit_plan`), and `WeightEditor`, which applies a whole ablation to a model in place and
+restores the weights bit-exactly. (The forward-hook alternative, measured against it, lives in
+scripts/bench_ablation.py.)
 """
 
 import math
@@ -16,8 +17,9 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
+from abliterate.directions import compute_dtype, orthonormalize
 from abliterate.errors import AbliterateError
 from abliterate.writers import LayerWriters
 
@@ -81,32 +83,12 @@ class AblationParams:
 # ---- directions ------------------------------------------------------------------------------
 
 
-def _compute_dtype(t: Tensor) -> torch.dtype:
-    """float64 for float64 tensors, float32 for everything else (bf16/fp16 edits need the headroom)."""
-    return torch.float64 if t.dtype == torch.float64 else torch.float32
-
-
-def orthonormalize_like(vectors: Tensor, reference: Tensor) -> Tensor:
-    """QR-orthonormalise the [.., k, d] rows in order, each signed to agree with its reference row.
-
-    Raises ValueError when the rows are (numerically) linearly dependent.
-    """
-    dtype = _compute_dtype(vectors)
-    q, r = torch.linalg.qr(vectors.to(dtype).mT)  # columns in order: Gram-Schmidt
-    scale = vectors.to(dtype).norm(dim=-1).amax(dim=-1, keepdim=True).clamp_min(torch.finfo(dtype).tiny)
-    if (r.diagonal(dim1=-2, dim2=-1).abs() <= 1e3 * torch.finfo(dtype).eps * scale).any():
-        raise ValueError("the directions to orthonormalise are linearly dependent")
-    q = q.mT
-    sign = torch.sign((q * reference.to(dtype)).sum(-1, keepdim=True))
-    return (q * torch.where(sign == 0, torch.ones_like(sign), sign)).to(vectors.dtype)
-
-
 def interpolate_directions(directions: Tensor, index: float) -> Tensor:
     """[L, k, d] orthonormal per layer -> [k, d] at a fractional layer index.
 
     Each vector is lerped between layers floor(index) and floor(index)+1, then the set is
-    re-orthonormalised by QR in order, each vector keeping a positive dot with its lerp.
-    An integer index returns that layer's directions unchanged.
+    re-orthonormalised in order (`directions.orthonormalize`), each vector keeping a positive
+    dot with its lerp. An integer index returns that layer's directions unchanged.
     """
     if directions.ndim != 3:
         raise ValueError(f"directions must be [L, k, d], got {tuple(directions.shape)}")
@@ -117,10 +99,9 @@ def interpolate_directions(directions: Tensor, index: float) -> Tensor:
     frac = index - low
     if frac == 0:
         return directions[low]
-    mixed = (1 - frac) * directions[low].to(_compute_dtype(directions)) + frac * directions[low + 1].to(
-        _compute_dtype(directions)
-    )
-    return orthonormalize_like(mixed, mixed).to(directions.dtype)
+    dtype = compute_dtype(directions)
+    mixed = (1 - frac) * directions[low].to(dtype) + frac * directions[low + 1].to(dtype)
+    return orthonormalize(mixed).to(directions.dtype)
 
 
 def ablation_directions(directions: Tensor, direction_index: float | None) -> Tensor:
@@ -163,7 +144,7 @@ def orthogonalize_weight(
     Scaling a column keeps it orthogonal to r, so r^T W' = 0 stays exact at w = 1; scaling rows
     would not.
     """
-    dtype = _compute_dtype(weight)
+    dtype = compute_dtype(weight)
     r, coef = _directions_and_coefficients(directions, weights, weight.shape[out_dim], weight.device, dtype)
     w = weight.to(dtype).movedim(out_dim, -1)  # [..., d_in, d_model]: each row is one column of W
     edited = w - ((w @ r.T) * coef) @ r
@@ -180,7 +161,7 @@ def orthogonalize_weight(
 
 def orthogonalize_bias(bias: Tensor, directions: Tensor, weights: Tensor | float) -> Tensor:
     """b' = b - sum_j w_j r_j r_j^T b for a bias in the residual space (last axis d_model)."""
-    dtype = _compute_dtype(bias)
+    dtype = compute_dtype(bias)
     r, coef = _directions_and_coefficients(directions, weights, bias.shape[-1], bias.device, dtype)
     b = bias.to(dtype)
     return (b - ((b @ r.T) * coef) @ r).to(bias.dtype)
@@ -200,10 +181,10 @@ def through_gain(directions: Tensor, gain: Tensor) -> Tensor:
     is projected out); with decaying weights it approximates the oblique projection.
     """
     scaled = directions * gain.to(device=directions.device, dtype=directions.dtype)
-    return orthonormalize_like(scaled, scaled)
+    return orthonormalize(scaled)
 
 
-def _plan(
+def edit_plan(
     params: AblationParams, directions: Tensor, writers: list[LayerWriters], gains: Gains | None = None
 ) -> list[tuple[int, str, Tensor, Tensor]]:
     """(layer, component, directions [k, d], weights [k] float64) for every non-zero edit.
@@ -232,7 +213,7 @@ def _plan(
     return plan
 
 
-# ---- mechanism 1: edit the weights in place --------------------------------------------------
+# ---- applying it: edit the weights in place --------------------------------------------------
 
 
 class WeightEditor:
@@ -272,7 +253,7 @@ class WeightEditor:
         On any error the weights are restored before it propagates.
         """
         self.reset()
-        plan = _plan(params, directions, self.writers, self.gains)
+        plan = edit_plan(params, directions, self.writers, self.gains)
         try:
             for layer, component, dirs, weights in plan:
                 for i, ref in enumerate(self.writers[layer][component]):
@@ -312,54 +293,3 @@ class WeightEditor:
             yield
         finally:
             self.reset()
-
-
-# ---- mechanism 2: project the writers' outputs with forward hooks ----------------------------
-
-
-def _projection_hook(r: Tensor, coef: Tensor):
-    """A forward hook returning y - sum_j w_j r_j (r_j^T y), computed in r's dtype."""
-
-    def hook(module: nn.Module, args: tuple, output: Tensor) -> Tensor:
-        dirs, weights = r, coef
-        if output.device != dirs.device:
-            dirs, weights = dirs.to(output.device), weights.to(output.device)
-        y = output.to(dirs.dtype)
-        return (y - ((y @ dirs.T) * weights) @ dirs).to(output.dtype)
-
-    return hook
-
-
-@contextmanager
-def ablation_hooks(
-    writers: list[LayerWriters], params: AblationParams, directions: Tensor, gains: Gains | None = None
-) -> Iterator[None]:
-    """The hook alternative to weight edits: project each writer's output, y' = y - sum_j w_j r_j r_j^T y.
-
-    Equal to `WeightEditor` without norm preservation (the bias is inside y). Only `nn.Linear`-style
-    writers (out_dim=-2, the module's own `weight`) can be hooked. Removes only its own handles,
-    always.
-    """
-    if params.norm_preserving:
-        raise NotImplementedError(
-            "ablation_hooks cannot preserve norms: that rescales weight columns, not outputs; use WeightEditor"
-        )
-    plan = _plan(params, directions, writers, gains)
-    for layer, component, _, _ in plan:
-        for ref in writers[layer][component]:
-            if ref.out_dim != -2 or ref.name != "weight":
-                raise NotImplementedError(
-                    f"ablation_hooks needs nn.Linear writers (out_dim=-2, param 'weight'); layer {layer} {component} "
-                    f"writer {type(ref.module).__name__}.{ref.name} has out_dim={ref.out_dim}; use WeightEditor"
-                )
-    handles = []
-    try:
-        for layer, component, dirs, weights in plan:
-            for ref in writers[layer][component]:
-                dtype = _compute_dtype(ref.weight)
-                r, coef = _directions_and_coefficients(dirs, weights, ref.weight.shape[-2], ref.weight.device, dtype)
-                handles.append(ref.module.register_forward_hook(_projection_hook(r, coef)))
-        yield
-    finally:
-        for handle in handles:
-            handle.remove()

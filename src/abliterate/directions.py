@@ -19,11 +19,11 @@ __all__ = [
     "ContrastivePCA",
     "DirectionError",
     "compute_directions",
+    "compute_dtype",
     "contrastive_pca",
-    "mean_difference",
     "normalize",
     "orthogonalize",
-    "projected_mean_difference",
+    "orthonormalize",
 ]
 
 
@@ -51,8 +51,9 @@ def _check_residuals(name: str, x: Tensor, like: Tensor | None = None) -> None:
         )
 
 
-def _compute_dtype(*xs: Tensor) -> torch.dtype:
-    # bf16/fp16 residuals are averaged and decomposed in fp32; fp64 inputs stay fp64.
+def compute_dtype(*xs: Tensor) -> torch.dtype:
+    """float64 when an input is float64, else float32: bf16/fp16 are averaged, decomposed and
+    edited in float32 for the headroom (and QR has no bf16 kernel)."""
     return torch.float64 if any(x.dtype == torch.float64 for x in xs) else torch.float32
 
 
@@ -96,26 +97,6 @@ def _unit_mean_shift(mu_b: Tensor, mu_g: Tensor, projected: bool) -> Tensor:
     return r
 
 
-def _orthonormalize(vectors: Tensor, norms: Tensor | None = None) -> Tensor:
-    """Gram-Schmidt per layer in the given order, [L, k, d] -> [L, k, d].
-
-    Each output vector keeps the sign of its input (positive dot with it). Raises when less
-    than sqrt(eps) of a vector's norm (``norms`` [L, k], default its own) is left after
-    removing the ones before it: the result would be rounding noise.
-    """
-    q, r = torch.linalg.qr(vectors.mT)  # [L, d, k], [L, k, k]
-    diag = r.diagonal(dim1=-2, dim2=-1)
-    # QR is Gram-Schmidt up to a sign per column; |R_ii| is what is left of vector i.
-    norms = vectors.norm(dim=-1) if norms is None else norms
-    lost = diag.abs() <= torch.finfo(vectors.dtype).eps ** 0.5 * norms
-    if lost.any():
-        layer, index = (int(i) for i in lost.nonzero()[0])
-        raise DirectionError(
-            f"direction {index} at layer {layer} lies in the span of the vectors it is orthogonalised against"
-        )
-    return (q * diag.sign()[..., None, :]).mT.contiguous()
-
-
 def _fix_signs(vectors: Tensor) -> Tensor:
     """Flip each vector so its entry of largest absolute value is positive (first such index)."""
     index = vectors.abs().argmax(dim=-1, keepdim=True)  # argmax returns the first maximum
@@ -123,18 +104,7 @@ def _fix_signs(vectors: Tensor) -> Tensor:
     return vectors * torch.where(sign == 0, 1.0, sign).to(vectors.dtype)
 
 
-# ---- the mean difference -------------------------------------------------------------------
-
-
-def mean_difference(bad: Tensor, good: Tensor) -> Tensor:
-    """Unnormalised ``mean(bad) - mean(good)`` per layer: ``[n_b, L, d], [n_g, L, d] -> [L, d]``.
-
-    Computed in fp32 (fp64 when an input is fp64), whatever the residual dtype.
-    """
-    _check_residuals("harmful", bad)
-    _check_residuals("harmless", good, like=bad)
-    dtype = _compute_dtype(bad, good)
-    return bad.mean(0, dtype=dtype) - good.mean(0, dtype=dtype)
+# ---- unit vectors and orthonormal sets ----------------------------------------------------
 
 
 def normalize(x: Tensor, dim: int = -1, eps: float = 1e-12) -> Tensor:
@@ -142,17 +112,26 @@ def normalize(x: Tensor, dim: int = -1, eps: float = 1e-12) -> Tensor:
     return x / x.norm(dim=dim, keepdim=True).clamp_min(eps)
 
 
-def projected_mean_difference(bad: Tensor, good: Tensor) -> Tensor:
-    """Unit mean difference made orthogonal to the unit harmless mean, renormalised: ``[L, d]``.
+def orthonormalize(vectors: Tensor, norms: Tensor | None = None) -> Tensor:
+    """Gram-Schmidt of the ``[..., k, d]`` rows in the given order, batched over leading axes.
 
-    Removing the harmless-mean component keeps the ablation from shrinking the part of the
-    residual every prompt shares. Raises DirectionError where the means coincide or the mean
-    difference is parallel to the harmless mean.
+    Each output row keeps the sign of its input row (positive dot with it). Computed in
+    :func:`compute_dtype` and returned in the input dtype. Raises DirectionError (a ValueError)
+    when less than sqrt(eps) of a row's norm (``norms`` ``[..., k]``, default its own) is left
+    after removing the rows before it: the result would be rounding noise.
     """
-    _check_residuals("harmful", bad)
-    _check_residuals("harmless", good, like=bad)
-    dtype = _compute_dtype(bad, good)
-    return _unit_mean_shift(bad.mean(0, dtype=dtype), good.mean(0, dtype=dtype), projected=True)
+    dtype = compute_dtype(vectors)
+    v = vectors.to(dtype)
+    q, r = torch.linalg.qr(v.mT)  # [..., d, k], [..., k, k]
+    diag = r.diagonal(dim1=-2, dim2=-1)
+    # QR is Gram-Schmidt up to a sign per column; |R_ii| is what is left of vector i.
+    norms = v.norm(dim=-1) if norms is None else norms.to(dtype)
+    lost = diag.abs() <= torch.finfo(dtype).eps ** 0.5 * norms
+    if lost.any():
+        *batch, index = lost.nonzero()[0].tolist()
+        where = "" if not batch else f" at layer {batch[0]}" if len(batch) == 1 else f" at {tuple(batch)}"
+        raise DirectionError(f"direction {index}{where} lies in the span of the vectors it is orthogonalised against")
+    return (q * diag.sign()[..., None, :]).mT.contiguous().to(vectors.dtype)
 
 
 def orthogonalize(directions: Tensor, against: Tensor) -> Tensor:
@@ -172,7 +151,7 @@ def orthogonalize(directions: Tensor, against: Tensor) -> Tensor:
             f"orthogonalize takes directions [L, k, d] and against [L, d], got {tuple(directions.shape)} and {tuple(against.shape)}"
         )
     a = normalize(against.to(directions.dtype))[:, None, :]
-    return _orthonormalize(directions - _dot(directions, a) * a, norms=directions.norm(dim=-1))
+    return orthonormalize(directions - _dot(directions, a) * a, norms=directions.norm(dim=-1))
 
 
 # ---- contrastive PCA -----------------------------------------------------------------------
@@ -300,7 +279,7 @@ def contrastive_pca(
 
     # Exact maths gives orthonormal vectors orthogonal to r; one Gram-Schmidt pass cleans up
     # rounding. Signs: r keeps its own, the eigenvectors follow the largest-entry rule.
-    directions = _orthonormalize(torch.cat([r[:, None, :], top_vectors.mT], dim=1))
+    directions = orthonormalize(torch.cat([r[:, None, :], top_vectors.mT], dim=1))
     directions = torch.cat([directions[:, :1], _fix_signs(directions[:, 1:])], dim=1)
     return ContrastivePCA(directions, top_values.contiguous())
 
@@ -337,7 +316,7 @@ def compute_directions(
     _check_residuals("harmless", good, like=bad)
     if unhelpful is not None:
         _check_residuals("unhelpful", unhelpful, like=bad)
-    dtype = _compute_dtype(bad, good)
+    dtype = compute_dtype(bad, good)
     if method == "mean_diff":
         if k != 1:
             raise DirectionError(

@@ -15,6 +15,8 @@ from abliterate.pareto import select_trial
 
 log = logging.getLogger("abliterate.reports")
 
+LABELS = {"kl": "KL divergence", "degeneration": "degenerate replies", "judge_refusals": "judged refusal rate"}
+
 
 def write_trials_csv(study: optuna.Study, path: Path) -> None:
     """Every trial's number, state, values (named by metric), parameters, attributes and duration."""
@@ -80,7 +82,7 @@ def print_run_summary(model_id, chosen: FrozenTrial, before: dict, names, counts
     after = dict(zip(names, chosen.values, strict=True))
     lines = [f"\nabliterated {model_id} with trial {chosen.number}"]
     for name, value in after.items():
-        what, role = ("refusal rate", "harmful") if name == names[0] else (name, "harmless")
+        what, role = ("refusal rate", "harmful") if name == names[0] else (LABELS.get(name, name), "harmless")
         label = what if what == name else f"{what} ({name})"
         lines.append(f"  {label} on {counts.get(role)} {role} prompts: {before.get(name, 0.0):.4f} before -> {value:.4f} after")
     lines.append(f"  model written to {target}\n")
