@@ -319,8 +319,10 @@ def run_ours(model_dir: str, files: dict[str, Path], args, out: Path, tiny: bool
 
     phases: dict[str, float] = {}
 
+    from abliterate.pipeline import Pipeline
+
     def timed(name: str, phase: str) -> None:
-        inner = getattr(trainer, name)
+        inner = getattr(Pipeline, name)
 
         def wrapper(*a, **kw):
             start = time.perf_counter()
@@ -329,13 +331,13 @@ def run_ours(model_dir: str, files: dict[str, Path], args, out: Path, tiny: bool
             finally:
                 phases[phase] = phases.get(phase, 0.0) + time.perf_counter() - start
 
-        setattr(trainer, name, wrapper)
+        setattr(Pipeline, name, wrapper)
 
     for name, phase in (
-        ("collect_residuals", "directions"),
-        ("compute_baseline", "baseline"),
-        ("_search", "search"),
-        ("_export", "export"),
+        ("residuals", "directions"),
+        ("reference", "baseline"),
+        ("search", "search"),
+        ("export", "export"),
     ):
         timed(name, phase)
     run_dir = out / "ours"

@@ -13,7 +13,6 @@ import argparse
 import json
 import logging
 import os
-import tempfile
 import time
 from pathlib import Path
 
@@ -23,8 +22,10 @@ import torch
 from abliterate.data import PromptDataModule
 from abliterate.module import AbliterationModule
 from abliterate.options import EvalOptions, LoadOptions, SearchSpace, StudyOptions
+from abliterate.pareto import pareto_front
+from abliterate.pipeline import Pipeline
 from abliterate.prompts import PromptSource
-from abliterate.search import make_study, pareto_front, run_search
+from abliterate.study import make_study
 from abliterate.trainer import AbliterationTrainer
 
 
@@ -50,12 +51,12 @@ def parts(model_dir: str, prompts: Path, limit: int | None, max_new_tokens: int,
     return module, data, trainer
 
 
-def search(trainer, module, data, space, trials: int, prune: bool, seed: int) -> tuple[optuna.Study, float]:
+def search(pipe: Pipeline, reference, space, trials: int, prune: bool, seed: int) -> tuple[optuna.Study, float]:
     # n_startup_trials >= trials: every trial is sampled independently of the history.
     options = StudyOptions(n_trials=trials, n_startup_trials=trials, seed=seed, prune=prune)
-    study = make_study(options, optuna.storages.InMemoryStorage())
+    study = make_study(options, optuna.storages.InMemoryStorage(), pipe.objectives)
     start = time.perf_counter()
-    run_search(trainer, module, data, options, space, study)
+    pipe.search(study, options, space, reference)
     return study, time.perf_counter() - start
 
 
@@ -86,11 +87,12 @@ def main() -> None:
     prompts = Path(args.prompts or args.model)
 
     module, data, trainer = parts(args.model, prompts, args.limit, args.max_new_tokens, args.eval_batch_size)
-    with tempfile.TemporaryDirectory() as tmp:
-        trainer.prepare(module, data, tmp)
+    pipe = Pipeline(trainer, module, data, None)  # no run dir: nothing cached
+    pipe.residuals()
+    reference = pipe.reference()
     results = {}
     for prune in (False, True):
-        study, seconds = search(trainer, module, data, space, args.trials, prune, args.seed)
+        study, seconds = search(pipe, reference, space, args.trials, prune, args.seed)
         results[prune] = (study, seconds)
 
     def front(study):

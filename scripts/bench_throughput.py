@@ -25,8 +25,10 @@ from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 from abliterate.data import PromptDataModule
 from abliterate.module import AbliterationModule
 from abliterate.options import EvalOptions, LoadOptions, SearchSpace, StudyOptions
+from abliterate.pipeline import Pipeline
 from abliterate.prompts import PromptSource
-from abliterate.search import make_study, run_search
+from abliterate.scorers import KL, MarkerRefusals
+from abliterate.study import make_study
 from abliterate.trainer import AbliterationTrainer
 
 FILES = ("harmful_train.txt", "harmless_train.txt", "harmful_test.txt", "harmless_test.txt")
@@ -116,7 +118,7 @@ def main() -> None:
             module.model.to("cuda")
 
         start = time.perf_counter()
-        trainer.collect_residuals(module, data, cache_dir=None)
+        Pipeline(trainer, module, data, None).residuals()
         if torch.cuda.is_available():
             torch.cuda.synchronize()
         residual_s = time.perf_counter() - start
@@ -126,17 +128,19 @@ def main() -> None:
         per_kl = {}
         for kl_tokens in args.kl_tokens:
             module.eval_options = EvalOptions(max_new_tokens=args.max_new_tokens, kl_tokens=kl_tokens)
+            module.scorers = torch.nn.ModuleList([MarkerRefusals(), KL(kl_tokens)])
+            pipe = Pipeline(trainer, module, data, None)
             start = time.perf_counter()
-            trainer.compute_baseline(module, data, cache_dir=None)
+            reference = pipe.reference()
             baseline_s = time.perf_counter() - start
             options = StudyOptions(n_trials=args.trials, n_startup_trials=args.trials, prune=False)
-            study = make_study(options, optuna.storages.InMemoryStorage())  # same seed: the same trials
+            study = make_study(options, optuna.storages.InMemoryStorage(), pipe.objectives)  # same seed: same trials
             start = time.perf_counter()
-            run_search(trainer, module, data, options, SearchSpace(), study)
+            pipe.search(study, options, SearchSpace(), reference)
             per_kl[kl_tokens] = {
                 "baseline_s": round(baseline_s, 3),
                 "seconds_per_trial": round((time.perf_counter() - start) / args.trials, 3),
-                "reference_mb": round(module.reference_logprobs.numel() * 4 / 2**20, 1),
+                "reference_mb": round(reference.tensors["kl.logprobs"].numel() * 4 / 2**20, 1),
             }
         first = per_kl[args.kl_tokens[0]]["seconds_per_trial"]
         for row in per_kl.values():
