@@ -3,14 +3,17 @@
 import csv
 import json
 import logging
+from pathlib import Path
 
 import datasets
 import pytest
+import yaml
 from tokenizers import Tokenizer
 from tokenizers.models import WordLevel
 from transformers import PreTrainedTokenizerFast
 
 from abliterate import prompts as prompts_module
+from abliterate.data import PromptDataModule
 from abliterate.errors import AbliterateError
 from abliterate.prompts import PromptSource, format_chat, load_prompts
 
@@ -89,6 +92,28 @@ def test_negative_and_percent_slices(kind, tmp_path):
     path = make_source(kind, tmp_path)
     assert load_prompts(PromptSource(path, split="train[-2:]")) == TEXTS[-2:]
     assert load_prompts(PromptSource(path, split="train[:20%]")) == TEXTS[:2]
+    # Percent bounds round half to even, as datasets does: 2.5 -> 2, 3.5 -> 4, -3.5 -> -4, -1.5 -> -2.
+    assert load_prompts(PromptSource(path, split="train[25%:35%]")) == TEXTS[2:4]
+    assert load_prompts(PromptSource(path, split="train[-35%:-15%]")) == TEXTS[6:8]
+    assert load_prompts(PromptSource(path, split="train[-20:3]")) == TEXTS[:3]
+    assert load_prompts(PromptSource(path, split="train[:2]+train[-1:]")) == TEXTS[:2] + TEXTS[-1:]
+
+
+# A single file or saved split is one split: whatever split name the role's default has (eval roles: test[:100]).
+@pytest.mark.parametrize("kind", ["txt", "json", "jsonl", "csv", "parquet", "saved"])
+def test_single_split_sources_take_any_split_name(kind, tmp_path):
+    path = make_source(kind, tmp_path)
+    assert load_prompts(PromptSource(path, split="test[:100]")) == TEXTS
+    assert load_prompts(PromptSource(path, split="test[:3]")) == TEXTS[:3]
+    assert load_prompts(PromptSource(path, split="validation[-2:]")) == TEXTS[-2:]
+    assert load_prompts(PromptSource(path, split="test[2:5]", streaming=True)) == TEXTS[2:5]
+
+
+def test_saved_dataset_dict_joins_splits(tmp_path):
+    path = make_source("saved_dict", tmp_path)
+    assert load_prompts(PromptSource(path, split="train[:2]+test[-1:]")) == TEXTS[:2] + TEXTS[1:2]
+    with pytest.raises(AbliterateError, match="must be one split with non-negative row numbers"):
+        load_prompts(PromptSource(path, split="train[:2]+test[:1]", streaming=True))
 
 
 def test_saved_dataset_dict_picks_the_split(tmp_path):
@@ -109,6 +134,11 @@ def test_logs_what_was_loaded(tmp_path, caplog):
     with caplog.at_level(logging.INFO, logger="abliterate.prompts"):
         load_prompts(PromptSource(path, split="train[:3]"))
     assert f"loaded 3 prompts from {path} (train[:3], column text) in " in caplog.text
+    txt = make_source("txt", tmp_path)
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="abliterate.prompts"):
+        load_prompts(PromptSource(txt, split="train[:4]"))
+    assert caplog.messages[0].startswith(f"loaded 4 prompts from {txt} in ")  # one prompt a line: no split or column
 
 
 # ---- streaming never reads more rows than requested ----
@@ -229,14 +259,88 @@ def test_unknown_extension(tmp_path):
 
 def test_bad_split_and_limit(tmp_path):
     path = make_source("jsonl", tmp_path)
-    with pytest.raises(AbliterateError, match="split"):
-        load_prompts(PromptSource(path, split="test"))
-    with pytest.raises(AbliterateError, match="one split, 'train'"):
-        load_prompts(PromptSource(make_source("txt", tmp_path), split="test"))
-    with pytest.raises(AbliterateError, match="not understood; set split"):
+    with pytest.raises(AbliterateError) as info:
         load_prompts(PromptSource(path, split="train[::2]", streaming=True, limit=2))
+    assert str(info.value) == (
+        f"split 'train[::2]' of {path} is not understood (Unrecognized instruction format: train[::2]); "
+        "set split: a name with an optional row slice, e.g. train[:400]"
+    )
+    with pytest.raises(AbliterateError, match=r"not understood \(Percent slice boundaries must be > -100 and < 100.\)"):
+        load_prompts(PromptSource(path, split="train[:200%]"))
+    with pytest.raises(AbliterateError, match=r"does not apply \(.*pct1_dropremainder.*less than 100"):
+        load_prompts(PromptSource(path, split="train[:50%](pct1_dropremainder)"))
     with pytest.raises(AbliterateError, match="set limit >= 1"):
         PromptSource(path, limit=0)
+    with pytest.raises(AbliterateError, match="a prompt source has dataset ''; name a hub id, a dataset dir or a"):
+        PromptSource("")
+
+
+# ---- unreadable files: one line naming the file, the line and the fix ----
+
+
+def test_malformed_jsonl(tmp_path, caplog):
+    path = tmp_path / "bad.jsonl"
+    path.write_text('{"text": "a"}\n{"text": "b"\n{"text": "c"}\n')
+    expected = (
+        f"{path} line 2 is not valid JSON (Expecting ',' delimiter at column 13); "
+        "fix that line (JSON Lines: one object per line)"
+    )
+    for streaming in (False, True):
+        with caplog.at_level(logging.INFO), pytest.raises(AbliterateError) as info:
+            load_prompts(PromptSource(str(path), streaming=streaming, limit=3))
+        assert str(info.value) == expected
+    assert "Failed to load JSON" not in caplog.text  # the builder's own error log is folded into that line
+
+
+def test_malformed_json_document(tmp_path):
+    path = tmp_path / "bad.json"
+    path.write_text('[\n  {"text": "a"}\n  {"text": "b"}\n]\n')
+    with pytest.raises(AbliterateError) as info:
+        load_prompts(PromptSource(str(path)))
+    assert str(info.value) == (
+        f"{path} line 3 is not valid JSON (Expecting ',' delimiter at column 3); "
+        "fix the JSON there"
+    )
+
+
+def test_malformed_jsonl_in_a_dir_names_the_file(tmp_path):
+    path = make_source("jsonl_dir", tmp_path)
+    bad = tmp_path / "shards" / "part-1.jsonl"
+    bad.write_text('{"text": "p4"}\n{"text": "p5"}\n{"text" "p6"}\n')
+    with pytest.raises(AbliterateError) as info:
+        load_prompts(PromptSource(path))
+    assert str(info.value) == (
+        f"{bad} line 3 is not valid JSON (Expecting ':' delimiter at column 9); "
+        "fix that line (JSON Lines: one object per line)"
+    )
+
+
+@pytest.mark.parametrize(
+    "suffix, content",
+    [(".txt", b"ok\ncaf\xe9\n"), (".csv", b"text\ncaf\xe9\n"), (".jsonl", b'{"text": "ok"}\n{"text": "caf\xe9"}\n')],
+)
+@pytest.mark.parametrize("streaming", [False, True])
+def test_non_utf8_file(tmp_path, suffix, content, streaming):
+    path = tmp_path / f"latin1{suffix}"
+    path.write_bytes(content)
+    column = 4 if suffix != ".jsonl" else 14
+    with pytest.raises(AbliterateError) as info:
+        load_prompts(PromptSource(str(path), streaming=streaming, limit=5))
+    assert str(info.value) == f"{path} line 2 is not UTF-8 (byte 0xe9 at column {column}); save the file as UTF-8"
+
+
+def test_empty_data_file(tmp_path):
+    path = tmp_path / "empty.jsonl"
+    path.write_text("")
+    with pytest.raises(AbliterateError) as info:
+        load_prompts(PromptSource(str(path)))
+    assert str(info.value) == f"{path} is empty; put prompts in it"
+
+
+def test_utf8_bom_is_not_part_of_the_first_prompt(tmp_path):
+    path = tmp_path / "bom.txt"
+    path.write_bytes("\ufeffhello\nworld\n".encode())
+    assert load_prompts(PromptSource(str(path))) == ["hello", "world"]
 
 
 @pytest.mark.skipif(not datasets.config.HF_HUB_OFFLINE, reason="needs HF_HUB_OFFLINE=1 (else the hub is retried)")
@@ -245,6 +349,115 @@ def test_unreachable_hub_id():
         AbliterateError, match="could not load nobody/no-such-dataset-xyz: .*check the dataset path or id"
     ):
         load_prompts(PromptSource("nobody/no-such-dataset-xyz"))
+
+
+# ---- roles on the command line and in YAML: a plain string, or the fields ----
+
+
+@pytest.fixture
+def cli_data(monkeypatch):
+    """The data module the real `abliterate run` parser builds from some args, without running the verb."""
+    from abliterate.cli import AbliterateCLI, main
+
+    seen = {}
+    monkeypatch.setattr(AbliterateCLI, "_run_subcommand", lambda self, subcommand: seen.update(data=self.datamodule))
+
+    def parse(*args: str) -> PromptDataModule:
+        main(["run", *args, "--model", "m"])
+        return seen["data"]
+
+    return parse
+
+
+def test_cli_roles_take_a_plain_string(tmp_path, cli_data):
+    # The .txt and .csv texts parse as YAML strings: jsonargparse must not read them as sub-configs.
+    txt, jsonl, csv_path = (make_source(kind, tmp_path) for kind in ("txt", "jsonl", "csv"))
+    data = cli_data(
+        *("--data.harmful", txt, "--data.harmless", jsonl, "--data.eval_harmful", csv_path),
+        *("--data.unhelpful", "allenai/c4"),
+    )
+    assert data.sources["harmful"] == PromptSource(txt)
+    assert data.sources["harmless"] == PromptSource(jsonl)
+    assert data.sources["eval_harmful"] == PromptSource(csv_path)
+    assert data.sources["unhelpful"] == PromptSource("allenai/c4")
+    assert data.sources["eval_harmless"] == PromptSource("mlabonne/harmless_alpaca", split="test[:100]")
+    for role in ("harmful", "harmless", "eval_harmful"):
+        assert load_prompts(data.sources[role]) == TEXTS
+
+
+def test_cli_roles_take_fields(tmp_path, cli_data):
+    txt = make_source("txt", tmp_path)
+    data = cli_data(
+        *("--data.harmful", "{dataset: org/x, split: train}"),
+        *("--data.harmless.dataset", "org/y", "--data.harmless.limit", "5"),
+        *("--data.eval_harmful", f"{{dataset: {txt}}}", "--data.eval_harmless.dataset", txt),
+    )
+    assert data.sources["harmful"] == PromptSource("org/x", split="train")
+    assert data.sources["harmless"] == PromptSource("org/y", split="train[:400]", limit=5)
+    # Eval roles keep their default split, test[:100]: on a file that is its first 100 prompts.
+    assert data.sources["eval_harmful"] == PromptSource(txt, split="test[:100]")
+    assert load_prompts(data.sources["eval_harmful"]) == TEXTS
+    assert load_prompts(data.sources["eval_harmless"]) == TEXTS
+
+
+def test_yaml_roles_take_a_plain_string(tmp_path, cli_data):
+    txt, jsonl = make_source("txt", tmp_path), make_source("jsonl", tmp_path)
+    config = tmp_path / "run.yaml"
+    config.write_text(f"data:\n  harmful: {txt}\n  eval_harmless: {{dataset: {jsonl}, split: 'test[-2:]'}}\n")
+    data = cli_data("--config", str(config))
+    assert data.sources["harmful"] == PromptSource(txt)
+    assert load_prompts(data.sources["harmful"]) == TEXTS
+    assert load_prompts(data.sources["eval_harmless"]) == TEXTS[-2:]
+
+
+def test_cli_fields_without_a_dataset_name_the_fix(capsys, cli_data):
+    for args in (["--data.unhelpful.limit", "5"], ["--data.harmful", "p.txt", "--data.harmful.limit", "5"]):
+        with pytest.raises(SystemExit) as exit_:
+            cli_data(*args)
+        assert exit_.value.code == 2
+        assert capsys.readouterr().err.strip().splitlines()[-1] == (
+            "error: a prompt role got fields but no dataset; add --data.<role>.dataset p.txt, "
+            "or give the role whole: --data.<role> '{dataset: p.txt, limit: 5}'"
+        )
+
+
+def test_print_config_shows_plain_strings_and_defaults(tmp_path, capsys):
+    from abliterate.cli import main
+
+    txt = make_source("txt", tmp_path)
+    with pytest.raises(SystemExit) as exit_:
+        main(["run", "--model", "m", "--data.harmful", txt, "--print_config"])
+    assert exit_.value.code in (0, None)
+    data = yaml.safe_load(capsys.readouterr().out)["data"]
+    assert data["harmful"] == txt
+    assert data["harmless"]["dataset"] == "mlabonne/harmless_alpaca" and data["harmless"]["split"] == "train[:400]"
+    assert data["eval_harmful"]["dataset"] == "mlabonne/harmful_behaviors"
+    assert data["eval_harmful"]["split"] == "test[:100]" and data["unhelpful"] is None
+
+
+def test_data_module_takes_strings_and_paths(tmp_path):
+    txt = make_source("txt", tmp_path)
+    data = PromptDataModule(harmful=txt, harmless=Path(txt), unhelpful="allenai/c4")
+    assert data.sources["harmful"] == data.sources["harmless"] == PromptSource(txt)
+    assert data.sources["unhelpful"] == PromptSource("allenai/c4")
+    assert data.prompts("harmless") == TEXTS
+
+
+def test_cli_malformed_jsonl_is_one_line(organism_config, organism_dir, tmp_path, capfd):
+    from abliterate.cli import main
+
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "a"}\n{"text": "b"\n')
+    args = ["run", "--config", str(organism_config), "--model", str(organism_dir), "--output_dir", str(tmp_path / "o")]
+    with pytest.raises(SystemExit) as exit_:
+        main([*args, "--data.harmful", str(bad)])
+    err = capfd.readouterr().err
+    assert exit_.value.code == 2
+    assert err.strip().splitlines()[-1] == (
+        f"error: {bad} line 2 is not valid JSON (Expecting ',' delimiter at column 13); "
+        "fix that line (JSON Lines: one object per line)"
+    )
+    assert "Traceback" not in err and "Failed to load JSON" not in err
 
 
 # ---- format_chat ----

@@ -4,9 +4,9 @@ Every `PromptSource` field has a docstring: LightningCLI turns them into `--help
 """
 
 import itertools
+import json
 import logging
 import os
-import re
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -15,7 +15,7 @@ from pathlib import Path
 import datasets
 import jinja2
 
-from abliterate.errors import AbliterateError
+from abliterate.errors import AbliterateError, first_line
 
 log = logging.getLogger("abliterate.prompts")
 
@@ -23,9 +23,6 @@ log = logging.getLogger("abliterate.prompts")
 BUILDERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
 FILE_SUFFIXES = (".txt", *BUILDERS)
 TEMPLATE_SUFFIXES = (".jinja", ".jinja2", ".j2", ".tmpl", ".txt")
-
-# "train", "train[:400]", "test[10:20]", "train[-5:]", "train[:10%]"
-_SPLIT = re.compile(r"^\s*([\w.-]+)\s*(?:\[\s*(-?\d+)?\s*(%)?\s*:\s*(-?\d+)?\s*(%)?\s*\])?\s*$")
 
 
 @dataclass
@@ -37,7 +34,7 @@ class PromptSource:
     config: str | None = None
     """dataset subset (config) name, e.g. "en" for allenai/c4."""
     split: str = "train"
-    """split, optionally sliced by row: "train", "train[:400]", "test[100:200]"."""
+    """split, optionally sliced by row: "train", "train[:400]", "test[100:200]", "train[-50:]", "train[:10%]". A single file or a saved single split has one split, so any name reads it and only the slice counts ("test[:100]" on a .txt file: its first 100 prompts)."""
     column: str = "text"
     """column holding the prompt text (ignored for .txt files)."""
     streaming: bool = False
@@ -52,67 +49,106 @@ class PromptSource:
     """text put after every prompt."""
 
     def __post_init__(self) -> None:
+        if not isinstance(self.dataset, str) or not self.dataset.strip():
+            raise AbliterateError(
+                f"a prompt source has dataset {self.dataset!r}; name a hub id, a dataset dir or a {'/'.join(FILE_SUFFIXES)} file"
+            )
         if self.limit is not None and self.limit < 1:
             raise AbliterateError(
                 f"prompt limit for {self.dataset} is {self.limit}; set limit >= 1, or null for all rows"
             )
 
 
-@dataclass(frozen=True)
-class _Split:
-    name: str
-    start: int | None = None
-    stop: int | None = None
-    start_percent: bool = False
-    stop_percent: bool = False
-
-    def bounds(self, n: int) -> range:
-        """The rows this slice selects from a split of n rows (percent rounds like `datasets`)."""
-
-        def resolve(value: int | None, percent: bool) -> int | None:
-            return value if value is None or not percent else int(round(value * n / 100.0))
-
-        start = resolve(self.start, self.start_percent)
-        stop = resolve(self.stop, self.stop_percent)
-        return range(n)[slice(start, stop)]
+# What a prompt role takes: a PromptSource, or a string or path naming its dataset (the other fields default).
+# os.PathLike also keeps a file name as given on the command line: with a dataclass in the union, jsonargparse
+# would otherwise read an existing file as a sub-config, and could take a .txt file's text for the string.
+PromptSourceLike = PromptSource | str | os.PathLike
 
 
-def _parse_split(source: PromptSource) -> _Split:
-    match = _SPLIT.match(source.split)
-    if match is None:
+def as_source(value: PromptSourceLike | None) -> PromptSource | None:
+    """A prompt role's source: a string or path is the `dataset` (hub id, dir or file) with default fields."""
+    if isinstance(value, str) and value.startswith("Namespace("):
+        # jsonargparse's rendering of fields given without a dataset, e.g. --data.harmful.limit 5 after
+        # --data.harmful p.txt (a field flag replaces a plain string) or with no dataset at all.
         raise AbliterateError(
-            f"split {source.split!r} of {source.dataset} is not understood; set split: a name with an optional row slice, e.g. train[:400]"
+            "a prompt role got fields but no dataset; add --data.<role>.dataset p.txt, "
+            "or give the role whole: --data.<role> '{dataset: p.txt, limit: 5}'"
         )
-    name, start, start_pct, stop, stop_pct = match.groups()
-    return _Split(
-        name,
-        None if start is None else int(start),
-        None if stop is None else int(stop),
-        bool(start_pct),
-        bool(stop_pct),
-    )
+    return PromptSource(os.fspath(value)) if isinstance(value, (str, os.PathLike)) else value
 
 
-def _streamed_rows(source: PromptSource, split: _Split) -> tuple[int, int]:
-    """(rows to skip, rows to read) for a streamed source; rows arrive in order, so only plain row numbers work."""
-    if split.start_percent or split.stop_percent or (split.start or 0) < 0 or (split.stop or 0) < 0:
+# ---- split strings: `datasets` parses them ("train[:400]", "test[-5:]", "train[:10%]", "train+test") ----
+
+
+def _parse_split(source: PromptSource) -> datasets.ReadInstruction:
+    try:
+        return datasets.ReadInstruction.from_spec(source.split.strip())
+    except ValueError as error:
         raise AbliterateError(
-            f"streaming {source.dataset} reads rows in order, so split {source.split!r} must use non-negative row numbers; "
+            f"split {source.split!r} of {source.dataset} is not understood ({first_line(error)}); "
+            "set split: a name with an optional row slice, e.g. train[:400]"
+        ) from error
+
+
+def _parts(split: datasets.ReadInstruction) -> list:
+    """The parsed `+`-separated parts (splitname, from_, to, unit "abs" or "%").
+
+    `datasets` has no public accessor for them; streaming needs the raw bounds, since a stream's length is unknown.
+    """
+    return split._relative_instructions
+
+
+def _split_names(split: datasets.ReadInstruction) -> list[str]:
+    return list(dict.fromkeys(part.splitname for part in _parts(split)))
+
+
+def _split_rows(
+    source: PromptSource, split: datasets.ReadInstruction, lengths: dict[str, int]
+) -> list[tuple[str, range]]:
+    """(split name, rows) per part of `split`, given each split's length."""
+    try:
+        return [(part.splitname, range(part.from_, part.to)) for part in split.to_absolute(lengths)]
+    except ValueError as error:  # e.g. pct1_dropremainder rounding on fewer than 100 rows
+        raise AbliterateError(
+            f"split {source.split!r} of {source.dataset} does not apply ({first_line(error)}); set split like train[:400]"
+        ) from error
+
+
+def _streamed_rows(source: PromptSource, split: datasets.ReadInstruction) -> tuple[int, int]:
+    """(rows to skip, rows to read) for a streamed source; rows arrive in order, so only plain row numbers work."""
+    parts = _parts(split)
+    part = parts[0]
+    if len(parts) > 1 or part.unit == "%" or (part.from_ or 0) < 0 or (part.to or 0) < 0:
+        raise AbliterateError(
+            f"streaming {source.dataset} reads rows in order, so split {source.split!r} must be one split with non-negative row numbers; "
             "set split like train[100:500], or streaming: false"
         )
-    start = split.start or 0
-    count = None if split.stop is None else max(split.stop - start, 0)
+    start = part.from_ or 0
+    count = None if part.to is None else max(part.to - start, 0)
     if source.limit is not None:
         count = source.limit if count is None else min(count, source.limit)
     if count is None:
         raise AbliterateError(
-            f"streaming {source.dataset} needs a row count; set limit (or a split slice end like {split.name}[:1000])"
+            f"streaming {source.dataset} needs a row count; set limit (or a split slice end like {part.splitname}[:1000])"
         )
     return start, count
 
 
-def _one_line(error: BaseException) -> str:
-    return " ".join(str(error).split())[:300]
+def _select(source: PromptSource, split: datasets.ReadInstruction, splits: dict) -> datasets.Dataset:
+    """The rows of map-style `splits` (name -> Dataset) that `split` selects."""
+    if source.streaming:
+        start, count = _streamed_rows(source, split)  # same rules as any streamed source
+        name = _parts(split)[0].splitname
+        pieces = [(name, range(len(splits[name]))[start : start + count])]
+    else:
+        pieces = _split_rows(source, split, {name: len(ds) for name, ds in splits.items()})
+    selected = []
+    for name, rows in pieces:
+        ds = splits[name]
+        if rows != range(len(ds)):
+            ds = ds.select(rows if len(rows) else [])  # select() rejects an empty range past the end
+        selected.append(ds)
+    return selected[0] if len(selected) == 1 else datasets.concatenate_datasets(selected)
 
 
 def _check_column(source: PromptSource, columns: Sequence[str] | None) -> None:
@@ -146,22 +182,121 @@ def _string_columns(features) -> list[str] | None:
     ]
 
 
+# ---- what is wrong with a local file that failed to load ----
+
+
+def _utf8_problem(path: Path) -> str | None:
+    with path.open("rb") as file:
+        for number, line in enumerate(file, 1):
+            try:
+                line.decode("utf-8")
+            except UnicodeDecodeError as error:
+                byte = line[error.start]
+                column = error.start + 1
+                return f"line {number} is not UTF-8 (byte 0x{byte:02x} at column {column}); save the file as UTF-8"
+    return None
+
+
+def _json_problem(path: Path) -> str | None:
+    text = path.read_text(encoding="utf-8-sig")
+    try:
+        json.loads(text)
+        return None
+    except json.JSONDecodeError as whole:
+        document_error = whole
+    lines = text.splitlines()
+    first = next((line for line in lines if line.strip()), "")
+    try:
+        json.loads(first)
+        json_lines = True
+    except json.JSONDecodeError:
+        json_lines = path.suffix.lower() == ".jsonl"
+    if not json_lines:  # one JSON document
+        return (
+            f"line {document_error.lineno} is not valid JSON ({document_error.msg} at column {document_error.colno}); "
+            "fix the JSON there"
+        )
+    for number, line in enumerate(lines, 1):
+        if line.strip():
+            try:
+                json.loads(line)
+            except json.JSONDecodeError as error:
+                return (
+                    f"line {number} is not valid JSON ({error.msg} at column {error.colno}); "
+                    "fix that line (JSON Lines: one object per line)"
+                )
+    return None
+
+
+def _file_problem(path: Path) -> str | None:
+    """What makes a data file unreadable (an empty file, bad UTF-8, bad JSON), or None if that is not it."""
+    if path.stat().st_size == 0:
+        return "is empty; put prompts in it"
+    suffix = path.suffix.lower()
+    if suffix == ".parquet":
+        return None
+    problem = _utf8_problem(path)
+    if problem is None and suffix in (".json", ".jsonl"):
+        problem = _json_problem(path)
+    return problem
+
+
+def _data_files(path: Path) -> list[Path]:
+    if path.is_file():
+        return [path]
+    return sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in FILE_SUFFIXES)
+
+
+def _root_cause(error: BaseException) -> BaseException:
+    seen = {id(error)}
+    while (nxt := error.__cause__ or error.__context__) is not None and id(nxt) not in seen:
+        seen.add(id(nxt))
+        error = nxt
+    return error
+
+
+def _reading_files(path: Path, read):
+    """read(), with a failure caused by a local data file under `path` turned into one line naming file and line."""
+    # The json and csv builders log the error they then raise; it is reported here in one line instead.
+    builders_log = logging.getLogger("datasets.packaged_modules")
+    level = builders_log.level
+    builders_log.setLevel(logging.CRITICAL)
+    try:
+        return read()
+    except AbliterateError:
+        raise
+    except Exception as error:
+        for file in _data_files(path):
+            problem = _file_problem(file)
+            if problem is not None:
+                raise AbliterateError(f"{file} {problem}") from error
+        if isinstance(error, datasets.exceptions.DatasetGenerationError):
+            raise AbliterateError(
+                f"could not read {path} ({first_line(_root_cause(error))}); "
+                f"check that its files are valid {'/'.join(BUILDERS)} data"
+            ) from error
+        raise
+    finally:
+        builders_log.setLevel(level)
+
+
 # ---- one reader per kind of source; each returns the raw column values, split slice and limit applied ----
 
 
-def _read_txt(source: PromptSource, path: Path, split: _Split) -> list[str]:
-    if split.name != "train":
-        raise AbliterateError(
-            f"{path} is a text file with one split, 'train'; set split: train (optionally sliced, e.g. train[:400])"
-        )
-    with path.open(encoding="utf-8") as file:
-        lines = (line.strip() for line in file)
-        prompts = (line for line in lines if line)
-        if source.streaming:
-            start, count = _streamed_rows(source, split)
-            return list(itertools.islice(prompts, start, start + count))
-        rows = list(prompts)
-    rows = [rows[i] for i in split.bounds(len(rows))]
+def _read_txt(source: PromptSource, path: Path, split: datasets.ReadInstruction) -> list[str]:
+    try:
+        with path.open(encoding="utf-8-sig") as file:
+            lines = (line.strip() for line in file)
+            prompts = (line for line in lines if line)
+            if source.streaming:
+                start, count = _streamed_rows(source, split)
+                return list(itertools.islice(prompts, start, start + count))
+            rows = list(prompts)
+    except UnicodeDecodeError as error:
+        raise AbliterateError(f"{path} {_utf8_problem(path) or first_line(error)}") from error
+    # A text file has one split: every part of `split` names it.
+    lengths = dict.fromkeys(_split_names(split), len(rows))
+    rows = [rows[i] for _, part in _split_rows(source, split, lengths) for i in part]
     return rows if source.limit is None else rows[: source.limit]
 
 
@@ -174,7 +309,7 @@ def _read_dataset(source: PromptSource, ds: datasets.Dataset) -> list[str]:
     return _texts(source, ds[source.column], _string_columns(ds.features))
 
 
-def _read_iterable(source: PromptSource, ds: datasets.IterableDataset, split: _Split) -> list[str]:
+def _read_iterable(source: PromptSource, ds: datasets.IterableDataset, split: datasets.ReadInstruction) -> list[str]:
     start, count = _streamed_rows(source, split)
     columns = ds.column_names  # None when the features are only known once rows are read
     _check_column(source, columns)
@@ -196,45 +331,35 @@ def _read_iterable(source: PromptSource, ds: datasets.IterableDataset, split: _S
     return _texts(source, values(), text_columns)
 
 
-def _read_saved(source: PromptSource, path: Path, split: _Split) -> list[str]:
+def _read_saved(source: PromptSource, path: Path, split: datasets.ReadInstruction) -> list[str]:
     saved = datasets.load_from_disk(str(path))
     if isinstance(saved, datasets.DatasetDict):
-        if split.name not in saved:
-            raise AbliterateError(f"{path} has no split {split.name!r}; set split: one of {', '.join(saved)}")
-        ds = saved[split.name]
+        missing = [name for name in _split_names(split) if name not in saved]
+        if missing:
+            raise AbliterateError(f"{path} has no split {missing[0]!r}; set split: one of {', '.join(saved)}")
+        splits = dict(saved)
     else:
-        # A saved Dataset is one split; accept its own name (if recorded) or the default "train".
-        own = str(saved.split) if saved.split is not None else None
-        if split.name not in ("train", own):
-            raise AbliterateError(
-                f"{path} is a single saved split ({own or 'unnamed'}), not {split.name!r}; set split: train (optionally sliced)"
-            )
-        ds = saved
-    if source.streaming:
-        start, count = _streamed_rows(source, split)  # same rules as any streamed source
-        rows = range(len(ds))[start : start + count]
-    else:
-        rows = split.bounds(len(ds))
-    if rows != range(len(ds)):
-        ds = ds.select(rows if len(rows) else [])  # select() rejects an empty range past the end
-    return _read_dataset(source, ds)
+        # A saved Dataset is one split: every part of `split` names it.
+        splits = dict.fromkeys(_split_names(split), saved)
+    return _read_dataset(source, _select(source, split, splits))
 
 
-def _load_dataset(source: PromptSource, split: _Split, path: str, **kwargs) -> list[str]:
-    """`datasets.load_dataset` for packaged builders (local files) and hub ids."""
+def _load_dataset(source: PromptSource, split: datasets.ReadInstruction, path: str, **kwargs) -> list[str]:
+    """`datasets.load_dataset` for hub ids and dirs of data files."""
     try:
         if source.streaming:
-            ds = datasets.load_dataset(path, split=split.name, streaming=True, **kwargs)
+            _streamed_rows(source, split)  # one split, plain row numbers
+            ds = datasets.load_dataset(path, split=_parts(split)[0].splitname, streaming=True, **kwargs)
         else:
             # datasets slices map-style splits itself ("train[:400]", "train[:10%]", "train+test").
-            ds = datasets.load_dataset(path, split=source.split, **kwargs)
+            ds = datasets.load_dataset(path, split=str(split), **kwargs)
     except (ConnectionError, FileNotFoundError) as error:
         raise AbliterateError(
-            f"could not load {source.dataset}: not a local file or dir, and not available from the hub ({_one_line(error)}); "
+            f"could not load {source.dataset}: not a local file or dir, and not available from the hub ({first_line(error)}); "
             "check the dataset path or id, or download it first"
         ) from error
     except ValueError as error:
-        message = _one_line(error)
+        message = first_line(error)
         if "split" in message.lower() or "config" in message.lower():
             raise AbliterateError(f"could not load {source.dataset}: {message}; check split and config") from error
         raise
@@ -243,7 +368,17 @@ def _load_dataset(source: PromptSource, split: _Split, path: str, **kwargs) -> l
     return _read_dataset(source, ds)
 
 
-def _read(source: PromptSource, split: _Split) -> list[str]:
+def _read_file(source: PromptSource, path: Path, split: datasets.ReadInstruction) -> list[str]:
+    """A .json/.jsonl/.csv/.parquet file: one split, whatever the split name says."""
+    builder = BUILDERS[path.suffix.lower()]
+    if source.streaming:
+        ds = datasets.load_dataset(builder, data_files=str(path), split="train", streaming=True)
+        return _read_iterable(source, ds, split)
+    ds = datasets.load_dataset(builder, data_files=str(path), split="train")
+    return _read_dataset(source, _select(source, split, dict.fromkeys(_split_names(split), ds)))
+
+
+def _read(source: PromptSource, split: datasets.ReadInstruction) -> list[str]:
     path = Path(os.path.expanduser(source.dataset))
     if path.is_file():
         suffix = path.suffix.lower()
@@ -253,11 +388,11 @@ def _read(source: PromptSource, split: _Split) -> list[str]:
             raise AbliterateError(
                 f"{path} has an unsupported extension {suffix or '(none)'!r}; use a {'/'.join(FILE_SUFFIXES)} file or a dataset dir"
             )
-        return _load_dataset(source, split, BUILDERS[suffix], data_files=str(path))
+        return _reading_files(path, lambda: _read_file(source, path, split))
     if path.is_dir():
         if (path / "dataset_dict.json").is_file() or (path / "state.json").is_file():
             return _read_saved(source, path, split)
-        return _load_dataset(source, split, str(path), name=source.config)
+        return _reading_files(path, lambda: _load_dataset(source, split, str(path), name=source.config))
     if path.suffix.lower() in FILE_SUFFIXES or source.dataset.startswith((".", "/", "~")):
         raise AbliterateError(f"prompt file or dir {source.dataset} does not exist; check the dataset path")
     return _load_dataset(source, split, source.dataset, name=source.config)
@@ -275,14 +410,12 @@ def load_prompts(source: PromptSource) -> list[str]:
         prompts = prompts[: source.limit]
     if not prompts:
         raise AbliterateError(f"{source.dataset} ({source.split}) has no prompts; check split/limit")
+    if Path(os.path.expanduser(source.dataset)).suffix.lower() == ".txt":
+        details = ""  # one prompt a line: no split name or column to report
+    else:
+        details = f" ({source.split}, column {source.column}{', streamed' if source.streaming else ''})"
     log.info(
-        "loaded %d prompts from %s (%s, column %s%s) in %.2fs",
-        len(prompts),
-        source.dataset,
-        source.split,
-        source.column,
-        ", streamed" if source.streaming else "",
-        time.perf_counter() - start,
+        "loaded %d prompts from %s%s in %.2fs", len(prompts), source.dataset, details, time.perf_counter() - start
     )
     return prompts
 
@@ -361,6 +494,6 @@ def format_chat(
             log.info(
                 "chat template of %s rejects the system role (%s); folding the system prompt into the user turn",
                 model,
-                _one_line(error),
+                first_line(error),
             )
     return list(render([conversation(prompt, fold) for prompt in prompts]))
