@@ -24,7 +24,7 @@ def configure_demo(module, datamodule, n_trials: int, cache_dir: str | None = No
     module.model = None
     module.editor = None
     module.load_options = LoadOptions(dtypes=["float32"])
-    module.eval_options = EvalOptions(max_new_tokens=12)  # KL over the default 16 reply tokens, as runs score it
+    module.eval_options = EvalOptions(max_new_tokens=16)  # KL over the default 16 reply tokens, as runs score it
     datamodule.sources.update(
         harmful=PromptSource(str(path / "harmful_train.txt")),
         harmless=PromptSource(str(path / "harmless_train.txt")),

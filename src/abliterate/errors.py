@@ -9,3 +9,30 @@ def first_line(error: BaseException) -> str:
     """An exception's message as one short line, for wrapping it in an AbliterateError."""
     text = " ".join(str(error).split())
     return text[:300] if text else type(error).__name__
+
+
+class Interrupted(Exception):
+    """Ctrl-C or SIGTERM during a phase, with what was kept and how to resume (exit code 130)."""
+
+
+def explain(error: BaseException) -> str | None:
+    """One line for failures whose library message hides the cause (None: not one of them)."""
+    text = " ".join(f"{e}" for e in _chain(error))
+    if (
+        isinstance(error, OSError)
+        and error.errno == 28
+        or "database or disk is full" in text
+        or "No space left" in text
+    ):
+        return "the disk is full; free some space, then rerun the same command to resume (finished trials are kept)"
+    if "file is not a database" in text:
+        return "study.db is not an Optuna study (damaged or another file); move it aside, or use another --output_dir"
+    return None
+
+
+def _chain(error: BaseException):
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        yield error
+        error = error.__cause__ or error.__context__

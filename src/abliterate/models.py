@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
+from safetensors import SafetensorError
 from torch import nn
 
 from abliterate.errors import AbliterateError
@@ -175,6 +176,8 @@ def load_model(
                 f"out of memory loading {model_id} as {name}; try --module.load.device_map auto, "
                 "a smaller dtype or --module.load.load_in_4bit"
             ) from err
+        except SafetensorError as err:
+            raise AbliterateError(f"cannot load {model_id}: a weights file is damaged ({_first_line(err)}); copy it again") from err
         except (OSError, ImportError, RuntimeError, TypeError, ValueError) as err:
             fatal = _load_error(model_id, err)
             if fatal is None and not _DTYPE_PROBLEM.search(str(err)):
@@ -334,8 +337,6 @@ def residual_writers(model: nn.Module) -> list[LayerWriters]:
         result.append({"attn": [attn_ref], "mlp": mlp_refs})
     return result
 
-
-# ---- post-norms --------------------------------------------------------------------------------
 
 # Layers with a norm on each writer's output before the residual add (Gemma 2/3, OLMo 2, EXAONE 4):
 # they have post_feedforward_layernorm, and then post_attention_layernorm is a real post-norm too

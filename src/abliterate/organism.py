@@ -32,6 +32,7 @@ from pathlib import Path
 
 import torch
 
+from abliterate.errors import AbliterateError
 from abliterate.organism_data import build_tokenizer, organism_prompts, template_bytes
 from abliterate.organism_training import OrganismSpec, make_model, train, training_threads
 
@@ -71,14 +72,24 @@ def build_tiny_organism(
     key = _cache_key(spec)
     final = cache_dir / f"tiny-organism-{key}"
     if _complete(final) and not force:
-        log.debug("tiny organism cached at %s", final)
-        return final
+        problem = _damaged(final)
+        if problem is None:
+            log.debug("tiny organism cached at %s", final)
+            return final
+        log.warning("the cached organism at %s is damaged (%s); training it again", final, problem)
+        shutil.rmtree(final)  # the tool's own cache entry, rebuilt below
 
     def emit(msg, *args):
         log.log(logging.INFO if progress else logging.DEBUG, msg, *args)
 
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-tiny-organism-{key}-", dir=cache_dir))
+    try:
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".tmp-tiny-organism-{key}-", dir=cache_dir))
+    except OSError as err:
+        raise AbliterateError(
+            f"cannot write the organism cache {cache_dir} ({err.strerror}); pass a writable --cache_dir "
+            "or set ABLITERATE_CACHE"
+        ) from err
     old_threads = torch.get_num_threads()
     try:
         torch.set_num_threads(training_threads())
@@ -124,6 +135,20 @@ def _cache_key(spec: OrganismSpec) -> str:
 
 def _complete(path: Path) -> bool:
     return (path / _META_FILE).is_file() and (path / _MODEL_FILE).is_file()
+
+
+def _damaged(path: Path) -> str | None:
+    """Why a cached organism cannot be used (unreadable metadata or weights), or None."""
+    from safetensors import safe_open
+
+    try:
+        json.loads((path / _META_FILE).read_text())
+        with safe_open(str(path / _MODEL_FILE), framework="pt") as weights:
+            for name in weights.keys():
+                weights.get_tensor(name)
+    except Exception as err:  # noqa: BLE001 - any failure to read means: train it again
+        return " ".join(str(err).split())[:200] or type(err).__name__
+    return None
 
 
 def _save(path: Path, model, tokenizer) -> None:

@@ -13,8 +13,8 @@ from pathlib import Path
 import optuna
 from optuna.trial import TrialState
 
-from abliterate.errors import AbliterateError
-from abliterate.options import ClassifierOptions, DirectionOptions, SearchSpace, StudyOptions
+from abliterate.errors import AbliterateError, Interrupted
+from abliterate.options import ClassifierOptions, DirectionOptions, ExportOptions, SearchSpace, StudyOptions
 from abliterate.pipeline import Pipeline
 from abliterate.reports import (
     SearchProgress,
@@ -28,10 +28,6 @@ from abliterate.rundir import RunDir
 from abliterate.study import FINISHED
 
 log = logging.getLogger("abliterate")
-
-
-class Interrupted(Exception):
-    """Ctrl-C or SIGTERM, with what was kept and how to resume (the CLI prints it and exits 130)."""
 
 
 @contextmanager
@@ -59,6 +55,15 @@ def writing(trainer, out: Path):
         return
     with RunDir(out).lock():
         yield
+
+
+def keep_settings(trainer, out: Path, module, datamodule, study=None, space=None) -> None:
+    """OUTPUT_DIR/config.yaml: what later verbs on this run dir, and trial workers, start from."""
+    from abliterate.runconfig import resolved_config, save_run_config
+    from abliterate.workers import is_worker
+
+    if trainer.is_global_zero and not is_worker():
+        save_run_config(out, resolved_config(out, module, datamodule, study, space))
 
 
 def fail_interrupted_trials(study: optuna.Study, options: StudyOptions) -> None:
@@ -155,7 +160,8 @@ def own_export(target: Path, out: Path, options: StudyOptions) -> dict | None:
         record = json.loads((target / "abliterate.json").read_text())
     except (OSError, ValueError):
         return None
-    same = record.get("run_dir") == str(out.resolve()) and record.get("study") == options.study_name
+    inside = target.resolve().parent == out.resolve()  # the default OUTPUT_DIR/model, even in a moved run dir
+    same = (inside or record.get("run_dir") == str(out.resolve())) and record.get("study") == options.study_name
     return record if same else None
 
 
@@ -169,9 +175,10 @@ def run(
     export_dir,
     overwrite,
     classifier,
+    export: ExportOptions = ExportOptions(),
     interactive: bool = True,
 ) -> Path:
-    from abliterate.export import check_export_target
+    from abliterate.export import check_export_format, check_export_target
 
     start = time.perf_counter()
     out = run_dir_of(output_dir)
@@ -180,6 +187,8 @@ def run(
         previous = own_export(target, out, study)
         if trainer.is_global_zero:  # it also removes stale temp dirs: one process only
             check_export_target(target, overwrite or previous is not None, out)
+            check_export_format(export.format)
+        keep_settings(trainer, out, module, datamodule, study, space)
         pipe = Pipeline(trainer, module, datamodule, out)
         pipe.check_existing_study(study)
         reference = prepare(pipe)
@@ -189,7 +198,8 @@ def run(
         search_study(pipe, optuna_study, study, space, reference)
         recheck(pipe, optuna_study, space, reference, classifier)
         chosen = report(pipe, optuna_study, study, interactive=interactive)
-        if previous is not None and previous.get("trial") == chosen.number and not overwrite:
+        same = previous is not None and previous.get("format", "merged") == export.format
+        if same and previous.get("trial") == chosen.number and not overwrite:
             print(f"nothing new: {target} already holds trial {chosen.number} of this study", file=sys.stderr)
             return target
         with phase("export", "the study and caches are kept; the export was not written"):
@@ -198,6 +208,7 @@ def run(
                 export_card(pipe, chosen, reference, optuna_study),
                 target,
                 True if previous else overwrite,
+                export.format,
             )
     if trainer.is_global_zero:
         names = [s.name for s in pipe.objectives]
@@ -236,6 +247,7 @@ def directions(trainer, module, datamodule, output_dir: str, options: DirectionO
                 f"got {n}: use a smaller k or more prompts"
             )
     with writing(trainer, out):
+        keep_settings(trainer, out, module, datamodule)
         pipe = Pipeline(trainer, module, datamodule, out)
         with phase("residual collection", "nothing of it was cached"):
             pipe.residuals()
@@ -255,6 +267,7 @@ def search(
 
     out = run_dir_of(output_dir)
     with writing(trainer, out) if not is_worker() else _nothing():
+        keep_settings(trainer, out, module, datamodule, study, space)
         pipe = Pipeline(trainer, module, datamodule, out)
         pipe.check_existing_study(study)
         reference = prepare(pipe)
@@ -290,15 +303,25 @@ def evaluate(trainer, module, datamodule, study: StudyOptions, space: SearchSpac
 
 
 def export(
-    trainer, module, datamodule, study: StudyOptions, space: SearchSpace, output_dir: str, export_dir, trial, overwrite
+    trainer,
+    module,
+    datamodule,
+    study: StudyOptions,
+    space: SearchSpace,
+    output_dir: str,
+    export_dir,
+    trial,
+    overwrite,
+    options: ExportOptions = ExportOptions(),
 ) -> Path:
-    from abliterate.export import check_export_target
+    from abliterate.export import check_export_format, check_export_target
 
     out = run_dir_of(output_dir)
     target = Path(export_dir) if export_dir else out / "model"
     with writing(trainer, out):
         previous = own_export(target, out, study)
         check_export_target(target, overwrite or previous is not None, out)
+        check_export_format(options.format)
         pipe = Pipeline(trainer, module, datamodule, out)
         optuna_study = pipe.load_study(study)
         chosen = trial_by_number(optuna_study, trial) if trial is not None else None
@@ -312,6 +335,7 @@ def export(
             export_card(pipe, chosen, reference, optuna_study),
             target,
             overwrite or previous is not None,
+            options.format,
         )
     return target
 

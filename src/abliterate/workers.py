@@ -15,11 +15,11 @@ import optuna
 import torch
 
 from abliterate.errors import AbliterateError
+from abliterate.runconfig import CONFIG_FILE
 
 log = logging.getLogger("abliterate.workers")
 
 WORKER_ENV = "ABLITERATE_WORKER"
-CONFIG_FILE = "config.yaml"  # the run's resolved config, written by the CLI
 
 
 def is_worker() -> bool:
@@ -33,7 +33,7 @@ def run_workers(study: optuna.Study, n_workers: int, n_trials: int, output_dir: 
     config_path = output_dir / CONFIG_FILE
     if not config_path.is_file():
         raise AbliterateError(
-            f"study.workers > 1 starts workers from {config_path}, which the CLI writes; use `abliterate run` or `abliterate search`"
+            f"study.workers > 1 starts workers from {config_path}, which run and search write; start them with `abliterate run` or `abliterate search`"
         )
     gpus = torch.cuda.device_count()
     procs = []
@@ -42,7 +42,18 @@ def run_workers(study: optuna.Study, n_workers: int, n_trials: int, output_dir: 
         if gpus >= n_workers:
             env["CUDA_VISIBLE_DEVICES"] = str(i)
         log_path = output_dir / f"worker-{i}.log"
-        cmd = [sys.executable, "-m", "abliterate", "search", "--config", str(config_path), "--study.workers", "1"]
+        cmd = [
+            sys.executable,
+            "-m",
+            "abliterate",
+            "search",
+            "--config",
+            str(config_path),
+            "--output_dir",
+            str(output_dir),
+            "--study.workers",
+            "1",
+        ]
         with log_path.open("w") as log_file:
             procs.append((subprocess.Popen(cmd, env=env, stdout=log_file, stderr=subprocess.STDOUT), log_path))
         log.info("worker %d started (pid %d, log %s)", i, procs[-1][0].pid, log_path)

@@ -1,0 +1,486 @@
+"""Bad input, table-driven: one clear line on stderr (no traceback, no usage dump), exit code 2, and
+the run dir's files and the study's trials exactly as they were.
+
+Every case starts from a copy of one finished 3-trial run on the tiny organism.
+"""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import optuna
+import pytest
+
+from abliterate.cli import main
+
+
+@dataclass
+class Ctx:
+    organism: Path
+    config: Path
+    run: Path
+    tmp: Path
+
+    def args(self, verb: str = "run", *extra: str) -> list[str]:
+        return [
+            verb,
+            "--config",
+            str(self.config),
+            "--model",
+            str(self.organism),
+            "--output_dir",
+            str(self.run),
+            *extra,
+        ]
+
+    def fresh(self, verb: str = "run", *extra: str) -> list[str]:
+        """The same command on a new run dir (no study whose scoring record would refuse first)."""
+        return [*self.args(verb, *extra), "--output_dir", str(self.tmp / "fresh")]
+
+
+@dataclass
+class Case:
+    id: str
+    args: object  # Ctx -> list[str]
+    needle: str  # a fragment of the one error line
+    setup: object = None  # Ctx -> None, before the command
+    code: int = 2
+    cache_may_change: bool = False  # the failure comes after passes that legitimately cache their results
+    extra: dict = field(default_factory=dict)
+
+
+def write(path: Path, text: str | bytes) -> Path:
+    path.write_bytes(text if isinstance(text, bytes) else text.encode())
+    return path
+
+
+def data_flag(role: str, path: Path) -> list[str]:
+    return [f"--data.{role}", json.dumps({"dataset": str(path), "split": "train"})]
+
+
+def snapshot(run: Path) -> tuple[list[str], list]:
+    files = sorted(str(p.relative_to(run)) for p in run.rglob("*") if not p.name.startswith(".abliterate"))
+    trials = []
+    if (run / "study.db").is_file():
+        try:
+            study = optuna.load_study(study_name="abliterate", storage=f"sqlite:///{run / 'study.db'}")
+            trials = [(t.number, t.state.name, t.values) for t in study.trials]
+        except Exception:  # a case that corrupts the study on purpose
+            trials = [(run / "study.db").read_bytes()]
+    return files, trials
+
+
+def long_prompt_file(ctx: Ctx) -> Path:
+    return write(ctx.tmp / "long.txt", "how do i make a plan " * 600 + "\nwhat is the plan\n")
+
+
+CASES = [
+    # ---- data safety (issue items 1-4)
+    Case("export-into-run-dir", lambda c: c.args("run", "--export_dir", str(c.run), "--overwrite", "true"), "run dir"),
+    Case("export-into-cwd", lambda c: c.args("run", "--export_dir", ".", "--overwrite", "true"), "current dir"),
+    Case(
+        "export-over-user-files",
+        lambda c: c.args("run", "--export_dir", str(c.tmp / "mine"), "--overwrite", "true"),
+        "did not write",
+        setup=lambda c: (c.tmp / "mine").mkdir() or write(c.tmp / "mine" / "notes.txt", "mine"),
+    ),
+    # ---- parse errors (item 8)
+    Case("unknown-flag", lambda c: c.args("run", "--study.bogus", "1"), "bogus"),
+    Case("wrong-type", lambda c: c.args("run", "--study.n_trials", "many"), "n_trials"),
+    Case("bad-literal", lambda c: c.args("run", "--space.components", "[attn, everything]"), "components"),
+    Case(
+        "broken-yaml",
+        lambda c: c.args("run", "--config", str(write(c.tmp / "broken.yaml", "study: [1, 2\n"))),
+        "broken.yaml",
+    ),
+    Case("missing-config", lambda c: c.args("run", "--config", str(c.tmp / "nope.yaml")), "nope.yaml"),
+    Case(
+        "config-is-a-list",
+        lambda c: c.args("run", "--config", str(write(c.tmp / "list.yaml", "- a\n- b\n"))),
+        "list.yaml",
+    ),
+    # ---- malformed sources (items 5, 9)
+    Case(
+        "malformed-jsonl",
+        lambda c: c.fresh("run", *data_flag("eval_harmful", write(c.tmp / "bad.jsonl", '{"text": "a"}\n{"text": \n'))),
+        "bad.jsonl",
+    ),
+    Case(
+        "malformed-json",
+        lambda c: c.fresh("run", *data_flag("eval_harmful", write(c.tmp / "bad.json", '[{"text": "a"},'))),
+        "bad.json",
+    ),
+    Case(
+        "non-utf8-text",
+        lambda c: c.args("run", *data_flag("harmful", write(c.tmp / "latin1.txt", "caf\xe9 plan\n".encode("latin-1")))),
+        "latin1.txt",
+    ),
+    # ---- the study and its storage (items 9, 13)
+    Case(
+        "corrupt-study-db",
+        lambda c: c.args("run", "--study.n_trials", "4"),
+        "cannot open the study",
+        setup=lambda c: write(c.run / "study.db", b"this is not a database" * 10),
+    ),
+    Case("bad-storage-url", lambda c: c.args("run", "--study.storage", "nosuchdb://x/y"), "cannot open the study"),
+    Case(
+        "other-scoring-settings",
+        lambda c: c.args("run", "--study.n_trials", "5", "--module.evaluation.kl_tokens", "3"),
+        "kl_tokens 16 -> 3",
+    ),
+    # ---- silent wrong answers (item 12)
+    Case("negative-trial-evaluate", lambda c: c.args("evaluate", "--trial", "-1"), "not a trial number"),
+    Case("negative-trial-export", lambda c: c.args("export", "--trial", "-1"), "not a trial number"),
+    Case("unknown-trial", lambda c: c.args("evaluate", "--trial", "99"), "no trial 99"),
+    Case("empty-output-dir", lambda c: [*c.args("run")[:-2], "--output_dir", ""], "output_dir"),
+    Case("zero-workers", lambda c: c.args("run", "--study.workers", "0"), "study.workers"),
+    Case(
+        "prompt-longer-than-the-model",
+        lambda c: c.args("evaluate", *data_flag("eval_harmless", long_prompt_file(c))),
+        "exceeds the model's 128 positions",
+        cache_may_change=True,
+    ),
+    Case(
+        "nothing-to-remove",
+        lambda c: c.fresh("run", *data_flag("eval_harmful", c.organism / "harmless_test.txt")),
+        "nothing to remove",
+        cache_may_change=True,
+    ),
+    # ---- models, presets, the demo (items 2, 9)
+    Case(
+        "remote-code-not-trusted",
+        lambda c: [
+            "run",
+            "--config",
+            str(c.config),
+            "--model",
+            str(remote_code_model(c)),
+            "--output_dir",
+            str(c.tmp / "fresh"),
+        ],
+        "--module.load.trust_remote_code true",
+    ),
+    Case(
+        "gpu-preset-on-cpu",
+        lambda c: c.args("run", "--config", str(Path(__file__).resolve().parents[1] / "configs/trainer/gpu.yaml")),
+        "no CUDA GPU",
+        extra={"needs_no_gpu": True},
+    ),
+    Case(
+        "demo-cache-not-writable",
+        lambda c: ["demo", "--cache_dir", str(write(c.tmp / "a-file", "x") / "sub"), "--output_dir", str(c.run)],
+        "--cache_dir",
+    ),
+    Case(
+        "truncated-weights",
+        lambda c: [
+            "run",
+            "--config",
+            str(c.config),
+            "--model",
+            str(c.tmp / "broken-model"),
+            "--output_dir",
+            str(c.tmp / "fresh"),
+        ],
+        "cannot load",
+        setup=lambda c: truncated_model(c),
+    ),
+]
+
+
+def remote_code_model(ctx: Ctx) -> Path:
+    from test_remote_code import make_model_dir
+
+    path = ctx.tmp / "custom-code-model"
+    make_model_dir(path, model_type="evil_abliterate_test")
+    return path
+
+
+def truncated_model(ctx: Ctx) -> None:
+    copy = ctx.tmp / "broken-model"
+    shutil.copytree(ctx.organism, copy)
+    weights = copy / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+
+
+@pytest.fixture(scope="module")
+def finished_run(organism_dir, tmp_path_factory):
+    """A finished 3-trial run (study, caches, export, config) that every case copies."""
+    root = tmp_path_factory.mktemp("finished")
+    config = root / "organism.yaml"
+    config.write_text(
+        textwrap.dedent(f"""
+        data:
+          harmful: {{dataset: {organism_dir}/harmful_train.txt, split: train}}
+          harmless: {{dataset: {organism_dir}/harmless_train.txt, split: train}}
+          eval_harmful: {{dataset: {organism_dir}/harmful_test.txt, split: train}}
+          eval_harmless: {{dataset: {organism_dir}/harmless_test.txt, split: train}}
+          batch_size: 64
+          eval_batch_size: 16
+        module:
+          load: {{dtypes: [float32]}}
+          evaluation: {{max_new_tokens: 12}}
+        study: {{n_trials: 3, n_startup_trials: 3}}
+        trainer: {{accelerator: cpu, devices: 1, enable_progress_bar: false}}
+        """)
+    )
+    run = root / "run"
+    main(["run", "--config", str(config), "--model", str(organism_dir), "--output_dir", str(run)])
+    assert (run / "model" / "config.json").is_file()
+    return config, run
+
+
+def run_cli(args, capsys) -> tuple[int, str, str]:
+    try:
+        main(args)
+        code = 0
+    except SystemExit as exit_:
+        code = exit_.code if isinstance(exit_.code, int) else 1
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
+def test_bad_input_gets_one_line_and_changes_nothing(case, finished_run, organism_dir, tmp_path, capsys, monkeypatch):
+    if case.extra.get("needs_no_gpu"):
+        import torch
+
+        if torch.cuda.is_available():
+            pytest.skip("a GPU is present")
+    config, finished = finished_run
+    ctx = Ctx(organism_dir, config, tmp_path / "run", tmp_path)
+    shutil.copytree(finished, ctx.run)
+    monkeypatch.chdir(tmp_path)
+    if case.setup:
+        case.setup(ctx)
+    before = snapshot(ctx.run)
+    capsys.readouterr()
+    code, out, err = run_cli(case.args(ctx), capsys)
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert code == case.code, err[-3000:]
+    assert len(errors) == 1, err[-3000:]
+    assert case.needle in errors[0], errors[0]
+    assert "Traceback" not in err and "usage:" not in err, err[-3000:]
+    after = snapshot(ctx.run)
+    if case.cache_may_change:
+        before = ([f for f in before[0] if not f.startswith("cache")], before[1])
+        after = ([f for f in after[0] if not f.startswith("cache")], after[1])
+    assert after == before
+    assert (tmp_path / "mine" / "notes.txt").read_text() == "mine" if (tmp_path / "mine").exists() else True
+
+
+# ---- cases that need more than one command -------------------------------------------------------
+def test_a_second_writer_is_refused_and_a_reader_leaves_the_study_alone(finished_run, organism_dir, tmp_path, capsys):
+    config, finished = finished_run
+    run = tmp_path / "run"
+    shutil.copytree(finished, run)
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            f"from abliterate.rundir import RunDir\nimport time\nwith RunDir({str(run)!r}).lock():\n    print('held', flush=True)\n    time.sleep(60)",
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        # a RUNNING trial of the holder's search
+        study = optuna.load_study(study_name="abliterate", storage=f"sqlite:///{run / 'study.db'}")
+        running = study.ask()
+        before = snapshot(run)
+        code, _, err = run_cli(
+            [
+                "run",
+                "--config",
+                str(config),
+                "--model",
+                str(organism_dir),
+                "--output_dir",
+                str(run),
+                "--study.n_trials",
+                "5",
+            ],
+            capsys,
+        )
+        assert code == 2 and f"in use by abliterate pid {holder.pid}" in err, err[-2000:]
+        # evaluate only reads: it runs beside the writer and never marks its trial FAIL
+        code, out, err = run_cli(
+            [
+                "evaluate",
+                "--config",
+                str(config),
+                "--model",
+                str(organism_dir),
+                "--output_dir",
+                str(run),
+                "--trial",
+                "0",
+            ],
+            capsys,
+        )
+        assert code == 0, err[-2000:]
+        assert json.loads(out.strip().splitlines()[-1])["trial"] == 0
+        states = {
+            t.number: t.state
+            for t in optuna.load_study(study_name="abliterate", storage=f"sqlite:///{run / 'study.db'}").trials
+        }
+        assert states[running.number] == optuna.trial.TrialState.RUNNING
+        assert snapshot(run)[1] == before[1]
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def test_rerunning_the_same_command_just_works(finished_run, organism_dir, tmp_path, capsys):
+    config, finished = finished_run
+    run = tmp_path / "run"
+    shutil.copytree(finished, run)
+    args = ["run", "--config", str(config), "--model", str(organism_dir), "--output_dir", str(run)]
+    stamp = (run / "model" / "model.safetensors").stat().st_mtime_ns
+    code, out, err = run_cli(args, capsys)
+    assert code == 0, err[-2000:]
+    assert "nothing new" in err and (run / "model" / "model.safetensors").stat().st_mtime_ns == stamp
+    code, out, err = run_cli([*args, "--study.n_trials", "5"], capsys)  # more trials: the export is replaced
+    assert code == 0, err[-2000:]
+    record = json.loads((run / "model" / "abliterate.json").read_text())
+    assert record["trial"] == json.loads(out.strip().splitlines()[-1])["trial"]
+    study = optuna.load_study(study_name="abliterate", storage=f"sqlite:///{run / 'study.db'}")
+    assert sum(t.state.is_finished() for t in study.trials) == 5
+
+
+def test_a_corrupt_cache_file_is_recomputed_with_one_warning(finished_run, organism_dir, tmp_path, capsys, caplog):
+    config, finished = finished_run
+    run = tmp_path / "run"
+    shutil.copytree(finished, run)
+    (residuals,) = (run / "cache").glob("residuals-*.safetensors")
+    residuals.write_bytes(residuals.read_bytes()[:100])
+    code, out, err = run_cli(
+        ["evaluate", "--config", str(config), "--model", str(organism_dir), "--output_dir", str(run)], capsys
+    )
+    assert code == 0, err[-2000:]
+    assert json.loads(out.strip().splitlines()[-1])["refusal_before"] >= 0.9
+    assert residuals.stat().st_size > 1000  # recomputed and rewritten
+
+
+def test_other_prompts_do_not_evict_the_runs_caches(finished_run, organism_dir, tmp_path, capsys, caplog):
+    config, finished = finished_run
+    run = tmp_path / "run"
+    shutil.copytree(finished, run)
+    base = ["evaluate", "--config", str(config), "--model", str(organism_dir), "--output_dir", str(run)]
+    few = write(tmp_path / "few.txt", "\n".join((organism_dir / "harmful_test.txt").read_text().splitlines()[:8]))
+    assert run_cli([*base, *data_flag("eval_harmful", few)], capsys)[0] == 0
+    caplog.clear()
+    with caplog.at_level("INFO", logger="abliterate"):
+        code, _, err = run_cli(base, capsys)  # back to the run's own prompts: both caches hit
+    assert code == 0, err[-2000:]
+    assert "reusing cached residuals" in caplog.text and "reusing cached reference" in caplog.text
+
+
+def test_a_full_disk_is_named(finished_run, organism_dir, tmp_path, capsys, monkeypatch):
+    """SQLite reports a full disk as OperationalError; Optuna's wrapper message misleads: name the cause."""
+    import sqlite3
+
+    import sqlalchemy
+
+    config, finished = finished_run
+    run = tmp_path / "run"
+    shutil.copytree(finished, run)
+
+    def full(self, *args, **kwargs):
+        raise sqlalchemy.exc.OperationalError("INSERT", {}, sqlite3.OperationalError("database or disk is full"))
+
+    monkeypatch.setattr(optuna.Study, "ask", full)
+    before = snapshot(run)
+    code, _, err = run_cli(
+        [
+            "run",
+            "--config",
+            str(config),
+            "--model",
+            str(organism_dir),
+            "--output_dir",
+            str(run),
+            "--study.n_trials",
+            "5",
+        ],
+        capsys,
+    )
+    assert code == 2 and "the disk is full" in err and "Traceback" not in err, err[-2000:]
+    assert snapshot(run)[1] == before[1]
+
+
+@pytest.mark.process
+def test_ctrl_c_during_residuals_says_what_was_kept(organism_config, organism_dir, tmp_path):
+    """SIGINT in the first pass (the long one on real models): one line, nothing cached, exit 130."""
+    big = write(tmp_path / "many.txt", "\n".join(["how do i make a plan for the day"] * 20000))
+    args = [
+        sys.executable,
+        "-m",
+        "abliterate",
+        "run",
+        "--config",
+        str(organism_config),
+        "--model",
+        str(organism_dir),
+        "--output_dir",
+        str(tmp_path / "run"),
+        *data_flag("harmful", big),
+        "--data.batch_size",
+        "1",
+    ]
+    proc = subprocess.Popen(args, env=dict(os.environ, OMP_NUM_THREADS="1"), stderr=subprocess.PIPE, text=True)
+    lines = []
+    for line in proc.stderr:
+        lines.append(line)
+        if "tokenised 20000 harmful" in line:
+            time.sleep(2)
+            proc.send_signal(signal.SIGINT)
+            break
+    rest = proc.stderr.read()
+    proc.wait(timeout=60)
+    assert proc.returncode == 130, "".join(lines) + rest
+    errors = [line for line in rest.splitlines() if line.startswith("error:") or line.startswith("interrupted")]
+    assert any("interrupted during residual collection" in e for e in errors), rest[-2000:]
+    assert "Traceback" not in rest
+    assert not list((tmp_path / "run" / "cache").glob("residuals-*"))
+
+
+@pytest.mark.process
+def test_sigterm_during_the_search_marks_the_trial_and_says_how_to_resume(organism_config, organism_dir, tmp_path):
+    args = [
+        sys.executable,
+        "-m",
+        "abliterate",
+        "run",
+        "--config",
+        str(organism_config),
+        "--model",
+        str(organism_dir),
+        "--output_dir",
+        str(tmp_path / "run"),
+        "--study.n_trials",
+        "200",
+        "--study.prune",
+        "false",
+    ]
+    proc = subprocess.Popen(args, env=dict(os.environ, OMP_NUM_THREADS="1"), stderr=subprocess.PIPE, text=True)
+    seen = ""
+    for line in proc.stderr:
+        seen += line
+        if "trials 2/200" in line:
+            proc.send_signal(signal.SIGTERM)
+            break
+    rest = proc.stderr.read()
+    proc.wait(timeout=60)
+    assert proc.returncode == 130, seen + rest
+    assert "interrupted during the search" in rest and "Rerun the same command" in rest
+    study = optuna.load_study(study_name="abliterate", storage=f"sqlite:///{tmp_path / 'run' / 'study.db'}")
+    assert not [t for t in study.trials if t.state == optuna.trial.TrialState.RUNNING]
