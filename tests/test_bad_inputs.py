@@ -484,3 +484,23 @@ def test_sigterm_during_the_search_marks_the_trial_and_says_how_to_resume(organi
     assert "interrupted during the search" in rest and "Rerun the same command" in rest
     study = optuna.load_study(study_name="abliterate", storage=f"sqlite:///{tmp_path / 'run' / 'study.db'}")
     assert not [t for t in study.trials if t.state == optuna.trial.TrialState.RUNNING]
+
+
+def test_follow_up_verbs_on_a_run_dir_need_nothing_else(finished_run, tmp_path, capsys, monkeypatch):
+    """run wrote OUTPUT_DIR/config.yaml: evaluate and export on the run dir reuse its settings."""
+    _, finished = finished_run
+    run = tmp_path / "run"
+    shutil.copytree(finished, run)
+    monkeypatch.chdir(tmp_path)
+    assert (run / "config.yaml").is_file()
+    code, out, err = run_cli(["evaluate", "--output_dir", "run", "--trial", "0"], capsys)
+    assert code == 0, err[-2000:]
+    result = json.loads(out.strip().splitlines()[-1])
+    assert result["trial"] == 0 and result["refusal_before"] >= 0.9
+    assert "warning:" not in err  # the run's own settings are not "options of other commands"
+    code, out, err = run_cli(["export", "--output_dir", "run", "--trial", "0", "--export_dir", "trial0"], capsys)
+    assert code == 0, err[-2000:]
+    assert json.loads((tmp_path / "trial0" / "abliterate.json").read_text())["trial"] == 0
+    # A flag still beats the run's settings.
+    code, out, err = run_cli(["evaluate", "--output_dir", "run", "--module.evaluation.max_new_tokens", "4"], capsys)
+    assert code == 0, err[-2000:]

@@ -20,6 +20,7 @@ from abliterate.options import ClassifierOptions
 
 log = logging.getLogger("abliterate.classifier")
 
+
 class RefusalClassifier:
     """Judges responses with a transformers pipeline built on first use.
 

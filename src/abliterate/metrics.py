@@ -281,7 +281,9 @@ def generate_responses(
 
 
 @torch.no_grad()
-def greedy_reply_tokens(model, tokenizer, input_ids: Tensor, attention_mask: Tensor, max_new_tokens: int) -> list[list[int]]:
+def greedy_reply_tokens(
+    model, tokenizer, input_ids: Tensor, attention_mask: Tensor, max_new_tokens: int
+) -> list[list[int]]:
     """Greedy reply tokens to left-padded prompts, each cut before its first eos (no marker stops)."""
     _check_left_padded(attention_mask)
     eos = model.generation_config.eos_token_id

@@ -12,6 +12,7 @@ from abliterate.errors import AbliterateError, first_line
 BUILDERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
 FILE_SUFFIXES = (".txt", *BUILDERS)
 
+
 def utf8_problem(path: Path) -> str | None:
     with path.open("rb") as file:
         for number, line in enumerate(file, 1):
@@ -108,5 +109,3 @@ def reading_files(path: Path, read):
 
 
 # ---- one reader per kind of source; each returns the raw column values, split slice and limit applied ----
-
-

@@ -310,9 +310,7 @@ def load_prompts(source: PromptSource) -> list[str]:
         details = ""  # one prompt a line: no split name or column to report
     else:
         details = f" ({source.split}, column {source.column}{', streamed' if source.streaming else ''})"
-    log.info(
-        "loaded %d prompts from %s%s in %.2fs", len(prompts), source.dataset, details, time.perf_counter() - start
-    )
+    log.info("loaded %d prompts from %s%s in %.2fs", len(prompts), source.dataset, details, time.perf_counter() - start)
     return prompts
 
 

@@ -84,7 +84,9 @@ def print_run_summary(model_id, chosen: FrozenTrial, before: dict, names, counts
     for name, value in after.items():
         what, role = ("refusal rate", "harmful") if name == names[0] else (LABELS.get(name, name), "harmless")
         label = what if what == name else f"{what} ({name})"
-        lines.append(f"  {label} on {counts.get(role)} {role} prompts: {before.get(name, 0.0):.4f} before -> {value:.4f} after")
+        lines.append(
+            f"  {label} on {counts.get(role)} {role} prompts: {before.get(name, 0.0):.4f} before -> {value:.4f} after"
+        )
     lines.append(f"  model written to {target}\n")
     print("\n".join(lines))
     summary = {

@@ -173,7 +173,9 @@ def _run_trial(study, options: StudyOptions, scorers, trial, plan: TrialPlan, ev
             study.tell(trial, state=TrialState.FAIL)
             log.warning("trial %d failed: %s; the search goes on", trial.number, err)
             if len(study.get_trials(deepcopy=False, states=(TrialState.FAIL,))) > options.n_trials:
-                raise AbliterateError(f"more than {options.n_trials} sampled plans were infeasible ({err}); narrow the search space") from err
+                raise AbliterateError(
+                    f"more than {options.n_trials} sampled plans were infeasible ({err}); narrow the search space"
+                ) from err
         return
     except optuna.TrialPruned:
         if trial is None:
