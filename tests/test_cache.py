@@ -111,3 +111,24 @@ def test_names_and_keys_must_be_file_safe(tmp_path):
     for name, key in [("../x", "aaaa"), ("residuals", "a/b"), ("residuals", "a-b"), ("", "aaaa")]:
         with pytest.raises(ValueError):
             cache.path(name, key)
+
+
+def test_a_write_killed_midway_leaves_nothing_the_next_save_does_not_remove(tmp_path):
+    """kill -9 during a cache write: every temp it leaves carries our name and is removed by the next save."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    code = (
+        "import torch\nfrom abliterate.cache import TensorCache\n"
+        f"TensorCache({str(tmp_path)!r}).save('residuals', 'k1', {{'x': torch.zeros(150_000_000)}})\n"
+    )
+    child = subprocess.Popen([sys.executable, "-c", code])
+    deadline = time.monotonic() + 60
+    while not any(p.name.startswith(".") for p in tmp_path.iterdir()) and time.monotonic() < deadline:
+        time.sleep(0.005)
+    child.send_signal(signal.SIGKILL)
+    child.wait()
+    TensorCache(tmp_path).save("residuals", "k1", {"x": torch.zeros(10)})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["residuals-k1.safetensors"]

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
+from safetensors.torch import save
 
 from abliterate.errors import first_line
 from abliterate.rundir import stale_temps, temp_sibling
@@ -45,7 +45,11 @@ def save_tensors(path: Path, tensors: dict[str, torch.Tensor], key: str, info: d
     tmp = temp_sibling(path, "tmp")
     metadata = {"key": key, **(info or {})}
     try:
-        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=metadata)
+        # Serialised here and written under our own temp name: safetensors' save_file would write
+        # through a random .tmpXXXX of its own, which a kill leaves behind under a name we can't own.
+        data = save({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, metadata=metadata)
+        with open(tmp, "wb") as file:
+            file.write(data)
         os.replace(tmp, path)
     except BaseException:
         with suppress(OSError):

@@ -2,9 +2,11 @@
 
 import json
 import logging
+import os
 import sys
 import time
 from collections.abc import Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 import optuna
@@ -18,12 +20,26 @@ log = logging.getLogger("abliterate.reports")
 LABELS = {"kl": "KL divergence", "degeneration": "degenerate replies", "judge_refusals": "judged refusal rate"}
 
 
+@contextmanager
+def publishing(path: Path):
+    """Write to a temp sibling, then rename: a kill never leaves a half-written file."""
+    from abliterate.rundir import temp_sibling
+
+    tmp = temp_sibling(path, "tmp")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 def write_trials_csv(study: optuna.Study, path: Path) -> None:
     """Every trial's number, state, values (named by metric), parameters, attributes and duration."""
     frame = study.trials_dataframe(attrs=("number", "state", "values", "params", "user_attrs", "duration"))
     if "duration" in frame:
         frame["duration"] = frame["duration"].dt.total_seconds()
-    frame.to_csv(path, index=False)
+    with publishing(path) as tmp:
+        frame.to_csv(tmp, index=False)
 
 
 def plot_pareto(trials: Sequence[FrozenTrial], front, chosen, names: Sequence[str], path: Path) -> bool:
@@ -62,7 +78,8 @@ def plot_pareto(trials: Sequence[FrozenTrial], front, chosen, names: Sequence[st
     ax.set_ylabel(f"{names[0]} (harmful)")
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    with publishing(path) as tmp:
+        fig.savefig(tmp, dpi=100, format=path.suffix.lstrip("."))
     plt.close(fig)
     return True
 

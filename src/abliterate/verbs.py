@@ -14,7 +14,7 @@ import optuna
 from optuna.trial import TrialState
 
 from abliterate.errors import AbliterateError, Interrupted
-from abliterate.options import ClassifierOptions, DirectionOptions, ExportOptions, SearchSpace, StudyOptions
+from abliterate.options import ClassifierOptions, DirectionOptions, SearchSpace, StudyOptions
 from abliterate.pipeline import Pipeline
 from abliterate.reports import (
     SearchProgress,
@@ -24,7 +24,7 @@ from abliterate.reports import (
     print_run_summary,
     write_trials_csv,
 )
-from abliterate.rundir import RunDir
+from abliterate.rundir import RunDir, stale_temps
 from abliterate.study import FINISHED
 
 log = logging.getLogger("abliterate")
@@ -54,6 +54,10 @@ def writing(trainer, out: Path):
         yield
         return
     with RunDir(out).lock():
+        for path, _ in stale_temps(out):  # files a killed writer left half-written (trials.csv, config.yaml ...)
+            if path.is_file():
+                log.warning("removing %s, left by a writer whose process is gone", path)
+                path.unlink(missing_ok=True)
         yield
 
 
@@ -175,7 +179,7 @@ def run(
     export_dir,
     overwrite,
     classifier,
-    export: ExportOptions = ExportOptions(),
+    export_format: str = "merged",
     interactive: bool = True,
 ) -> Path:
     from abliterate.export import check_export_format, check_export_target
@@ -187,7 +191,7 @@ def run(
         previous = own_export(target, out, study)
         if trainer.is_global_zero:  # it also removes stale temp dirs: one process only
             check_export_target(target, overwrite or previous is not None, out)
-            check_export_format(export.format)
+            check_export_format(export_format, space.norm_preserving)
         keep_settings(trainer, out, module, datamodule, study, space)
         pipe = Pipeline(trainer, module, datamodule, out)
         pipe.check_existing_study(study)
@@ -198,7 +202,7 @@ def run(
         search_study(pipe, optuna_study, study, space, reference)
         recheck(pipe, optuna_study, space, reference, classifier)
         chosen = report(pipe, optuna_study, study, interactive=interactive)
-        same = previous is not None and previous.get("format", "merged") == export.format
+        same = previous is not None and previous.get("format", "merged") == export_format
         if same and previous.get("trial") == chosen.number and not overwrite:
             print(f"nothing new: {target} already holds trial {chosen.number} of this study", file=sys.stderr)
             return target
@@ -208,7 +212,7 @@ def run(
                 export_card(pipe, chosen, reference, optuna_study),
                 target,
                 True if previous else overwrite,
-                export.format,
+                export_format,
             )
     if trainer.is_global_zero:
         names = [s.name for s in pipe.objectives]
@@ -312,7 +316,7 @@ def export(
     export_dir,
     trial,
     overwrite,
-    options: ExportOptions = ExportOptions(),
+    export_format: str = "merged",
 ) -> Path:
     from abliterate.export import check_export_format, check_export_target
 
@@ -321,7 +325,7 @@ def export(
     with writing(trainer, out):
         previous = own_export(target, out, study)
         check_export_target(target, overwrite or previous is not None, out)
-        check_export_format(options.format)
+        check_export_format(export_format)
         pipe = Pipeline(trainer, module, datamodule, out)
         optuna_study = pipe.load_study(study)
         chosen = trial_by_number(optuna_study, trial) if trial is not None else None
@@ -335,7 +339,7 @@ def export(
             export_card(pipe, chosen, reference, optuna_study),
             target,
             overwrite or previous is not None,
-            options.format,
+            export_format,
         )
     return target
 
