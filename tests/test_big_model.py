@@ -38,10 +38,12 @@ def test_device_map_placement_matches_plain_load(organism_dir, tmp_path):
 
 
 def test_disk_offloaded_writers_give_a_clear_error(organism_dir):
-    """accelerate's disk offload leaves the weights on the meta device, to be loaded by a hook."""
+    """accelerate's disk offload leaves the weights on the meta device, to be loaded by a hook: edit_mode
+    weights refuses them (auto ablates with forward hooks instead: tests/test_hook_editing.py)."""
     module, data, trainer = make_parts(organism_dir)
+    module.load_options = LoadOptions(dtypes=["float32"], edit_mode="weights")
     module.configure_model()
     down = module.model.model.layers[1].mlp.down_proj
     down.weight = torch.nn.Parameter(torch.empty_like(down.weight, device="meta"), requires_grad=False)
-    with pytest.raises(AbliterateError, match="offloaded to disk"):
+    with pytest.raises(AbliterateError, match="offloaded to disk.*--module.load.edit_mode auto"):
         module.weight_editor()

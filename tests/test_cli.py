@@ -304,6 +304,4 @@ def test_trials_carry_the_refusal_constraint(organism_config, organism_dir, tmp_
         elif t.state == optuna.trial.TrialState.COMPLETE:
             assert t.constraints == {"refusal_rate_over_target": pytest.approx(t.values[0] - 0.3)}
         else:  # pruned: at least the refusals it was pruned at
-            assert t.constraints == {
-                "refusal_rate_over_target": pytest.approx(t.user_attrs["bound"][0] - 0.3)
-            }
+            assert t.constraints == {"refusal_rate_over_target": pytest.approx(t.user_attrs["bound"][0] - 0.3)}

@@ -34,9 +34,7 @@ def tiny():
 
 def tree(path: Path) -> dict[str, bytes | None]:
     """Every entry under `path` (hidden ones too) with a file's bytes, or None for a dir."""
-    return {
-        p.relative_to(path).as_posix(): (p.read_bytes() if p.is_file() else None) for p in sorted(path.rglob("*"))
-    }
+    return {p.relative_to(path).as_posix(): (p.read_bytes() if p.is_file() else None) for p in sorted(path.rglob("*"))}
 
 
 def refused(call, *needles) -> str:

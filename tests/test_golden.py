@@ -29,7 +29,17 @@ def weight_hashes(model_dir: Path) -> dict[str, str]:
 
 
 def golden_record(organism_dir: Path, organism_config: Path, out: Path) -> dict:
-    args = ["run", "--model", str(organism_dir), "--config", str(organism_config), "--study.n_trials", "10", "--study.seed", "0"]
+    args = [
+        "run",
+        "--model",
+        str(organism_dir),
+        "--config",
+        str(organism_config),
+        "--study.n_trials",
+        "10",
+        "--study.seed",
+        "0",
+    ]
     main([*args, "--output_dir", str(out)])
     study = optuna.load_study(study_name="abliterate", storage=f"sqlite:///{out / 'study.db'}")
     trials = [

@@ -137,9 +137,9 @@ def params_at(params: AblationParams, index: float) -> AblationParams:
 
 def test_run_abliterates_the_organism(organism_dir, organism_config, tmp_path, capsys):
     """E2E (issue 5): refusals drop, harmless prompts stay answered, KL small, replies keep their topic."""
-    from abliterate.cli import main
     from organism_helpers import generate_replies, measure_refusals, topic_rate
 
+    from abliterate.cli import main
     from abliterate.organism_data import organism_prompts
 
     out = tmp_path / "run"

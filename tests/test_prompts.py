@@ -298,8 +298,7 @@ def test_malformed_json_document(tmp_path):
     with pytest.raises(AbliterateError) as info:
         load_prompts(PromptSource(str(path)))
     assert str(info.value) == (
-        f"{path} line 3 is not valid JSON (Expecting ',' delimiter at column 3); "
-        "fix the JSON there"
+        f"{path} line 3 is not valid JSON (Expecting ',' delimiter at column 3); fix the JSON there"
     )
 
 

@@ -6,9 +6,8 @@ ablating orthonormal directions r_j with weights w_j gives W' = W - sum_j w_j r_
 Reading order: the kernel that gives each layer its weight (`ComponentKernel`, `layer_weights`),
 the directions each layer ablates (`interpolate_directions`, `ablation_directions`), the edit of
 one tensor (`orthogonalize_weight`, `orthogonalize_bias`), the plan of which writers get which
-edit (`edit_plan`), and `WeightEditor`, which applies a whole ablation to a model in place and
-restores the weights bit-exactly. (The forward-hook alternative, measured against it, lives in
-scripts/bench_ablation.py.)
+edit (`edit_plan`), and `WeightEditor`, which edits the weights in place and restores them
+bit-exactly (hooks.py applies the same plan as forward hooks where weights cannot be edited).
 """
 
 import math
@@ -18,10 +17,11 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
+from torch.nn.utils import parametrize
 
 from abliterate.directions import compute_dtype, orthonormalize
 from abliterate.errors import AbliterateError
-from abliterate.writers import LayerWriters
+from abliterate.writers import LayerWriters, WriterRef
 
 # ---- the layer kernel ------------------------------------------------------------------------
 
@@ -149,14 +149,31 @@ def orthogonalize_weight(
     w = weight.to(dtype).movedim(out_dim, -1)  # [..., d_in, d_model]: each row is one column of W
     edited = w - ((w @ r.T) * coef) @ r
     if norm_preserving:
-        before = w.norm(dim=-1, keepdim=True)
-        after = edited.norm(dim=-1, keepdim=True)
-        # A column that lay in span(r) is left with round-off only: rescaling that noise to the
-        # original norm would invent a column, so it becomes exactly zero instead.
-        noise = before * (4 * torch.finfo(dtype).eps * math.sqrt(w.shape[-1]))
-        scale = torch.where(after > noise, before / after.clamp_min(torch.finfo(dtype).tiny), torch.zeros_like(after))
-        edited = edited * scale
+        edited = edited * _column_scales(w, edited)
     return edited.movedim(-1, out_dim).to(weight.dtype)
+
+
+def _column_scales(w: Tensor, edited: Tensor) -> Tensor:
+    """[..., d_in, 1]: ||column|| before / after the projection (columns as rows of `w`, `edited`)."""
+    dtype = w.dtype
+    before = w.norm(dim=-1, keepdim=True)
+    after = edited.norm(dim=-1, keepdim=True)
+    # A column that lay in span(r) is left with round-off only: rescaling that noise to the
+    # original norm would invent a column, so it becomes exactly zero instead.
+    noise = before * (4 * torch.finfo(dtype).eps * math.sqrt(w.shape[-1]))
+    return torch.where(after > noise, before / after.clamp_min(torch.finfo(dtype).tiny), torch.zeros_like(after))
+
+
+def column_scales(weight: Tensor, directions: Tensor, weights: Tensor | float, *, out_dim: int = -2) -> Tensor:
+    """[..., d_in]: the factors norm_preserving multiplies each column by (W' = (I - P) W diag(s)).
+
+    The same arithmetic as `orthogonalize_weight`, in its compute dtype: scaling a writer's input by s
+    and then projecting its output equals the norm-preserving weight edit.
+    """
+    dtype = compute_dtype(weight)
+    r, coef = _directions_and_coefficients(directions, weights, weight.shape[out_dim], weight.device, dtype)
+    w = weight.to(dtype).movedim(out_dim, -1)
+    return _column_scales(w, w - ((w @ r.T) * coef) @ r).squeeze(-1)
 
 
 def orthogonalize_bias(bias: Tensor, directions: Tensor, weights: Tensor | float) -> Tensor:
@@ -216,6 +233,23 @@ def edit_plan(
 # ---- applying it: edit the weights in place --------------------------------------------------
 
 
+def not_editable(ref: WriterRef) -> str | None:
+    """Why a writer's weight (or bias) cannot be edited in place, or None when it can."""
+    for name in (ref.name, ref.bias_name):
+        if name is None:
+            continue
+        if parametrize.is_parametrized(ref.module, name):
+            return "parametrized (recomputed from other tensors on every forward)"
+        tensor = getattr(ref.module, name)
+        if tensor.device.type == "meta":
+            return "offloaded to disk"
+        if not tensor.is_floating_point():
+            return f"quantized ({tensor.dtype})"
+        if tensor.is_inference():
+            return "read-only (inference tensors)"
+    return None
+
+
 class WeightEditor:
     """Applies an ablation in place and restores the exact original weights."""
 
@@ -235,10 +269,12 @@ class WeightEditor:
             for layer, components in enumerate(writers):
                 for component, refs in components.items():
                     for i, ref in enumerate(refs):
-                        if ref.weight.device.type == "meta":
+                        why = not_editable(ref)
+                        if why:
                             raise AbliterateError(
-                                f"layer {layer} {component} weights are offloaded to disk and cannot be edited; "
-                                "give the model more GPU/CPU memory (module.load.device_map)"
+                                f"layer {layer} {component} weights are {why} and cannot be edited in place; "
+                                "set --module.load.edit_mode auto (or hooks) to ablate with forward hooks, or give "
+                                "the model more GPU/CPU memory (module.load.device_map)"
                             )
                         bias = ref.bias
                         self.originals[(layer, component, i)] = (

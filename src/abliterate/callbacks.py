@@ -1,10 +1,13 @@
 """Callbacks that turn a trial pass into one trial: apply the ablation, prune early."""
 
+import sys
 from collections.abc import Sequence
 
 import lightning as L
 import optuna
 import torch
+from lightning.pytorch.callbacks import TQDMProgressBar
+from lightning.pytorch.callbacks.progress.tqdm_progress import Tqdm
 from torch import Tensor
 from typing_extensions import override
 
@@ -90,3 +93,19 @@ class Pruning(L.Callback):
         if trainer.strategy.broadcast(decision, src=0):
             self.trial.set_user_attr("bound", bound)
             raise optuna.TrialPruned(f"after {seen}/{self.totals[role]} {role} prompts: bound {bound} is dominated")
+
+
+class StderrProgressBar(TQDMProgressBar):
+    """Lightning's predict bar, on stderr: stdout carries only results."""
+
+    @override
+    def init_predict_tqdm(self) -> Tqdm:
+        return Tqdm(
+            desc=self.predict_description,
+            disable=self.is_disabled,
+            leave=True,
+            dynamic_ncols=True,
+            file=sys.stderr,
+            smoothing=0,
+            bar_format=self.BAR_FORMAT,
+        )

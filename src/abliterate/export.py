@@ -175,9 +175,11 @@ def model_card(base_model: str, card: dict) -> str:
     names = list(card.get("after", {})) or ["refusal rate", "kl"]
     before = card.get("before", {"refusal rate": card.get("refusal_before"), "kl": 0})
     after = card.get("after", {"refusal rate": card.get("refusal_after"), "kl": card.get("kl")})
+    fmt = card.get("format", "merged")
     lines = [
         "---",
         *([f"base_model: {repo}"] if repo else []),
+        *(["library_name: peft"] if fmt == "adapter" else []),
         "tags: [abliterated, abliterate]",
         "---",
         f"# {repo or Path(base_model).name} (abliterated)",
@@ -201,6 +203,23 @@ def model_card(base_model: str, card: dict) -> str:
         "```",
         "",
     ]
+    if fmt != "merged":
+        where = "." if fmt == "adapter" else "./adapter"
+        lines += [
+            "## As a LoRA adapter",
+            "",
+            f"`{where}` holds the ablation as a PEFT LoRA adapter (rank = directions ablated per writer), exact "
+            "for the full-precision base model:",
+            "",
+            "```python",
+            "from peft import PeftModel",
+            "from transformers import AutoModelForCausalLM",
+            "",
+            f'base = AutoModelForCausalLM.from_pretrained("{repo or base_model}")',
+            f'model = PeftModel.from_pretrained(base, "{where}")  # or .merge_and_unload() for plain weights',
+            "```",
+            "",
+        ]
     return "\n".join(lines)
 
 
@@ -210,6 +229,16 @@ def save_checkpoint(model, tokenizer, target: Path, overwrite: bool, card: dict,
     abliterate.json holds `card` plus the list of files written. An earlier export at `target` is
     moved aside and removed only after the new one is in place.
     """
+
+    def write(tmp: Path) -> None:
+        model.save_pretrained(tmp, max_shard_size="4GB")
+        tokenizer.save_pretrained(tmp)
+
+    return write_export(target, overwrite, card, write, run_dir)
+
+
+def write_export(target: Path, overwrite: bool, card: dict, write, run_dir: Path | None = None) -> Path:
+    """`write(tmp)` into a temp dir beside `target`, then README.md and abliterate.json, then rename it into place."""
     check_export_target(target, overwrite, run_dir)
     start = time.perf_counter()
     tmp, old = temp_sibling(target, "tmp"), temp_sibling(target, "old")
@@ -217,8 +246,7 @@ def save_checkpoint(model, tokenizer, target: Path, overwrite: bool, card: dict,
     moved = False
     try:
         tmp.mkdir()
-        model.save_pretrained(tmp, max_shard_size="4GB")
-        tokenizer.save_pretrained(tmp)
+        write(tmp)
         (tmp / "README.md").write_text(model_card(str(card.get("base_model", "model")), card))
         contents = _contents(tmp)
         if contents is None:
@@ -240,3 +268,85 @@ def save_checkpoint(model, tokenizer, target: Path, overwrite: bool, card: dict,
         raise
     log.info("exported to %s in %.1fs", target, time.perf_counter() - start)
     return target
+
+
+# ---- the export formats ------------------------------------------------------------------------
+
+FORMATS = ("merged", "adapter", "both")
+ADAPTER_DIR = "adapter"  # where `both` puts the adapter: an adapter_config.json beside config.json would
+# make transformers load the directory as an adapter on its base instead of as the merged model
+
+
+def check_export_format(fmt: str, norm_preserving: list[bool] | tuple[bool, ...] = ()) -> None:
+    """Before any work: a known format, peft installed when it writes an adapter, and no search space
+    (`norm_preserving` choices) that could pick a trial an adapter cannot express."""
+    if fmt not in FORMATS:
+        raise AbliterateError(f"--export_format {fmt}: use one of {', '.join(FORMATS)}")
+    if fmt != "merged" and True in norm_preserving:
+        raise AbliterateError(
+            f"--export_format {fmt} cannot express norm_preserving trials exactly (a LoRA adapter cannot rescale "
+            "weight columns): set --space.norm_preserving [false] or use --export_format merged"
+        )
+    if fmt != "merged":
+        try:
+            import peft  # noqa: F401
+        except ImportError as err:
+            raise AbliterateError(
+                f"--export_format {fmt} needs peft: pip install 'abliterate[adapter]', or use --export_format merged"
+            ) from err
+
+
+def save_export(
+    model,
+    tokenizer,
+    editor,
+    params,
+    directions,
+    target: Path,
+    overwrite: bool,
+    card: dict,
+    fmt: str = "merged",
+    run_dir: Path | None = None,
+    revision: str | None = None,
+) -> Path:
+    """The ablation `params` written as `fmt`: merged (a full checkpoint), adapter (PEFT LoRA) or both.
+
+    `editor` is the model's WeightEditor or HookEditor. merged: with a WeightEditor, the edit applied
+    and `save_pretrained`; with a HookEditor (weights not editable in place), the base checkpoint
+    (`card["base_model"]`) rewritten shard by shard. adapter: `adapters.build_adapter` from the
+    full-precision base weights. Everything that could refuse is checked before anything is written.
+    """
+    from abliterate.ablation import WeightEditor, not_editable
+    from abliterate.adapters import BaseWeights, adapter_size, build_adapter, merge_checkpoint
+    from abliterate.hooks import HookEditor
+
+    check_export_format(fmt)
+    check_export_target(target, overwrite, run_dir)
+    editor.reset()  # the base weights, as loaded
+    weights = BaseWeights(model, card.get("base_model"), revision)
+    hooked = isinstance(editor, HookEditor)
+    adapter = None
+    if fmt != "merged":
+        adapter = build_adapter(editor.writers, params, directions, weights, editor.gains, card.get("base_model"))
+        adapter.config()  # peft is installed
+    if fmt != "adapter" and hooked:
+        if all(not_editable(ref) is None for layer in editor.writers for refs in layer.values() for ref in refs):
+            editor = WeightEditor(editor.writers, gains=editor.gains)  # hooks by choice: the weights can be edited
+            hooked = False
+        else:
+            weights.checkpoint  # noqa: B018 - the base files exist (raises one line if not)
+
+    def write(tmp: Path) -> None:
+        if fmt != "adapter":
+            if hooked:  # 4-bit or offloaded: merged into the full-precision base files
+                merge_checkpoint(editor.writers, params, directions, weights, tmp, editor.gains)
+            else:
+                with editor.applied(params, directions):
+                    model.save_pretrained(tmp, max_shard_size="4GB")
+            tokenizer.save_pretrained(tmp)
+        if adapter is not None:
+            where = tmp if fmt == "adapter" else tmp / ADAPTER_DIR
+            adapter.save(where)
+            log.info("adapter: rank %d, %d targets, %d bytes", adapter.rank, len(adapter.targets), adapter_size(where))
+
+    return write_export(target, overwrite, card if fmt == "merged" else {**card, "format": fmt}, write, run_dir)

@@ -177,7 +177,9 @@ def load_model(
                 "a smaller dtype or --module.load.load_in_4bit"
             ) from err
         except SafetensorError as err:
-            raise AbliterateError(f"cannot load {model_id}: a weights file is damaged ({_first_line(err)}); copy it again") from err
+            raise AbliterateError(
+                f"cannot load {model_id}: a weights file is damaged ({_first_line(err)}); copy it again"
+            ) from err
         except (OSError, ImportError, RuntimeError, TypeError, ValueError) as err:
             fatal = _load_error(model_id, err)
             if fatal is None and not _DTYPE_PROBLEM.search(str(err)):

@@ -17,15 +17,15 @@ from typing_extensions import override
 
 from abliterate.ablation import WeightEditor
 from abliterate.directions import compute_directions
+from abliterate.editing import make_editor
 from abliterate.errors import AbliterateError
+from abliterate.hooks import HookEditor
 from abliterate.metrics import default_markers
 from abliterate.models import (
     decoder_layers,
     describe_architecture,
     load_model,
     load_tokenizer,
-    post_norm_gains,
-    residual_writers,
 )
 from abliterate.options import DirectionOptions, EvalOptions, LoadOptions
 from abliterate.passes import Pass, ResidualPass, Residuals
@@ -146,9 +146,10 @@ class AbliterationModule(L.LightningModule):
             "loaded %s in %.1fs: %s", self.model_id, time.perf_counter() - start, describe_architecture(self.model)
         )
 
-    def weight_editor(self) -> WeightEditor:
+    def weight_editor(self) -> WeightEditor | HookEditor:
+        """Applies trials: weight edits, or forward hooks where weights cannot be edited (load.edit_mode)."""
         if self.editor is None:
-            self.editor = WeightEditor(residual_writers(self.model), gains=post_norm_gains(self.model))
+            self.editor = make_editor(self.model, self.load_options.edit_mode)
         return self.editor
 
     @property

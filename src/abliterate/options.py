@@ -26,6 +26,9 @@ class LoadOptions:
     """a GGUF file name inside the model dir (weights are dequantised on load)."""
     load_in_4bit: bool = False
     """bitsandbytes 4-bit loading (CUDA only)."""
+    edit_mode: Literal["auto", "weights", "hooks"] = "auto"
+    """how trials apply the ablation: weights (edit in place, then restore), hooks (project the writers'
+    outputs; for 4-bit or disk-offloaded writers), auto (weights unless a writer cannot be edited)."""
 
 
 @dataclass
@@ -161,6 +164,12 @@ class StudyOptions:
             raise AbliterateError("study.n_startup_trials must be >= 0")
         if self.select not in ("min_kl_under", "knee") and not self.select.isdigit():
             raise AbliterateError(f"study.select={self.select!r}: use min_kl_under, knee, or a trial number")
+
+
+ExportFormat = Literal["merged", "adapter", "both"]
+"""merged: a full checkpoint with the ablation in its weights; adapter: a PEFT LoRA adapter (rank = directions
+per writer; load it on the base with PeftModel.from_pretrained; needs abliterate[adapter]); both: the merged
+checkpoint with the adapter in adapter/. 4-bit and disk-offloaded loads merge into the base's own files."""
 
 
 CLASSIFIER_TASKS = ("text-classification", "zero-shot-classification")

@@ -73,6 +73,11 @@ def hub_commit(model_id: str, revision: str | None) -> str | None:
         return None
 
 
+def load_key(options) -> dict:
+    """The load options in cache keys: all but edit_mode, which changes how trials apply, not what the model computes."""
+    return {k: v for k, v in asdict(options).items() if k != "edit_mode"}
+
+
 def scorer_spec(scorer: Scorer) -> dict:
     """A scorer's class and settings, for cache keys and the study's record."""
     settings = {k: v for k, v in vars(scorer).items() if not k.startswith("_") and k != "training"}
@@ -142,7 +147,7 @@ class Pipeline:
         key = fingerprint(
             CACHE_VERSION,
             model_stamp(self.module.model_id, self.module.load_options.revision),
-            asdict(self.module.load_options),
+            load_key(self.module.load_options),
             self.datamodule.fingerprint_parts(RESIDUAL_ROLES),
         )
 
@@ -164,7 +169,7 @@ class Pipeline:
         key = fingerprint(
             CACHE_VERSION,
             model_stamp(self.module.model_id, self.module.load_options.revision),
-            asdict(self.module.load_options),
+            load_key(self.module.load_options),
             asdict(self.module.eval_options),
             self.module.markers,
             [scorer_spec(s) for s in self.scorers],
@@ -257,13 +262,13 @@ class Pipeline:
         """The run's study, read-only: a verb that only reads never creates or changes it."""
         url = options.storage or local_study_url(self.run_dir)
         if options.storage is None and not (self.run_dir / "study.db").is_file():
-            raise AbliterateError(f"{self.run_dir} has no study.db; run `abliterate run` there first, or set --output_dir")
+            raise AbliterateError(
+                f"{self.run_dir} has no study.db; run `abliterate run` there first, or set --output_dir"
+            )
         try:
             return optuna.load_study(study_name=options.study_name, storage=open_storage(url))
         except KeyError:
-            raise AbliterateError(
-                f"no study named {options.study_name!r} in {url}; check --study.study_name"
-            ) from None
+            raise AbliterateError(f"no study named {options.study_name!r} in {url}; check --study.study_name") from None
         except Exception as err:
             raise study_error(url, err) from err
 
@@ -340,15 +345,18 @@ class Pipeline:
             log_recheck(rows, judge.options)
         return rows
 
-    def export(self, plan: TrialPlan, card: dict, target: Path, overwrite: bool) -> Path:
-        """The plan merged into the weights, saved as a normal HF checkpoint (rank 0)."""
-        from abliterate.export import save_checkpoint
+    def export(self, plan: TrialPlan, card: dict, target: Path, overwrite: bool, fmt: str = "merged") -> Path:
+        """The plan saved as `fmt`: merged into the weights (a normal HF checkpoint), a PEFT adapter, or both (rank 0)."""
+        from abliterate.export import save_export
 
         if self.trainer.is_global_zero:
-            self.module.configure_model()
-            directions = self.module.directions_for(plan.directions)
-            with self.module.weight_editor().applied(plan.ablation, directions):
-                save_checkpoint(self.module.model, self.module.tokenizer, target, overwrite, card, run_dir=self.run_dir)
+            module = self.module
+            module.configure_model()
+            ablation = (plan.ablation, module.directions_for(plan.directions))
+            editor, revision = module.weight_editor(), module.load_options.revision
+            save_export(
+                module.model, module.tokenizer, editor, *ablation, target, overwrite, card, fmt, self.run_dir, revision
+            )
         return target
 
 

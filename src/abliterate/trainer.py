@@ -5,28 +5,17 @@ Every verb takes the LightningModule as `model` and the PromptDataModule as `dat
 """
 
 import os
-import sys
 from pathlib import Path
 
 import lightning as L
 import optuna
 import torch
-from lightning.pytorch.callbacks import TQDMProgressBar
-from lightning.pytorch.callbacks.progress.tqdm_progress import Tqdm
-from typing_extensions import override
 
 from abliterate import verbs
+from abliterate.callbacks import StderrProgressBar
 from abliterate.data import PromptDataModule
 from abliterate.module import AbliterationModule
-from abliterate.options import ClassifierOptions, DirectionOptions, SearchSpace, StudyOptions
-
-
-class StderrProgressBar(TQDMProgressBar):
-    """Lightning's predict bar, on stderr: stdout carries only results."""
-
-    @override
-    def init_predict_tqdm(self) -> Tqdm:
-        return Tqdm(desc=self.predict_description, disable=self.is_disabled, leave=True, dynamic_ncols=True, file=sys.stderr, smoothing=0, bar_format=self.BAR_FORMAT)
+from abliterate.options import ClassifierOptions, DirectionOptions, ExportFormat, SearchSpace, StudyOptions
 
 
 class AbliterationTrainer(L.Trainer):
@@ -44,16 +33,11 @@ class AbliterationTrainer(L.Trainer):
     ):
         if kwargs.get("enable_progress_bar", True):
             kwargs["callbacks"] = [*(kwargs.get("callbacks") or []), StderrProgressBar()]
-        # inference_mode=False: weight edits and cached tensors must stay usable outside predict.
-        super().__init__(
-            *args,
-            logger=logger,
-            enable_checkpointing=enable_checkpointing,
-            enable_model_summary=enable_model_summary,
-            inference_mode=inference_mode,
-            use_distributed_sampler=use_distributed_sampler,  # PromptDataModule shards itself
-            **kwargs,
-        )
+        # inference_mode=False: weight edits and cached tensors stay usable outside predict;
+        # use_distributed_sampler=False: PromptDataModule shards itself.
+        kwargs.update(logger=logger, enable_checkpointing=enable_checkpointing, inference_mode=inference_mode)
+        kwargs.update(enable_model_summary=enable_model_summary, use_distributed_sampler=use_distributed_sampler)
+        super().__init__(*args, **kwargs)
 
     def run(
         self,
@@ -65,6 +49,7 @@ class AbliterationTrainer(L.Trainer):
         export_dir: str | None = None,
         overwrite: bool = False,
         classifier: ClassifierOptions = ClassifierOptions(),
+        export_format: ExportFormat = "merged",
     ) -> Path:
         """Main job: directions, search, select a trial, export the model (rerun the same command to resume).
 
@@ -75,8 +60,11 @@ class AbliterationTrainer(L.Trainer):
             export_dir: where the model is written; default OUTPUT_DIR/model.
             overwrite: replace an existing export this tool made elsewhere (never other files).
             classifier: an optional model that re-checks the best Pareto trials' refusals after the search.
+            export_format: merged (a full checkpoint), adapter (a PEFT LoRA adapter) or both (the adapter in adapter/).
         """
-        return verbs.run(self, model, datamodule, study, space, output_dir, export_dir, overwrite, classifier)
+        return verbs.run(
+            self, model, datamodule, study, space, output_dir, export_dir, overwrite, classifier, export_format
+        )
 
     def directions(
         self,
@@ -141,6 +129,7 @@ class AbliterationTrainer(L.Trainer):
         export_dir: str | None = None,
         trial: int | None = None,
         overwrite: bool = False,
+        export_format: ExportFormat = "merged",
     ) -> Path:
         """Merge a trial into the weights and save a normal HF checkpoint.
 
@@ -151,8 +140,11 @@ class AbliterationTrainer(L.Trainer):
             export_dir: where the model is written; default OUTPUT_DIR/model.
             trial: trial number; None applies study.select.
             overwrite: replace an existing export this tool made elsewhere (never other files).
+            export_format: merged (a full checkpoint), adapter (a PEFT LoRA adapter) or both (the adapter in adapter/).
         """
-        return verbs.export(self, model, datamodule, study, space, output_dir, export_dir, trial, overwrite)
+        return verbs.export(
+            self, model, datamodule, study, space, output_dir, export_dir, trial, overwrite, export_format
+        )
 
     def chat(
         self,
@@ -197,4 +189,6 @@ class AbliterationTrainer(L.Trainer):
         torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
         study, space = configure_demo(model, datamodule, n_trials=n_trials, cache_dir=cache_dir)
         classifier = ClassifierOptions()
-        return verbs.run(self, model, datamodule, study, space, output_dir, None, overwrite, classifier, interactive=False)
+        return verbs.run(
+            self, model, datamodule, study, space, output_dir, None, overwrite, classifier, interactive=False
+        )
