@@ -504,3 +504,15 @@ def test_follow_up_verbs_on_a_run_dir_need_nothing_else(finished_run, tmp_path, 
     # A flag still beats the run's settings.
     code, out, err = run_cli(["evaluate", "--output_dir", "run", "--module.evaluation.max_new_tokens", "4"], capsys)
     assert code == 0, err[-2000:]
+
+
+def test_stdout_holds_only_the_result_and_progress_goes_to_stderr(finished_run, organism_dir, tmp_path, capsys):
+    config, _ = finished_run
+    args = ["run", "--config", str(config), "--model", str(organism_dir), "--output_dir", str(tmp_path / "run")]
+    code, out, err = run_cli([*args, "--trainer.enable_progress_bar", "true"], capsys)
+    assert code == 0, err[-2000:]
+    lines = [line for line in out.splitlines() if line.strip()]
+    assert lines[0].startswith("abliterated ") and json.loads(lines[-1])["trial"] >= 0
+    assert all(line.startswith("  ") for line in lines[1:-1]), out  # the summary, then the JSON
+    assert "trials 3/3" in err and "ETA" in err  # one progress line per trial, on stderr
+    assert "Predicting" in err  # the residual and reference passes show a bar, on stderr

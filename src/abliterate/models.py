@@ -171,14 +171,11 @@ def load_model(
             kwargs["quantization_config"] = _four_bit_config(dtype)
         try:
             model = AutoModelForCausalLM.from_pretrained(model_id, dtype=dtype, **kwargs)
-        except torch.cuda.OutOfMemoryError as err:
+        except (torch.cuda.OutOfMemoryError, SafetensorError) as err:
+            damaged = f"a weights file is damaged ({_first_line(err)}); copy it again"
+            oom = f"out of memory as {name}; try --module.load.device_map auto, a smaller dtype or load_in_4bit"
             raise AbliterateError(
-                f"out of memory loading {model_id} as {name}; try --module.load.device_map auto, "
-                "a smaller dtype or --module.load.load_in_4bit"
-            ) from err
-        except SafetensorError as err:
-            raise AbliterateError(
-                f"cannot load {model_id}: a weights file is damaged ({_first_line(err)}); copy it again"
+                f"cannot load {model_id}: {damaged if isinstance(err, SafetensorError) else oom}"
             ) from err
         except (OSError, ImportError, RuntimeError, TypeError, ValueError) as err:
             fatal = _load_error(model_id, err)
