@@ -27,6 +27,7 @@ FLOORS = {
         "options",
         "errors",
         "writers",
+        "rundir",
         "organism",
         "organism_data",
         "organism_training",
