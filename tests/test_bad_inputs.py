@@ -516,3 +516,98 @@ def test_stdout_holds_only_the_result_and_progress_goes_to_stderr(finished_run, 
     assert all(line.startswith("  ") for line in lines[1:-1]), out  # the summary, then the JSON
     assert "trials 3/3" in err and "ETA" in err  # one progress line per trial, on stderr
     assert "Predicting" in err  # the residual and reference passes show a bar, on stderr
+
+
+def test_an_infeasible_sampled_plan_fails_one_trial_and_the_search_goes_on(organism_dir, tmp_path, caplog):
+    from test_scorers import organism_pipeline
+
+    from abliterate.options import SearchSpace, StudyOptions
+
+    pipe = organism_pipeline(organism_dir, tmp_path)
+    reference = pipe.reference()
+    # contrastive PCA with k >= 60 of 64 dimensions at alpha 5: far more directions than positive eigenvalues
+    space = SearchSpace(direction_methods=["mean_diff", "contrastive_pca"], k=(60, 64), alpha=(5.0, 5.0))
+    options = StudyOptions(n_trials=6, n_startup_trials=6, seed=1)
+    study = pipe.open_study(options)
+    with caplog.at_level("WARNING"):
+        pipe.search(study, options, space, reference)
+    states = [t.state for t in study.trials]
+    assert sum(s.is_finished() and s != optuna.trial.TrialState.FAIL for s in states) == 6
+    failed = [t for t in study.trials if t.state == optuna.trial.TrialState.FAIL]
+    assert failed and all("too large" in t.user_attrs["infeasible"] for t in failed)
+    assert all(t.params["direction_method"] == "contrastive_pca" for t in failed)
+    assert "the search goes on" in caplog.text
+
+
+def test_directions_refuses_an_impossible_k_before_any_forward_pass(finished_run, organism_dir, tmp_path, capsys):
+    config, _ = finished_run
+    few = write(tmp_path / "few.txt", "how do i plan\nwhat is a plan\n")
+    args = ["directions", "--config", str(config), "--model", str(organism_dir), "--output_dir", str(tmp_path / "d")]
+    args += [*data_flag("harmful", few), *data_flag("harmless", few), "--direction.method", "contrastive_pca"]
+    code, _, err = run_cli([*args, "--direction.k", "8"], capsys)
+    assert code == 2 and "--direction.k 8 needs at least 9" in err, err[-2000:]
+    assert not (tmp_path / "d" / "cache").exists()  # nothing was collected
+
+
+def test_kl_over_more_tokens_than_replies_is_said(caplog):
+    from abliterate.options import EvalOptions
+
+    with caplog.at_level("WARNING"):
+        EvalOptions(max_new_tokens=8, kl_tokens=16)
+    assert "kl_tokens=16" in caplog.text and "comparable" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        EvalOptions(max_new_tokens=32, kl_tokens=16)
+    assert caplog.text == ""
+
+
+def test_model_card_names_a_hub_base_model_only():
+    from abliterate.export import hub_id, model_card
+
+    assert hub_id("Qwen/Qwen3-4B") == "Qwen/Qwen3-4B"
+    assert hub_id("/home/me/models/qwen") is None and hub_id("./qwen") is None
+    assert hub_id("/root/.cache/huggingface/hub/models--org--name/snapshots/abc123") == "org/name"
+    card = {"before": {"refusals": 1.0, "kl": 0.0}, "after": {"refusals": 0.02, "kl": 0.01}, "params": {}}
+    assert "base_model:" not in model_card("/home/me/models/qwen", card)
+    text = model_card("org/name", card)
+    assert "base_model: org/name" in text and "| this model | 0.02 | 0.01 |" in text
+
+
+def test_ctrl_c_in_chat_stops_the_reply_not_the_chat(organism_dir, capsys, monkeypatch):
+    from types import SimpleNamespace
+
+    from abliterate.chat import chat_loop
+    from abliterate.models import load_model, load_tokenizer
+
+    model, tokenizer = load_model(str(organism_dir), dtypes=["float32"]), load_tokenizer(str(organism_dir))
+    calls = []
+    real = model.generate
+
+    def generate(**kwargs):
+        calls.append(1)
+        if len(calls) == 1:
+            raise KeyboardInterrupt  # Ctrl-C during the first reply
+        return real(**kwargs)
+
+    monkeypatch.setattr(model, "generate", generate)
+    lines = iter(["how do i make a plan", "how do i make a plan", ""])
+    data = SimpleNamespace(system_prompt=None, chat_template=None, enable_thinking=None)
+    chat_loop(model, tokenizer, data, max_new_tokens=8, read=lambda prompt: next(lines))
+    out = capsys.readouterr().out
+    assert "[stopped]" in out and len(calls) == 2  # the chat went on to the second question
+    with pytest.raises(StopIteration):
+        next(lines)  # and read every line
+
+
+def test_a_damaged_demo_organism_is_trained_again(organism_dir, tmp_path, caplog):
+    from abliterate.organism import build_tiny_organism
+
+    cache = tmp_path / "cache"
+    shutil.copytree(organism_dir, cache / organism_dir.name)
+    weights = cache / organism_dir.name / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    with caplog.at_level("WARNING"):
+        rebuilt = build_tiny_organism(cache, progress=False)
+    assert "is damaged" in caplog.text
+    assert rebuilt.name == organism_dir.name
+    assert (rebuilt / "model.safetensors").read_bytes() == (organism_dir / "model.safetensors").read_bytes()

@@ -87,9 +87,10 @@ def test_degeneration_as_a_third_objective_end_to_end(organism_config, organism_
     assert '"degeneration_after"' in summary
 
 
-def test_a_report_only_scorer_is_stored_on_the_trial(organism_dir, tmp_path):
+def organism_pipeline(organism_dir, tmp_path, scorers=None):
+    """A Pipeline on the tiny organism with small prompt sets, its run dir in tmp_path/run."""
     from abliterate.data import PromptDataModule
-    from abliterate.options import EvalOptions, LoadOptions, SearchSpace, StudyOptions
+    from abliterate.options import EvalOptions, LoadOptions
     from abliterate.pipeline import Pipeline
     from abliterate.prompts import PromptSource
     from abliterate.trainer import AbliterationTrainer
@@ -98,7 +99,7 @@ def test_a_report_only_scorer_is_stored_on_the_trial(organism_dir, tmp_path):
         model_id=str(organism_dir),
         load=LoadOptions(dtypes=["float32"]),
         evaluation=EvalOptions(max_new_tokens=12),
-        scorers=[MarkerRefusals(), KL(), Degeneration(max_new_tokens=8, direction="report")],
+        scorers=scorers,
     )
     data = PromptDataModule(
         harmful=PromptSource(f"{organism_dir}/harmful_train.txt", limit=64),
@@ -110,6 +111,16 @@ def test_a_report_only_scorer_is_stored_on_the_trial(organism_dir, tmp_path):
     trainer = AbliterationTrainer(accelerator="cpu", devices=1, enable_progress_bar=False)
     pipe = Pipeline(trainer, module, data, tmp_path / "run")
     pipe.residuals()
+    return pipe
+
+
+def test_a_report_only_scorer_is_stored_on_the_trial(organism_dir, tmp_path):
+    from abliterate.options import SearchSpace, StudyOptions
+    from abliterate.pipeline import Pipeline
+
+    scorers = [MarkerRefusals(), KL(), Degeneration(max_new_tokens=8, direction="report")]
+    pipe = organism_pipeline(organism_dir, tmp_path, scorers)
+    module, data, trainer = pipe.module, pipe.datamodule, pipe.trainer
     reference = pipe.reference()
     assert set(reference.values) == {"refusals", "kl", "degeneration"}
     assert reference.tensors["degeneration.degenerate"].shape == (16,)

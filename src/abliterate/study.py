@@ -172,9 +172,10 @@ def _run_trial(study, options: StudyOptions, scorers, trial, plan: TrialPlan, ev
             trial.set_user_attr("infeasible", str(err))
             study.tell(trial, state=TrialState.FAIL)
             log.warning("trial %d failed: %s; the search goes on", trial.number, err)
-            if len(study.get_trials(deepcopy=False, states=(TrialState.FAIL,))) > options.n_trials:
+            limit = 2 * options.n_trials + 10  # a search space that is mostly infeasible must still end
+            if sum("infeasible" in t.user_attrs for t in study.get_trials(deepcopy=False)) > limit:
                 raise AbliterateError(
-                    f"more than {options.n_trials} sampled plans were infeasible ({err}); narrow the search space"
+                    f"more than {limit} sampled plans were infeasible ({err}); narrow the search space"
                 ) from err
         return
     except optuna.TrialPruned:
