@@ -70,7 +70,7 @@ def test_kill_9_then_resume(organism_config, organism_dir, tmp_path):
     kept = {t.number: (t.params, t.values) for t in study.trials if t.state == TrialState.COMPLETE}
     assert 3 <= len(kept) < 40, "killed mid-search"
     assert not (out / "model").exists()
-    caches = {p.name: p.stat().st_mtime_ns for p in (out / "cache").iterdir()}
+    caches = {p.name: p.read_bytes() for p in (out / "cache").iterdir()}  # (loading touches mtime: LRU)
     assert sorted(name.split("-")[0] for name in caches) == ["reference", "residuals"]
 
     rerun = subprocess.run(args, env=env, capture_output=True, text=True, timeout=600)
@@ -82,7 +82,7 @@ def test_kill_9_then_resume(organism_config, organism_dir, tmp_path):
         assert (study.trials[number].params, study.trials[number].values) == (params, values)
     # the caches were loaded, not recomputed
     assert "reusing cached residuals" in rerun.stderr and "reusing cached reference" in rerun.stderr
-    assert {p.name: p.stat().st_mtime_ns for p in (out / "cache").iterdir()} == caches
+    assert {p.name: p.read_bytes() for p in (out / "cache").iterdir()} == caches
     assert (out / "model" / "config.json").is_file()
 
 
