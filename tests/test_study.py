@@ -57,7 +57,7 @@ def wait_for_complete_trials(out, n, proc, timeout=300):
 
 def test_kill_9_then_resume(organism_config, organism_dir, tmp_path):
     out = tmp_path / "run"
-    args = cli(organism_config, organism_dir, out, "--study.n_trials", "40", "--study.prune", "false")
+    args = cli(organism_config, organism_dir, out, "--study.n_trials", "20", "--study.prune", "false")
     env = dict(os.environ, OMP_NUM_THREADS="1")
     proc = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
@@ -68,7 +68,7 @@ def test_kill_9_then_resume(organism_config, organism_dir, tmp_path):
         proc.kill()
     study = load(out)
     kept = {t.number: (t.params, t.values) for t in study.trials if t.state == TrialState.COMPLETE}
-    assert 3 <= len(kept) < 40, "killed mid-search"
+    assert 3 <= len(kept) < 20, "killed mid-search"
     assert not (out / "model").exists()
     caches = {p.name: p.read_bytes() for p in (out / "cache").iterdir()}  # (loading touches mtime: LRU)
     assert sorted(name.split("-")[0] for name in caches) == ["reference", "residuals"]
@@ -76,7 +76,7 @@ def test_kill_9_then_resume(organism_config, organism_dir, tmp_path):
     rerun = subprocess.run(args, env=env, capture_output=True, text=True, timeout=600)
     assert rerun.returncode == 0, rerun.stderr[-2000:]
     study = load(out)
-    assert count(study, TrialState.COMPLETE, TrialState.PRUNED) == 40
+    assert count(study, TrialState.COMPLETE, TrialState.PRUNED) == 20
     assert count(study, TrialState.RUNNING) == 0
     for number, (params, values) in kept.items():
         assert (study.trials[number].params, study.trials[number].values) == (params, values)
