@@ -284,6 +284,8 @@ def main(args=None) -> None:
                 f"unknown command {argv[0]!r}{_close(argv[0], list(VERBS))}; "
                 f"choose one of {', '.join(VERBS)} (abliterate --help)"
             )
+        if argv[0] == "reproduce" and len(argv) > 1 and not argv[1].startswith("-"):
+            argv = ["reproduce", "--export_dir", *argv[1:]]  # `abliterate reproduce DIR`
         configs = [read_config(value) for value in config_args(argv)]  # a broken file: named before Lightning loads
         argv = with_run_config(argv, configs)
         _RUN_CONFIG[0] = argv[2] if argv[1:2] == ["--config"] and argv[2].endswith(CONFIG_FILE) else None

@@ -22,6 +22,7 @@ log = logging.getLogger("abliterate.export")
 
 MANIFEST = "abliterate.json"
 FILES_KEY = "export_files"
+RECORD_KEY = "reproduce"  # the card's reproduce record, written to reproduce.json (not into abliterate.json)
 
 
 def _raise(err: OSError) -> None:
@@ -170,7 +171,10 @@ def hub_id(model: str) -> str | None:
 
 
 def model_card(base_model: str, card: dict) -> str:
-    """README.md of an export: front matter (base_model only when it is a hub id), metrics, parameters."""
+    """README.md of an export: front matter (base_model only when it is a hub id), metrics, parameters, and
+    with a reproduce record, how it was made and how to check it."""
+    from abliterate.hub import card_sections
+
     repo = hub_id(base_model)
     names = list(card.get("after", {})) or ["refusal rate", "kl"]
     before = card.get("before", {"refusal rate": card.get("refusal_before"), "kl": 0})
@@ -179,7 +183,7 @@ def model_card(base_model: str, card: dict) -> str:
     lines = [
         "---",
         *([f"base_model: {repo}"] if repo else []),
-        *(["library_name: peft"] if fmt == "adapter" else []),
+        f"library_name: {'peft' if fmt == 'adapter' else 'transformers'}",
         "tags: [abliterated, abliterate]",
         "---",
         f"# {repo or Path(base_model).name} (abliterated)",
@@ -202,6 +206,7 @@ def model_card(base_model: str, card: dict) -> str:
         json.dumps(card.get("params", {}), indent=2, sort_keys=True),
         "```",
         "",
+        *card_sections(card),
     ]
     if fmt != "merged":
         where = "." if fmt == "adapter" else "./adapter"
@@ -247,11 +252,13 @@ def write_export(target: Path, overwrite: bool, card: dict, write, run_dir: Path
     try:
         tmp.mkdir()
         write(tmp)
+        if card.get(RECORD_KEY) is not None:  # reproduce.json: what `abliterate reproduce` re-derives the edit from
+            (tmp / "reproduce.json").write_text(json.dumps(card[RECORD_KEY], indent=2, sort_keys=True, default=str))
         (tmp / "README.md").write_text(model_card(str(card.get("base_model", "model")), card))
         contents = _contents(tmp)
         if contents is None:
             raise AbliterateError(f"the model's save_pretrained wrote links into {tmp}; export cannot list its files")
-        manifest = {**card, FILES_KEY: sorted(contents[0])}
+        manifest = {**{k: v for k, v in card.items() if k != RECORD_KEY}, FILES_KEY: sorted(contents[0])}
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True, default=str))
         _check(target, overwrite, run_dir)  # again: the save can take long
         if target.exists() and any(target.iterdir()):
@@ -335,6 +342,11 @@ def save_export(
             hooked = False
         else:
             weights.checkpoint  # noqa: B018 - the base files exist (raises one line if not)
+    if card.get(RECORD_KEY) is not None:  # the directions' and the edited tensors' sha256
+        from abliterate.reproduce import edit_record
+
+        record = {**card[RECORD_KEY], "export_format": fmt, **edit_record(model, editor, params, directions)}
+        card = {**card, RECORD_KEY: record}
 
     def write(tmp: Path) -> None:
         if fmt != "adapter":

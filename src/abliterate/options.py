@@ -9,6 +9,20 @@ from typing import Literal
 
 from abliterate.errors import AbliterateError
 
+DEFAULT_THINK_TAGS: list[list[str]] = [
+    ["<think>", "</think>"],
+    [
+        "<|channel|>analysis<|message|>",
+        "<|channel|>final<|message|>",
+        "<|end|><|start|>assistant<|channel|>final<|message|>",
+    ],
+    ["<seed:think>", "</seed:think>"],
+    ["[THINK]", "[/THINK]"],
+    ["\u25c1think\u25b7", "\u25c1/think\u25b7"],
+]
+"""Thinking block tags (`EvalOptions.think_tags`): [open, close] or [open, close, text appended to close a
+thought cut at the budget] (gpt-oss ends its analysis channel with <|end|> and starts the final one)."""
+
 
 @dataclass
 class LoadOptions:
@@ -57,10 +71,34 @@ class EvalOptions:
     """KL divergence averaged over the first n reply tokens, teacher-forced on the original's greedy reply
     (1: first token only, as heretic). n > 1 also sees replies that drift after a good first token; the
     cached reference holds n x vocab floats per harmless prompt."""
+    thinking: bool | None = None
+    """reasoning models. None (default, auto): a chat template that mentions `enable_thinking` or a tag of
+    think_tags is a thinking model's, and is scored as it is used: it thinks (up to think_tokens), then
+    answers; refusals are judged on the answer (max_new_tokens after the thought), KL on the first kl_tokens
+    answer tokens after the original's thought. Judged from the first token, a thinking model's replies are
+    thoughts: markers in a deliberation read as refusals, and a refusal after a long thought is never reached.
+    True: score so even where the template is not recognised. False: judge replies from their first token
+    (the only way before; and what the auto mode amounts to for non-thinking templates). To abliterate the
+    no-thinking mode instead, pass --data.enable_thinking false where the template has the switch: the
+    template then closes an empty block and replies are judged whole."""
+    think_tokens: int = 128
+    """thinking budget: greedy tokens a thought may take before its close tag is appended and the answer
+    generated (budget forcing). Refusals are usually decided early in a thought; each trial generates up to
+    think_tokens + max_new_tokens per harmful prompt, so raise it only for models that need it."""
+    think_tags: list[list[str]] = field(default_factory=lambda: [list(t) for t in DEFAULT_THINK_TAGS])
+    """thinking block tags, first match in the chat template wins: [open, close] or [open, close, text
+    appended to close a thought at the budget]. Default: <think>, gpt-oss channels, <seed:think>, [THINK], ◁think▷."""
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1 or self.kl_tokens < 1:
             raise AbliterateError("evaluation.max_new_tokens and evaluation.kl_tokens must be >= 1")
+        if self.think_tokens < 1:
+            raise AbliterateError("evaluation.think_tokens must be >= 1")
+        for tags in self.think_tags:
+            if len(tags) not in (2, 3) or not all(tags):
+                raise AbliterateError(
+                    f"evaluation.think_tags entry {tags!r}: give [open, close] or [open, close, forced close], non-empty"
+                )
         if self.kl_tokens > self.max_new_tokens:
             # Not an error (KL is teacher-forced on the original's reply), but its values are not
             # comparable with a run that scores fewer positions: say so once.
@@ -214,3 +252,24 @@ class ClassifierOptions:
     @property
     def enabled(self) -> bool:
         return bool(self.model)
+
+
+HUB_REPO_ID = r"(?:[\w.-]+/)?[\w.-]+"
+
+
+@dataclass
+class HubOptions:
+    """Upload the export to the Hugging Face Hub, in one commit. Nothing is uploaded unless push_to is set."""
+
+    push_to: str | None = None
+    """hub repo to upload the export to (user/name or org/name; created if missing); None: no upload."""
+    private: bool = False
+    """create the repo private (a repo that exists keeps its visibility)."""
+    token: str | None = None
+    """hub token; default HF_TOKEN, else the one `hf auth login` stored. Never printed; prefer HF_TOKEN to this flag."""
+
+    def __post_init__(self) -> None:
+        import re
+
+        if self.push_to is not None and not re.fullmatch(HUB_REPO_ID, self.push_to):
+            raise AbliterateError(f"hub.push_to={self.push_to!r} is not a hub repo id; use user/name or org/name")

@@ -15,7 +15,7 @@ from abliterate import verbs
 from abliterate.callbacks import StderrProgressBar
 from abliterate.data import PromptDataModule
 from abliterate.module import AbliterationModule
-from abliterate.options import ClassifierOptions, DirectionOptions, ExportFormat, SearchSpace, StudyOptions
+from abliterate.options import ClassifierOptions, DirectionOptions, ExportFormat, HubOptions, SearchSpace, StudyOptions
 
 
 class AbliterationTrainer(L.Trainer):
@@ -50,6 +50,7 @@ class AbliterationTrainer(L.Trainer):
         overwrite: bool = False,
         classifier: ClassifierOptions = ClassifierOptions(),
         export_format: ExportFormat = "merged",
+        hub: HubOptions = HubOptions(),
     ) -> Path:
         """Main job: directions, search, select a trial, export the model (rerun the same command to resume).
 
@@ -63,7 +64,7 @@ class AbliterationTrainer(L.Trainer):
             export_format: merged (a full checkpoint), adapter (a PEFT LoRA adapter) or both (the adapter in adapter/).
         """
         return verbs.run(
-            self, model, datamodule, study, space, output_dir, export_dir, overwrite, classifier, export_format
+            self, model, datamodule, study, space, output_dir, export_dir, overwrite, classifier, export_format, hub
         )
 
     def directions(
@@ -130,6 +131,7 @@ class AbliterationTrainer(L.Trainer):
         trial: int | None = None,
         overwrite: bool = False,
         export_format: ExportFormat = "merged",
+        hub: HubOptions = HubOptions(),
     ) -> Path:
         """Merge a trial into the weights and save a normal HF checkpoint.
 
@@ -143,7 +145,7 @@ class AbliterationTrainer(L.Trainer):
             export_format: merged (a full checkpoint), adapter (a PEFT LoRA adapter) or both (the adapter in adapter/).
         """
         return verbs.export(
-            self, model, datamodule, study, space, output_dir, export_dir, trial, overwrite, export_format
+            self, model, datamodule, study, space, output_dir, export_dir, trial, overwrite, export_format, hub
         )
 
     def chat(
@@ -167,6 +169,10 @@ class AbliterationTrainer(L.Trainer):
         """
         verbs.chat(self, model, datamodule, study, space, output_dir, trial, max_new_tokens)
 
+    def reproduce(self, model: AbliterationModule, datamodule: PromptDataModule, export_dir: str = "") -> None:
+        """Re-derive the edit of the export in --export_dir from its base and reproduce.json; exit 1 if it differs."""
+        verbs.reproduce(self, model, export_dir)
+
     def demo(
         self,
         model: AbliterationModule,
@@ -188,7 +194,6 @@ class AbliterationTrainer(L.Trainer):
 
         torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
         study, space = configure_demo(model, datamodule, n_trials=n_trials, cache_dir=cache_dir)
-        classifier = ClassifierOptions()
         return verbs.run(
-            self, model, datamodule, study, space, output_dir, None, overwrite, classifier, interactive=False
+            self, model, datamodule, study, space, output_dir, None, overwrite, ClassifierOptions(), interactive=False
         )

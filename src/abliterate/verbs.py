@@ -13,8 +13,12 @@ from pathlib import Path
 import optuna
 from optuna.trial import TrialState
 
+import abliterate.reproduce as records
+from abliterate.data import PromptDataModule
 from abliterate.errors import AbliterateError, Interrupted
-from abliterate.options import ClassifierOptions, DirectionOptions, SearchSpace, StudyOptions
+from abliterate.hub import check_push, push
+from abliterate.module import AbliterationModule
+from abliterate.options import ClassifierOptions, DirectionOptions, HubOptions, SearchSpace, StudyOptions
 from abliterate.pipeline import Pipeline
 from abliterate.reports import (
     SearchProgress,
@@ -141,10 +145,12 @@ def trial_by_number(study: optuna.Study, number: int) -> optuna.trial.FrozenTria
     return select_trial(study.get_trials(deepcopy=False), str(number), 0.0)
 
 
-def export_card(pipe: Pipeline, chosen, reference, study: optuna.Study) -> dict:
+def export_card(pipe: Pipeline, chosen, reference, study: optuna.Study, options=None, space=None) -> dict:
     names = [s.name for s in pipe.objectives]
-    before = {n: round(reference.values.get(n, 0.0), 5) for n in names}
-    return {
+    reported = [s.name for s in pipe.scorers if s.name not in names and s.name in chosen.user_attrs]
+    before = {n: round(reference.values.get(n, 0.0), 5) for n in names + reported}
+    after = dict(zip(names, chosen.values, strict=True)) | {n: chosen.user_attrs[n] for n in reported}
+    card = {
         "base_model": pipe.module.model_id,
         "trial": chosen.number,
         "study": study.study_name,
@@ -153,9 +159,17 @@ def export_card(pipe: Pipeline, chosen, reference, study: optuna.Study) -> dict:
         "refusal_after": round(chosen.values[0], 4),
         "kl": round(dict(zip(names, chosen.values, strict=True)).get("kl", chosen.values[1]), 5),
         "before": before,
-        "after": {n: round(v, 5) for n, v in zip(names, chosen.values, strict=True)},
+        "after": {n: round(v, 5) for n, v in after.items()},
         "params": chosen.params,
     }
+    if options is not None:  # with the study options and space: reproduce.json's record too
+        from abliterate.pipeline import model_stamp
+        from abliterate.runconfig import resolved_config
+
+        config = resolved_config(pipe.run_dir, pipe.module, pipe.datamodule, options, space)
+        stamp = model_stamp(pipe.module.model_id, pipe.module.load_options.revision)
+        card["reproduce"] = records.make_record(pipe, config, chosen, study.study_name, stamp)
+    return card
 
 
 def own_export(target: Path, out: Path, options: StudyOptions) -> dict | None:
@@ -180,6 +194,7 @@ def run(
     overwrite,
     classifier,
     export_format: str = "merged",
+    hub: HubOptions = HubOptions(),
     interactive: bool = True,
 ) -> Path:
     from abliterate.export import check_export_format, check_export_target
@@ -192,6 +207,7 @@ def run(
         if trainer.is_global_zero:  # it also removes stale temp dirs: one process only
             check_export_target(target, overwrite or previous is not None, out)
             check_export_format(export_format, space.norm_preserving)
+            check_push(hub)
         keep_settings(trainer, out, module, datamodule, study, space)
         pipe = Pipeline(trainer, module, datamodule, out)
         pipe.check_existing_study(study)
@@ -205,15 +221,17 @@ def run(
         same = previous is not None and previous.get("format", "merged") == export_format
         if same and previous.get("trial") == chosen.number and not overwrite:
             print(f"nothing new: {target} already holds trial {chosen.number} of this study", file=sys.stderr)
+            push(target, hub, chosen, trainer.is_global_zero)
             return target
         with phase("export", "the study and caches are kept; the export was not written"):
             pipe.export(
                 pipe.plan_of(chosen, space),
-                export_card(pipe, chosen, reference, optuna_study),
+                export_card(pipe, chosen, reference, optuna_study, study, space),
                 target,
                 True if previous else overwrite,
                 export_format,
             )
+        push(target, hub, chosen, trainer.is_global_zero)
     if trainer.is_global_zero:
         names = [s.name for s in pipe.objectives]
         counts = {
@@ -317,6 +335,7 @@ def export(
     trial,
     overwrite,
     export_format: str = "merged",
+    hub: HubOptions = HubOptions(),
 ) -> Path:
     from abliterate.export import check_export_format, check_export_target
 
@@ -326,6 +345,7 @@ def export(
         previous = own_export(target, out, study)
         check_export_target(target, overwrite or previous is not None, out)
         check_export_format(export_format)
+        check_push(hub)
         pipe = Pipeline(trainer, module, datamodule, out)
         optuna_study = pipe.load_study(study)
         chosen = trial_by_number(optuna_study, trial) if trial is not None else None
@@ -336,12 +356,24 @@ def export(
             chosen = report(pipe, optuna_study, study, interactive=True)
         pipe.export(
             pipe.plan_of(chosen, space),
-            export_card(pipe, chosen, reference, optuna_study),
+            export_card(pipe, chosen, reference, optuna_study, study, space),
             target,
             overwrite or previous is not None,
             export_format,
         )
+        push(target, hub, chosen, trainer.is_global_zero)
     return target
+
+
+def reproduce(trainer, module, export_dir: str) -> None:
+    """Re-derive an export's edit from its base and reproduce.json (no search) and check it; exit 1 if it differs."""
+    record, where = records.load_record(export_dir)
+    model = AbliterationModule(module.model_id or record["model"]["id"], load=records.load_options(record))
+    data = PromptDataModule(**records.data_options(record))
+    with phase("residual collection", "nothing was kept"):
+        Pipeline(trainer, model, data, None).residuals()  # no run dir: nothing cached is reused
+    if trainer.is_global_zero:
+        records.finish(records.verify(record, model, data, where, trainer.strategy.root_device.type))
 
 
 def chat(
