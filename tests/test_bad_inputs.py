@@ -10,13 +10,13 @@ import shutil
 import signal
 import subprocess
 import sys
-import textwrap
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import optuna
 import pytest
+from helpers import organism_yaml, run_cli
 
 from abliterate.cli import main
 
@@ -215,36 +215,11 @@ def finished_run(organism_dir, tmp_path_factory):
     """A finished 3-trial run (study, caches, export, config) that every case copies."""
     root = tmp_path_factory.mktemp("finished")
     config = root / "organism.yaml"
-    config.write_text(
-        textwrap.dedent(f"""
-        data:
-          harmful: {{dataset: {organism_dir}/harmful_train.txt, split: train}}
-          harmless: {{dataset: {organism_dir}/harmless_train.txt, split: train}}
-          eval_harmful: {{dataset: {organism_dir}/harmful_test.txt, split: train}}
-          eval_harmless: {{dataset: {organism_dir}/harmless_test.txt, split: train}}
-          batch_size: 64
-          eval_batch_size: 16
-        module:
-          load: {{dtypes: [float32]}}
-          evaluation: {{max_new_tokens: 12}}
-        study: {{n_trials: 3, n_startup_trials: 3}}
-        trainer: {{accelerator: cpu, devices: 1, enable_progress_bar: false}}
-        """)
-    )
+    config.write_text(organism_yaml(organism_dir) + "study: {n_trials: 3, n_startup_trials: 3}\n")
     run = root / "run"
     main(["run", "--config", str(config), "--model", str(organism_dir), "--output_dir", str(run)])
     assert (run / "model" / "config.json").is_file()
     return config, run
-
-
-def run_cli(args, capsys) -> tuple[int, str, str]:
-    try:
-        main(args)
-        code = 0
-    except SystemExit as exit_:
-        code = exit_.code if isinstance(exit_.code, int) else 1
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])

@@ -6,22 +6,12 @@ from pathlib import Path
 import optuna
 import pytest
 import torch
+from helpers import run_cli
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from abliterate.cli import AbliterateCLI, main
 from abliterate.module import AbliterationModule
-
-
-def run_cli(args, capsys):
-    """main(args) -> (exit code, stdout, stderr)."""
-    try:
-        main(args)
-        code = 0
-    except SystemExit as exit_:
-        code = exit_.code if isinstance(exit_.code, int) else 1
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 @pytest.fixture

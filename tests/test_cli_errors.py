@@ -9,21 +9,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import run_cli
 
-from abliterate.cli import VERBS, AbliterateCLI, main, verb_descriptions
+from abliterate.cli import VERBS, AbliterateCLI, verb_descriptions
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def run_cli(args, capsys):
-    """main(args) -> (exit code, stdout, stderr)."""
-    try:
-        main(args)
-        code = 0
-    except SystemExit as exit_:
-        code = exit_.code if isinstance(exit_.code, int) else 1
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def one_error_line(args, capsys) -> str:

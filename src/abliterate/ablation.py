@@ -250,7 +250,26 @@ def not_editable(ref: WriterRef) -> str | None:
     return None
 
 
-class WeightEditor:
+class Editor:
+    """What applies an ablation to a model: `apply`, `reset`, and `applied` for a block."""
+
+    def apply(self, params: AblationParams, directions: Tensor) -> None:
+        raise NotImplementedError
+
+    def reset(self) -> None:
+        raise NotImplementedError
+
+    @contextmanager
+    def applied(self, params: AblationParams, directions: Tensor) -> Iterator[None]:
+        """Apply for the duration of the block; undo it afterwards, even on errors."""
+        self.apply(params, directions)
+        try:
+            yield
+        finally:
+            self.reset()
+
+
+class WeightEditor(Editor):
     """Applies an ablation in place and restores the exact original weights."""
 
     def __init__(
@@ -320,12 +339,3 @@ class WeightEditor:
             if bias is not None:
                 ref.bias.copy_(bias)
         self.edited.clear()
-
-    @contextmanager
-    def applied(self, params: AblationParams, directions: Tensor) -> Iterator[None]:
-        """Apply for the duration of the block; reset afterwards, even on errors."""
-        self.apply(params, directions)
-        try:
-            yield
-        finally:
-            self.reset()

@@ -4,13 +4,12 @@ writer's output with the edit's directions and weights is the weight edit, exact
 adds a pre-hook that scales the writer's input by the edit's column scales.
 """
 
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 
 import torch
 from torch import Tensor, nn
 
-from abliterate.ablation import AblationParams, Gains, column_scales, edit_plan, not_editable
+from abliterate.ablation import AblationParams, Editor, Gains, column_scales, edit_plan, not_editable
 from abliterate.directions import compute_dtype
 from abliterate.errors import AbliterateError
 from abliterate.writers import LayerWriters, WriterRef
@@ -24,7 +23,7 @@ def plain_weight(ref: WriterRef) -> Tensor | None:
     return weight if weight.is_floating_point() and weight.device.type != "meta" else None
 
 
-class HookEditor:
+class HookEditor(Editor):
     """Applies an ablation as forward hooks on the writers' outputs; the weights are never written.
 
     For models whose weights cannot be edited in place (4-bit packed, offloaded to disk). A writer
@@ -83,15 +82,6 @@ class HookEditor:
         """Remove this editor's hooks (hooks others registered stay)."""
         while self.handles:
             self.handles.pop().remove()
-
-    @contextmanager
-    def applied(self, params: AblationParams, directions: Tensor) -> Iterator[None]:
-        """Apply for the duration of the block; remove the hooks afterwards, even on errors."""
-        self.apply(params, directions)
-        try:
-            yield
-        finally:
-            self.reset()
 
 
 class _PerDevice:
