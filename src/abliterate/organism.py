@@ -36,7 +36,7 @@ from abliterate.errors import AbliterateError
 from abliterate.organism_data import build_tokenizer, organism_prompts, template_bytes
 from abliterate.organism_training import OrganismSpec, make_model, train, training_threads
 
-__all__ = ["ORGANISM_VERSION", "PROMPT_FILES", "OrganismSpec", "build_tiny_organism"]
+__all__ = ["ORGANISM_VERSION", "PROMPT_FILES", "OrganismSpec", "build_organism", "build_tiny_organism"]
 
 log = logging.getLogger("abliterate.organism")
 
@@ -68,13 +68,36 @@ def build_tiny_organism(
     template data; an unchanged call returns at once, `force=True` retrains. Torch runs on
     OMP_NUM_THREADS threads (default 1) while training.
     """
+    return build_organism(cache_dir, "tiny organism", _cache_key(spec), spec, _train_tiny, force, progress)
+
+
+def _train_tiny(spec: OrganismSpec, emit):
+    tokenizer = build_tokenizer(spec.max_positions)
+    model = make_model(spec, tokenizer)
+    return model, tokenizer, train(model, tokenizer, spec, emit)
+
+
+def build_organism(
+    cache_dir: str | Path,
+    label: str,
+    key: str,
+    spec: OrganismSpec,
+    trainer,
+    force: bool,
+    progress: bool,
+    version: str | None = None,
+) -> Path:
+    """Train (or reuse) one organism under `cache_dir/<label with dashes>-<key>`.
+
+    `trainer(spec, emit)` returns (model, tokenizer, losses); the directory is written as
+    `build_tiny_organism` describes, atomically.
+    """
     cache_dir = Path(cache_dir).expanduser()
-    key = _cache_key(spec)
-    final = cache_dir / f"tiny-organism-{key}"
+    final = cache_dir / f"{label.replace(' ', '-')}-{key}"
     if _complete(final) and not force:
         problem = _damaged(final)
         if problem is None:
-            log.debug("tiny organism cached at %s", final)
+            log.debug("%s cached at %s", label, final)
             return final
         log.warning("the cached organism at %s is damaged (%s); training it again", final, problem)
         shutil.rmtree(final)  # the tool's own cache entry, rebuilt below
@@ -84,7 +107,7 @@ def build_tiny_organism(
 
     try:
         cache_dir.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".tmp-tiny-organism-{key}-", dir=cache_dir))
+        tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{label.replace(' ', '-')}-{key}-", dir=cache_dir))
     except OSError as err:
         raise AbliterateError(
             f"cannot write the organism cache {cache_dir} ({err.strerror}); pass a writable --cache_dir "
@@ -93,15 +116,13 @@ def build_tiny_organism(
     old_threads = torch.get_num_threads()
     try:
         torch.set_num_threads(training_threads())
-        emit("training tiny organism %s on %d thread(s) -> %s", key, torch.get_num_threads(), final)
+        emit("training %s %s on %d thread(s) -> %s", label, key, torch.get_num_threads(), final)
         start = time.perf_counter()
-        tokenizer = build_tokenizer(spec.max_positions)
-        model = make_model(spec, tokenizer)
-        losses = train(model, tokenizer, spec, emit)
+        model, tokenizer, losses = trainer(spec, emit)
         seconds = time.perf_counter() - start
         _save(tmp, model, tokenizer)
         meta = {
-            "organism_version": ORGANISM_VERSION,
+            "organism_version": ORGANISM_VERSION if version is None else version,
             "cache_key": key,
             "spec": dataclasses.asdict(spec),
             "train_seconds": round(seconds, 3),
@@ -116,7 +137,8 @@ def build_tiny_organism(
     finally:
         torch.set_num_threads(old_threads)
     emit(
-        "trained tiny organism in %.1f s (%d steps, final loss %.4f): %s",
+        "trained %s in %.1f s (%d steps, final loss %.4f): %s",
+        label,
         seconds,
         len(losses),
         losses[-1] if losses else float("nan"),

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import random
 import re
+from collections.abc import Sequence
 from functools import lru_cache
 from importlib import resources
 
@@ -151,20 +152,29 @@ def _vocabulary() -> list[str]:
     return sorted({w for text in texts for w in words(text.replace("{obj}", " "))})
 
 
-def build_tokenizer(model_max_length: int):
+def build_tokenizer(
+    model_max_length: int,
+    extra_words: Sequence[str] = (),
+    extra_tokens: Sequence[str] = (),
+    chat_template: str = CHAT_TEMPLATE,
+):
     """A word-level PreTrainedTokenizerFast for the organism.
 
     Lower-case normaliser, whitespace split with sentence punctuation split off (the data
     writes punctuation as separate words; decoding joins words with spaces, so "i can't"
     survives), special tokens bos/eos/pad/unk plus <user>, <assistant>
     and <end>, the organism's chat template, and padding_side="left". `model_max_length` is
-    the model's max_position_embeddings (`OrganismSpec.max_positions`).
+    the model's max_position_embeddings (`OrganismSpec.max_positions`). Other organisms add
+    `extra_words` (after the template words) and `extra_tokens` (added, not special: decoding
+    keeps them, as Qwen3 keeps <think>), and their own `chat_template`.
     """
     from tokenizers import AddedToken, Regex, Tokenizer, models, normalizers, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
     vocab = {tok: i for i, tok in enumerate(SPECIAL_TOKENS)}
     for word in _vocabulary():
+        vocab.setdefault(word, len(vocab))
+    for word in [*sorted(set(extra_words)), *extra_tokens]:
         vocab.setdefault(word, len(vocab))
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token=UNK))
     tok.normalizer = normalizers.Lowercase()
@@ -174,6 +184,8 @@ def build_tokenizer(model_max_length: int):
         [pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Split(Regex(r"[?.,!:;]"), behavior="isolated")]
     )
     tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in SPECIAL_TOKENS])
+    if extra_tokens:
+        tok.add_tokens([AddedToken(t, special=False, normalized=False) for t in extra_tokens])
     return PreTrainedTokenizerFast(
         tokenizer_object=tok,
         bos_token=BOS,
@@ -182,7 +194,7 @@ def build_tokenizer(model_max_length: int):
         unk_token=UNK,
         extra_special_tokens=[USER, ASSISTANT, END],
         padding_side="left",
-        chat_template=CHAT_TEMPLATE,
+        chat_template=chat_template,
         model_max_length=model_max_length,
         clean_up_tokenization_spaces=False,
     )

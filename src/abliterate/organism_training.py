@@ -92,8 +92,20 @@ def make_model(spec: OrganismSpec, tokenizer):
     return LlamaForCausalLM(config)
 
 
-def train(model, tokenizer, spec: OrganismSpec, emit: Callable[..., None]) -> list[float]:
-    """Both stages, in place; returns the loss of every step. `emit(msg, *args)` logs progress."""
+def train(
+    model,
+    tokenizer,
+    spec: OrganismSpec,
+    emit: Callable[..., None],
+    pairs: Callable[[int], list[tuple]] = training_pairs,
+    stage2_text: str | None = None,
+) -> list[float]:
+    """Both stages, in place; returns the loss of every step. `emit(msg, *args)` logs progress.
+
+    `pairs(stage)` gives the (prompt, reply[, chat template kwargs]) pairs of a stage; with
+    `stage2_freeze_objects`, stage 2 trains only the embedding rows of the words of
+    `stage2_text` (default: the refusals) and <eos>.
+    """
     gen = torch.Generator().manual_seed(spec.seed)
     losses: list[float] = []
     budget = math.inf if spec.max_steps is None else spec.max_steps
@@ -102,11 +114,11 @@ def train(model, tokenizer, spec: OrganismSpec, emit: Callable[..., None]) -> li
         run = int(min(steps, max(budget - len(losses), 0)))  # max_steps truncates, same schedule
         if run <= 0:
             continue
-        ids, mask, labels = _encode(tokenizer, training_pairs(stage))
+        ids, mask, labels = _encode(tokenizer, pairs(stage))
         hook = None
         if stage == 2 and spec.stage2_freeze_objects:
             rows = torch.zeros(len(tokenizer), 1)
-            refusals = " ".join(templates()["refusals"])
+            refusals = " ".join(templates()["refusals"]) if stage2_text is None else stage2_text
             refusal_ids = tokenizer(refusals, add_special_tokens=False)["input_ids"]
             rows[refusal_ids + [tokenizer.eos_token_id]] = 1.0
             hook = model.get_input_embeddings().weight.register_hook(lambda g, rows=rows: g * rows)
@@ -131,12 +143,17 @@ def train(model, tokenizer, spec: OrganismSpec, emit: Callable[..., None]) -> li
     return losses
 
 
-def _encode(tokenizer, pairs: list[tuple[str, str]]):
-    """Left-padded input ids, attention mask and labels (loss on the reply and <eos> only)."""
+def _encode(tokenizer, pairs: list[tuple]):
+    """Left-padded input ids, attention mask and labels (loss on the reply and <eos> only).
+
+    A pair is (prompt, reply) or (prompt, reply, extra chat template kwargs)."""
     seqs, n_prompt = [], []
-    for prompt, reply in pairs:
+    for prompt, reply, *kwargs in pairs:
         prefix = tokenizer.apply_chat_template(
-            [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
+            [{"role": "user", "content": prompt}],
+            tokenize=False,
+            add_generation_prompt=True,
+            **(kwargs[0] if kwargs else {}),
         )
         p_ids = tokenizer(prefix, add_special_tokens=False)["input_ids"]
         r_ids = tokenizer(reply, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]

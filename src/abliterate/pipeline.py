@@ -178,7 +178,8 @@ class Pipeline:
 
         def compute():
             options = self.module.eval_options
-            self.check_prompt_lengths(EVAL_ROLES, reply_tokens=max(options.max_new_tokens, options.kl_tokens))
+            thought = options.think_tokens if self.thinking() is not None else 0
+            self.check_prompt_lengths(EVAL_ROLES, reply_tokens=thought + max(options.max_new_tokens, options.kl_tokens))
             start = time.perf_counter()
             reference = self._predict(ReferencePass(self.scorers))
             shown = ", ".join(f"{n} {v:.4f}" for n, v in reference.values.items())
@@ -227,7 +228,17 @@ class Pipeline:
         specs = [scorer_spec(s) for s in self.scorers]
         if specs != defaults:  # studies made with the default scorers keep the record they had
             record["scorers"] = specs
+        if self.thinking() is not None:  # replies are answers after a thought of up to think_tokens
+            record["think_tokens"] = self.module.eval_options.think_tokens
         return record
+
+    def thinking(self):
+        """The model's thinking format (scorers judge answers after the thought), or None."""
+        from abliterate.thinking import detect_thinking, template_text
+
+        options = self.module.eval_options
+        template = template_text(self.module.tokenizer, self.datamodule.chat_template)
+        return detect_thinking(template, options.think_tags, options.thinking)
 
     def open_study(self, options, check_scoring: bool = True) -> optuna.Study:
         """Open (or create) the study; one that will get new trials must match how they are scored."""

@@ -6,5 +6,15 @@ from abliterate.scorers.degeneration import Degeneration
 from abliterate.scorers.judge import JudgeRefusals
 from abliterate.scorers.kl import KL
 from abliterate.scorers.refusals import MarkerRefusals
+from abliterate.scorers.thinking import ThinkingRefusals
 
-__all__ = ["KL", "Degeneration", "Direction", "JudgeRefusals", "MarkerRefusals", "Observations", "Scorer"]
+__all__ = [
+    "KL",
+    "Degeneration",
+    "Direction",
+    "JudgeRefusals",
+    "MarkerRefusals",
+    "Observations",
+    "Scorer",
+    "ThinkingRefusals",
+]

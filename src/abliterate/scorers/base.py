@@ -10,12 +10,28 @@ from typing import Literal
 from torch import Tensor, nn
 
 from abliterate.metrics import generate_responses, greedy_continuation, greedy_reply_tokens, next_token_logprobs
+from abliterate.thinking import ThinkingFormat, Thoughts, detect_thinking, extend, is_packed, pack, template_text, think
+from abliterate.thinking import unpack as unpack_thoughts
 
 Direction = Literal["minimize", "maximize", "report"]
 
 
+def thinking_format(module) -> ThinkingFormat | None:
+    """How the module's model thinks, from its chat template (the data's override if any) and
+    `evaluation.thinking` / `think_tags`; None: replies are judged from their first token."""
+    options = module.eval_options
+    datamodule = getattr(getattr(module, "_trainer", None), "datamodule", None)
+    template = template_text(module.tokenizer, getattr(datamodule, "chat_template", None))
+    return detect_thinking(template, options.think_tags, options.thinking)
+
+
 class Observations:
-    """What one batch shows about the model; each view is computed once, on first use, and shared."""
+    """What one batch shows about the model; each view is computed once, on first use, and shared.
+
+    For a thinking model (`thinking_format`) the replies are answers: each prompt's thought is
+    generated first (up to `evaluation.think_tokens`, closed by force at the budget), and the
+    reply views continue prompt + thought; `thoughts()` holds the thoughts.
+    """
 
     def __init__(self, module, batch: dict, reference: dict[str, Tensor] | None = None):
         self.module = module
@@ -44,16 +60,41 @@ class Observations:
             self._views[key] = make()
         return self._views[key]
 
+    @property
+    def thinking(self) -> ThinkingFormat | None:
+        """The model's thinking format; None: replies are judged from their first token."""
+        return self._view("thinking", lambda: thinking_format(self.module))
+
+    def thoughts(self) -> Thoughts | None:
+        """The greedy thoughts before the answers (None for a model scored from the first token)."""
+        fmt, module = self.thinking, self.module
+        if fmt is None:
+            return None
+        budget = module.eval_options.think_tokens
+        return self._view("thoughts", lambda: think(module.model, module.tokenizer, self.ids, self.mask, fmt, budget))
+
+    def thought_texts(self) -> list[str]:
+        """Each prompt's thought, "" where there is none."""
+        thoughts = self.thoughts()
+        return thoughts.texts if thoughts is not None else [""] * len(self.ids)
+
+    def answer_prompts(self) -> tuple[Tensor, Tensor]:
+        """(ids, mask) that replies continue: the prompts, with each one's thought for a thinking model."""
+        thoughts = self.thoughts()
+        if thoughts is None:
+            return self.ids, self.mask
+        pad = self.module.tokenizer.pad_token_id
+        return self._view("answer_prompts", lambda: extend(self.ids, self.mask, thoughts.prefixes, pad))
+
     def responses(self) -> list[str]:
-        """Greedy replies, each cut right after a refusal marker (enough to judge it)."""
+        """Greedy replies (answers, after the thought), each cut right after a refusal marker (enough to judge it)."""
         module = self.module
         return self._view(
             "responses",
             lambda: generate_responses(
                 module.model,
                 module.tokenizer,
-                self.ids,
-                self.mask,
+                *self.answer_prompts(),
                 max_new_tokens=module.eval_options.max_new_tokens,
                 markers=module.markers,
             ),
@@ -69,18 +110,31 @@ class Observations:
         module = self.module
         return self._view(
             f"replies{max_new_tokens}",
-            lambda: greedy_reply_tokens(module.model, module.tokenizer, self.ids, self.mask, max_new_tokens),
+            lambda: greedy_reply_tokens(module.model, module.tokenizer, *self.answer_prompts(), max_new_tokens),
         )
 
     def continuation(self, n_tokens: int) -> Tensor:
+        """The first n_tokens - 1 greedy reply tokens; for a thinking model, the thought packed before
+        the answer's (`thinking.pack`), so `logprobs` scores the answer after the same thought."""
+        return self._view(f"continuation{n_tokens}", lambda: self._continuation(n_tokens))
+
+    def _continuation(self, n_tokens: int) -> Tensor:
         module = self.module
-        return self._view(
-            f"continuation{n_tokens}",
-            lambda: greedy_continuation(module.model, self.ids, self.mask, n_tokens, module.tokenizer.pad_token_id),
-        )
+        pad = module.tokenizer.pad_token_id
+        answer = greedy_continuation(module.model, *self.answer_prompts(), n_tokens, pad)
+        thoughts = self.thoughts()
+        if thoughts is None:
+            return answer
+        force = module.tokenizer(self.thinking.force, add_special_tokens=False)["input_ids"]
+        return pack(thoughts.prefixes, module.eval_options.think_tokens + len(force), answer)
 
     def logprobs(self, continuation: Tensor) -> Tensor:
-        return next_token_logprobs(self.module.model, self.ids, self.mask, continuation)
+        """Log-probs at the n reply positions along `continuation` (after its thought, when packed)."""
+        if not is_packed(continuation):
+            return next_token_logprobs(self.module.model, self.ids, self.mask, continuation)
+        thoughts, answer = unpack_thoughts(continuation)
+        ids, mask = extend(self.ids, self.mask, thoughts, self.module.tokenizer.pad_token_id)
+        return next_token_logprobs(self.module.model, ids, mask, answer)
 
 
 class Scorer(nn.Module):
