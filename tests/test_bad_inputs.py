@@ -153,6 +153,11 @@ CASES = [
         "nothing to remove",
         cache_may_change=True,
     ),
+    Case(
+        "bad-capability-questions",
+        lambda c: c.fresh("run", "--config", str(capability_config(c))),
+        "questions.jsonl line 2",
+    ),
     # ---- models, presets, the demo (items 2, 9)
     Case(
         "remote-code-not-trusted",
@@ -193,6 +198,17 @@ CASES = [
         setup=lambda c: truncated_model(c),
     ),
 ]
+
+
+def capability_config(ctx: Ctx) -> Path:
+    questions = write(
+        ctx.tmp / "questions.jsonl", '{"question": "a", "choices": ["x", "y"], "answer": 0}\n{"question": \n'
+    )
+    scorers = "\n".join(
+        f"    - class_path: abliterate.scorers.{name}" for name in ("MarkerRefusals", "KL", "Capability")
+    )
+    text = f"module:\n  scorers:\n{scorers}\n      init_args: {{questions: {questions}}}\n"
+    return write(ctx.tmp / "capability.yaml", text)
 
 
 def remote_code_model(ctx: Ctx) -> Path:

@@ -30,7 +30,7 @@ from abliterate.cli_errors import (
     config_args,
     read_config,
 )
-from abliterate.errors import AbliterateError, Interrupted, explain
+from abliterate.errors import AbliterateError, Interrupted, chain, explain
 from abliterate.runconfig import CONFIG_FILE, with_run_config
 
 
@@ -207,7 +207,13 @@ def _cli_class():
                     print(note, file=sys.stderr)
 
         def instantiate_classes(self) -> None:
-            self.config_init = self.parser.instantiate_classes(self.config)
+            try:
+                self.config_init = self.parser.instantiate_classes(self.config)
+            except ValueError as err:  # jsonargparse wraps what a class's __init__ raised
+                cause = next((e for e in chain(err) if isinstance(e, AbliterateError)), None)
+                if cause is None:
+                    raise
+                raise cause from None
             self.datamodule = self._get(self.config_init, "data")
             self.model = self._get(self.config_init, "module")
             try:

@@ -17,7 +17,7 @@ class Interrupted(Exception):
 
 def explain(error: BaseException) -> str | None:
     """One line for failures whose library message hides the cause (None: not one of them)."""
-    text = " ".join(f"{e}" for e in _chain(error))
+    text = " ".join(f"{e}" for e in chain(error))
     if (
         isinstance(error, OSError)
         and error.errno == 28
@@ -30,7 +30,8 @@ def explain(error: BaseException) -> str | None:
     return None
 
 
-def _chain(error: BaseException):
+def chain(error: BaseException):
+    """The error, then its causes and contexts."""
     seen = set()
     while error is not None and id(error) not in seen:
         seen.add(id(error))

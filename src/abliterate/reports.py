@@ -17,7 +17,12 @@ from abliterate.pareto import select_trial
 
 log = logging.getLogger("abliterate.reports")
 
-LABELS = {"kl": "KL divergence", "degeneration": "degenerate replies", "judge_refusals": "judged refusal rate"}
+LABELS = {
+    "kl": "KL divergence",
+    "degeneration": "degenerate replies",
+    "judge_refusals": "judged refusal rate",
+    "capability": "multiple-choice accuracy",
+}
 
 
 @contextmanager

@@ -156,18 +156,18 @@ class AbliterationTrainer(L.Trainer):
         space: SearchSpace = SearchSpace(),
         output_dir: str = "outputs",
         trial: int | None = None,
+        compare: bool = False,
         max_new_tokens: int = 256,
     ) -> None:
-        """A streaming chat REPL with the model, or with a trial applied (empty line or Ctrl-D quits).
+        """A streaming multi-turn chat (/reset, /system TEXT; an empty line, Ctrl-D or Ctrl-C quits).
 
         Args:
-            study: the study (storage, study_name).
-            space: the search space the study used.
-            output_dir: run dir.
+            output_dir: run dir (its study and cache).
             trial: trial number to apply; None chats with the unmodified model.
-            max_new_tokens: reply length limit.
+            compare: answer each prompt with the original and with --trial N, labelled, one model in memory.
+            max_new_tokens: reply length limit (Ctrl-C stops a reply).
         """
-        verbs.chat(self, model, datamodule, study, space, output_dir, trial, max_new_tokens)
+        verbs.chat(self, model, datamodule, study, space, output_dir, trial, max_new_tokens, compare)
 
     def reproduce(self, model: AbliterationModule, datamodule: PromptDataModule, export_dir: str = "") -> None:
         """Re-derive the edit of the export in --export_dir from its base and reproduce.json; exit 1 if it differs."""

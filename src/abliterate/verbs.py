@@ -377,15 +377,20 @@ def reproduce(trainer, module, export_dir: str) -> None:
 
 
 def chat(
-    trainer, module, datamodule, study: StudyOptions, space: SearchSpace, output_dir: str, trial, max_new_tokens: int
+    trainer, module, datamodule, study: StudyOptions, space: SearchSpace, output_dir, trial, max_new_tokens, compare
 ) -> None:
     from abliterate.chat import chat_loop
 
+    if compare and trial is None:
+        raise AbliterateError("--compare needs --trial N: the trial whose replies are shown beside the original's")
     module.configure_model()
     if trial is not None:
         pipe = Pipeline(trainer, module, datamodule, run_dir_of(output_dir))
         frozen = trial_by_number(pipe.load_study(study), trial)
         pipe.residuals()
         plan = pipe.plan_of(frozen, space)
-        module.weight_editor().apply(plan.ablation, module.directions_for(plan.directions))
-    chat_loop(module.model, module.tokenizer, datamodule, max_new_tokens=max_new_tokens)
+        editor, directions = module.weight_editor(), module.directions_for(plan.directions)
+        if not compare:  # with --compare the one model in memory is edited for the abliterated replies only
+            editor.apply(plan.ablation, directions)
+    edited = (lambda: editor.applied(plan.ablation, directions)) if compare else None
+    chat_loop(module.model, module.tokenizer, datamodule, max_new_tokens=max_new_tokens, compare=edited)

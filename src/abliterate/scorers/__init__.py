@@ -2,6 +2,7 @@
 an entry in `module.scorers` (see docs/architecture.md)."""
 
 from abliterate.scorers.base import Direction, Observations, Scorer
+from abliterate.scorers.capability import Capability
 from abliterate.scorers.degeneration import Degeneration
 from abliterate.scorers.judge import JudgeRefusals
 from abliterate.scorers.kl import KL
@@ -10,6 +11,7 @@ from abliterate.scorers.thinking import ThinkingRefusals
 
 __all__ = [
     "KL",
+    "Capability",
     "Degeneration",
     "Direction",
     "JudgeRefusals",
