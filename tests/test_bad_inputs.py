@@ -65,6 +65,10 @@ def data_flag(role: str, path: Path) -> list[str]:
     return [f"--data.{role}", json.dumps({"dataset": str(path), "split": "train"})]
 
 
+def cli_args(verb: str, config: Path, organism_dir: Path, run: Path, *extra: str) -> list[str]:
+    return [verb, "--config", str(config), "--model", str(organism_dir), "--output_dir", str(run), *extra]
+
+
 def snapshot(run: Path) -> tuple[list[str], list]:
     files = sorted(str(p.relative_to(run)) for p in run.rglob("*") if not p.name.startswith(".abliterate"))
     trials = []
@@ -233,7 +237,7 @@ def finished_run(organism_dir, tmp_path_factory):
     config = root / "organism.yaml"
     config.write_text(organism_yaml(organism_dir) + "study: {n_trials: 3, n_startup_trials: 3}\n")
     run = root / "run"
-    main(["run", "--config", str(config), "--model", str(organism_dir), "--output_dir", str(run)])
+    main(cli_args("run", config, organism_dir, run))
     assert (run / "model" / "config.json").is_file()
     return config, run
 
@@ -288,33 +292,13 @@ def test_a_second_writer_is_refused_and_a_reader_leaves_the_study_alone(finished
         running = study.ask()
         before = snapshot(run)
         code, _, err = run_cli(
-            [
-                "run",
-                "--config",
-                str(config),
-                "--model",
-                str(organism_dir),
-                "--output_dir",
-                str(run),
-                "--study.n_trials",
-                "5",
-            ],
+            cli_args("run", config, organism_dir, run, "--study.n_trials", "5"),
             capsys,
         )
         assert code == 2 and f"in use by abliterate pid {holder.pid}" in err, err[-2000:]
         # evaluate only reads: it runs beside the writer and never marks its trial FAIL
         code, out, err = run_cli(
-            [
-                "evaluate",
-                "--config",
-                str(config),
-                "--model",
-                str(organism_dir),
-                "--output_dir",
-                str(run),
-                "--trial",
-                "0",
-            ],
+            cli_args("evaluate", config, organism_dir, run, "--trial", "0"),
             capsys,
         )
         assert code == 0, err[-2000:]
@@ -334,7 +318,7 @@ def test_rerunning_the_same_command_just_works(finished_run, organism_dir, tmp_p
     config, finished = finished_run
     run = tmp_path / "run"
     shutil.copytree(finished, run)
-    args = ["run", "--config", str(config), "--model", str(organism_dir), "--output_dir", str(run)]
+    args = cli_args("run", config, organism_dir, run)
     stamp = (run / "model" / "model.safetensors").stat().st_mtime_ns
     code, out, err = run_cli(args, capsys)
     assert code == 0, err[-2000:]
@@ -353,9 +337,7 @@ def test_a_corrupt_cache_file_is_recomputed_with_one_warning(finished_run, organ
     shutil.copytree(finished, run)
     (residuals,) = (run / "cache").glob("residuals-*.safetensors")
     residuals.write_bytes(residuals.read_bytes()[:100])
-    code, out, err = run_cli(
-        ["evaluate", "--config", str(config), "--model", str(organism_dir), "--output_dir", str(run)], capsys
-    )
+    code, out, err = run_cli(cli_args("evaluate", config, organism_dir, run), capsys)
     assert code == 0, err[-2000:]
     assert json.loads(out.strip().splitlines()[-1])["refusal_before"] >= 0.9
     assert residuals.stat().st_size > 1000  # recomputed and rewritten
@@ -365,7 +347,7 @@ def test_other_prompts_do_not_evict_the_runs_caches(finished_run, organism_dir, 
     config, finished = finished_run
     run = tmp_path / "run"
     shutil.copytree(finished, run)
-    base = ["evaluate", "--config", str(config), "--model", str(organism_dir), "--output_dir", str(run)]
+    base = cli_args("evaluate", config, organism_dir, run)
     few = write(tmp_path / "few.txt", "\n".join((organism_dir / "harmful_test.txt").read_text().splitlines()[:8]))
     assert run_cli([*base, *data_flag("eval_harmful", few)], capsys)[0] == 0
     caplog.clear()
@@ -391,17 +373,7 @@ def test_a_full_disk_is_named(finished_run, organism_dir, tmp_path, capsys, monk
     monkeypatch.setattr(optuna.Study, "ask", full)
     before = snapshot(run)
     code, _, err = run_cli(
-        [
-            "run",
-            "--config",
-            str(config),
-            "--model",
-            str(organism_dir),
-            "--output_dir",
-            str(run),
-            "--study.n_trials",
-            "5",
-        ],
+        cli_args("run", config, organism_dir, run, "--study.n_trials", "5"),
         capsys,
     )
     assert code == 2 and "the disk is full" in err and "Traceback" not in err, err[-2000:]
@@ -590,15 +562,14 @@ def test_ctrl_c_in_chat_stops_the_reply_not_the_chat(organism_dir, capsys, monke
         next(lines)  # and read every line
 
 
-def test_a_damaged_demo_organism_is_trained_again(organism_dir, tmp_path, caplog):
-    from abliterate.organism import build_tiny_organism
+def test_a_damaged_demo_organism_is_trained_again(tmp_path, caplog):
+    from abliterate.organism import OrganismSpec, build_tiny_organism
 
-    cache = tmp_path / "cache"
-    shutil.copytree(organism_dir, cache / organism_dir.name)
-    weights = cache / organism_dir.name / "model.safetensors"
-    weights.write_bytes(weights.read_bytes()[:1000])
+    spec = OrganismSpec(stage1_steps=60, stage2_steps=30, log_every=10)  # a quick one: only the rebuild is under test
+    built = build_tiny_organism(tmp_path, spec, progress=False)
+    original = (built / "model.safetensors").read_bytes()
+    (built / "model.safetensors").write_bytes(original[:1000])
     with caplog.at_level("WARNING"):
-        rebuilt = build_tiny_organism(cache, progress=False)
+        rebuilt = build_tiny_organism(tmp_path, spec, progress=False)
     assert "is damaged" in caplog.text
-    assert rebuilt.name == organism_dir.name
-    assert (rebuilt / "model.safetensors").read_bytes() == (organism_dir / "model.safetensors").read_bytes()
+    assert rebuilt == built and (rebuilt / "model.safetensors").read_bytes() == original
