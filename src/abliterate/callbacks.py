@@ -1,6 +1,7 @@
 """Callbacks that turn a trial pass into one trial: apply the ablation, prune early."""
 
 import sys
+import time
 from collections.abc import Sequence
 
 import lightning as L
@@ -65,6 +66,7 @@ class Pruning(L.Callback):
 
     @override
     def on_predict_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+        self.trial.set_user_attr("alive_at", time.time())  # a sign of life for nodes sharing the study
         if not self.enabled:
             return
         role = batch["role"]

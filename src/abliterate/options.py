@@ -190,6 +190,9 @@ class StudyOptions:
     """trial selection: min_kl_under, knee, or a trial number."""
     workers: int = 1
     """trial worker processes sharing the storage (one per device when >1 GPU)."""
+    stale_after: float = 900.0
+    """with a shared --study.storage: seconds without progress (a batch) after which another node's
+    RUNNING trial counts as abandoned (its node died) and is failed, so the study still reaches n_trials."""
 
     def __post_init__(self) -> None:
         if self.n_trials < 1:

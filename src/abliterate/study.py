@@ -5,10 +5,12 @@ Lightning-free: a trial is evaluated by the `evaluate` function the pipeline pas
 
 import logging
 import os
+import random
 import time
 from collections.abc import Callable, Sequence
 
 import optuna
+import sqlalchemy
 from optuna.trial import TrialState
 
 from abliterate.errors import AbliterateError
@@ -37,7 +39,14 @@ def open_storage(url: str) -> optuna.storages.BaseStorage:
         return JournalStorage(JournalFileBackend(url.removeprefix("journal:///").removeprefix("journal://")))
     # SQLite serialises writers with a lock; a long busy timeout lets a few local workers share it.
     engine_kwargs = {"connect_args": {"timeout": 120}} if url.startswith("sqlite") else {}
-    return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs)
+    for attempt in range(5):
+        try:
+            return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs)
+        except (sqlalchemy.exc.IntegrityError, sqlalchemy.exc.ProgrammingError):
+            # Nodes starting together on a fresh database race to create Optuna's tables: the loser retries.
+            if attempt == 4:
+                raise
+            time.sleep(0.5 + random.random())
 
 
 def objectives_of(scorers: Sequence[Scorer]) -> list[Scorer]:
@@ -139,6 +148,8 @@ def run_search(
     while True:
         plan, trial = None, None
         try:
+            if ranks.is_global_zero and options.storage is not None:
+                fail_stale_trials(study, options.stale_after)
             if ranks.is_global_zero and _claimed(study) < options.n_trials:
                 trial = study.ask()
                 if _claimed(study, up_to=trial.number) >= options.n_trials:
@@ -164,6 +175,7 @@ def _run_trial(study, options: StudyOptions, scorers, trial, plan: TrialPlan, ev
     objectives = objectives_of(scorers)
     if trial is not None:
         trial.set_user_attr("worker_pid", os.getpid())
+        trial.set_user_attr(ALIVE_ATTR, time.time())
     completed = completed_points(study, signs_of(objectives)) if trial is not None else []
     try:
         values = evaluate(trial, plan, completed)
@@ -209,6 +221,23 @@ def _run_trial(study, options: StudyOptions, scorers, trial, plan: TrialPlan, ev
     log.info("trial %d (%d/%d): %s (%.1fs)", trial.number, finished, options.n_trials, shown, seconds)
     if progress:
         progress.trial_done(values=point)
+
+
+ALIVE_ATTR = "alive_at"  # wall-clock seconds of a running trial's last sign of life (each batch)
+
+
+def fail_stale_trials(study: optuna.Study, stale_after: float) -> None:
+    """In a shared storage, a RUNNING trial whose worker has shown no progress for `stale_after`
+    seconds belongs to a node that died: fail it, so that it stops counting towards n_trials."""
+    now = time.time()
+    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        last = t.user_attrs.get(ALIVE_ATTR) or (t.datetime_start.timestamp() if t.datetime_start else now)
+        if now - last > stale_after:
+            try:
+                study.tell(t.number, state=TrialState.FAIL)
+            except (RuntimeError, ValueError):  # another node got there first
+                continue
+            log.warning("trial %d showed no progress for %.0fs (its worker is gone); marked FAIL", t.number, now - last)
 
 
 def _fail_if_running(study: optuna.Study, trial: optuna.Trial) -> None:
