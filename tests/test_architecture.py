@@ -38,6 +38,7 @@ FLOORS = {
         "reproduce",
         "thinking",
         "organism_thinking",
+        "inspect_views",
     },
     "lightning": {"module", "data", "callbacks", "passes"},
     "orchestration": {"pipeline", "study", "reports", "workers", "runconfig", "verbs"},

@@ -55,12 +55,9 @@ class AbliterationTrainer(L.Trainer):
         """Main job: directions, search, select a trial, export the model (rerun the same command to resume).
 
         Args:
-            study: how trials run and which is picked.
-            space: the ablation parameter ranges.
             output_dir: run dir: study.db, cache/, trials.csv, pareto.png (rerun to resume).
             export_dir: where the model is written; default OUTPUT_DIR/model.
             overwrite: replace an existing export this tool made elsewhere (never other files).
-            classifier: an optional model that re-checks the best Pareto trials' refusals after the search.
             export_format: merged (a full checkpoint), adapter (a PEFT LoRA adapter) or both (the adapter in adapter/).
         """
         return verbs.run(
@@ -94,12 +91,20 @@ class AbliterationTrainer(L.Trainer):
         """Run Optuna trials (resumes the study in OUTPUT_DIR) and write trials.csv and pareto.png.
 
         Args:
-            study: how trials run and which is picked.
-            space: the ablation parameter ranges.
             output_dir: run dir: study.db, cache/, trials.csv, pareto.png.
-            classifier: an optional model that re-checks the best Pareto trials' refusals after the search.
         """
         return verbs.search(self, model, datamodule, study, space, output_dir, classifier)
+
+    def inspect(
+        self,
+        model: AbliterationModule,
+        datamodule: PromptDataModule,
+        study: StudyOptions = StudyOptions(),
+        output_dir: str = "outputs",
+        direction: DirectionOptions = DirectionOptions(),
+    ) -> Path:
+        """Per-layer refusal-direction views of a run dir in OUTPUT_DIR/inspect: layers.csv and plots, pareto.png."""
+        return verbs.inspect(self, model, datamodule, study, output_dir, direction)
 
     def evaluate(
         self,
@@ -113,9 +118,6 @@ class AbliterationTrainer(L.Trainer):
         """Every scorer on the model, or on a trial of the study applied to it, against the original.
 
         Args:
-            study: where the study is (storage, study_name).
-            space: the search space the study used.
-            output_dir: run dir.
             trial: trial number to apply; None evaluates the unmodified model.
         """
         return verbs.evaluate(self, model, datamodule, study, space, output_dir, trial)
@@ -136,8 +138,6 @@ class AbliterationTrainer(L.Trainer):
         """Merge a trial into the weights and save a normal HF checkpoint.
 
         Args:
-            study: the study (storage, study_name) and the selection policy.
-            space: the search space the study used.
             output_dir: run dir.
             export_dir: where the model is written; default OUTPUT_DIR/model.
             trial: trial number; None applies study.select.

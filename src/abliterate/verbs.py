@@ -7,7 +7,7 @@ import json
 import logging
 import sys
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import optuna
@@ -17,17 +17,11 @@ import abliterate.reproduce as records
 from abliterate.data import PromptDataModule
 from abliterate.errors import AbliterateError, Interrupted
 from abliterate.hub import check_push, push
+from abliterate.inspect_views import write_views
 from abliterate.module import AbliterationModule
 from abliterate.options import ClassifierOptions, DirectionOptions, HubOptions, SearchSpace, StudyOptions
 from abliterate.pipeline import Pipeline
-from abliterate.reports import (
-    SearchProgress,
-    choose_from_front,
-    log_study,
-    plot_pareto,
-    print_run_summary,
-    write_trials_csv,
-)
+from abliterate.reports import SearchProgress, choose_from_front, log_study, plot_pareto, write_trials_csv
 from abliterate.rundir import RunDir, stale_temps
 from abliterate.study import FINISHED
 
@@ -198,6 +192,7 @@ def run(
     interactive: bool = True,
 ) -> Path:
     from abliterate.export import check_export_format, check_export_target
+    from abliterate.reports import print_run_summary
 
     start = time.perf_counter()
     out = run_dir_of(output_dir)
@@ -234,10 +229,7 @@ def run(
         push(target, hub, chosen, trainer.is_global_zero)
     if trainer.is_global_zero:
         names = [s.name for s in pipe.objectives]
-        counts = {
-            "harmful": len(datamodule.dataset("eval_harmful")),
-            "harmless": len(datamodule.dataset("eval_harmless")),
-        }
+        counts = {role: len(datamodule.dataset(f"eval_{role}")) for role in ("harmful", "harmless")}
         print_run_summary(module.model_id, chosen, reference.values, names, counts, target, time.perf_counter() - start)
     return target
 
@@ -288,7 +280,7 @@ def search(
     from abliterate.workers import is_worker
 
     out = run_dir_of(output_dir)
-    with writing(trainer, out) if not is_worker() else _nothing():
+    with writing(trainer, out) if not is_worker() else nullcontext():
         keep_settings(trainer, out, module, datamodule, study, space)
         pipe = Pipeline(trainer, module, datamodule, out)
         pipe.check_existing_study(study)
@@ -302,9 +294,20 @@ def search(
     return optuna_study
 
 
-@contextmanager
-def _nothing():
-    yield
+def inspect(trainer, module, datamodule, study: StudyOptions, output_dir: str, direction: DirectionOptions) -> Path:
+    """OUTPUT_DIR/inspect: layers.csv/.png, projections.png (inspect_views.py), pareto.png when there is a study."""
+    out, written = run_dir_of(output_dir), {}
+    with writing(trainer, out), phase("residual collection", "nothing of it was cached"):
+        residuals = (pipe := Pipeline(trainer, module, datamodule, out)).residuals()
+        if trainer.is_global_zero:
+            written = write_views(residuals.tensors, out / "inspect", **vars(direction))
+        if written and (study.storage is not None or (out / "study.db").is_file()):
+            trials, names = (s := pipe.load_study(study)).get_trials(deepcopy=False), [o.name for o in pipe.objectives]
+            chosen = pipe.choose(s, study) if any(t.state == TrialState.COMPLETE for t in trials) else None
+            if plot_pareto(trials, pipe.front(s), chosen, names, path := out / "inspect" / "pareto.png"):
+                written["pareto_png"] = path
+    print(json.dumps({name: str(path) for name, path in written.items()}))
+    return out / "inspect"
 
 
 def evaluate(trainer, module, datamodule, study: StudyOptions, space: SearchSpace, output_dir: str, trial) -> dict:

@@ -1,0 +1,146 @@
+"""`abliterate inspect`: per-layer views of a run dir, recomputed here from the cached residuals."""
+
+import csv
+import json
+
+import numpy as np
+import pytest
+import torch
+from helpers import run_cli
+from safetensors.torch import load_file
+
+from abliterate.inspect_views import layer_table, projections_2d
+
+
+@pytest.fixture(scope="module")
+def inspected(organism_dir, tmp_path_factory):
+    """A 3-trial run of the organism, then `inspect` twice (mean difference, then contrastive PCA)."""
+    from helpers import organism_yaml
+
+    from abliterate.cli import main
+
+    root = tmp_path_factory.mktemp("inspect")
+    config = root / "organism.yaml"
+    config.write_text(organism_yaml(organism_dir))
+    out = root / "run"
+    main(
+        ["run", "--config", str(config), "--model", str(organism_dir), "--output_dir", str(out)]
+        + ["--study.n_trials", "3"]
+    )
+    return out
+
+
+def _rows(path):
+    with open(path, newline="") as file:
+        return list(csv.DictReader(file))
+
+
+def _cached(out):
+    (path,) = sorted((out / "cache").glob("residuals-*.safetensors"))
+    return load_file(str(path))
+
+
+def _image(path):
+    from PIL import Image
+
+    with Image.open(path) as image:
+        image.verify()
+    with Image.open(path) as image:
+        assert image.format == "PNG" and min(image.size) > 50
+        return image.size
+
+
+def test_inspect_writes_the_views_recomputed_from_the_cache(inspected, capsys, monkeypatch):
+    from abliterate.pipeline import Pipeline
+
+    def no_pass(self, pass_, *args, **kwargs):
+        raise AssertionError(f"inspect ran {type(pass_).__name__}: the residuals are cached")
+
+    monkeypatch.setattr(Pipeline, "_predict", no_pass)
+    out = inspected
+    before = sorted(p.name for p in (out / "cache").iterdir())
+    code, stdout, err = run_cli(["inspect", "--output_dir", str(out)], capsys)
+    assert code == 0, err
+    written = json.loads(stdout.strip().splitlines()[-1])
+    assert set(written) == {"layers_csv", "layers_png", "projections_png", "pareto_png"}
+    assert sorted(p.name for p in (out / "cache").iterdir()) == before
+
+    residuals = _cached(out)
+    bad, good = residuals["harmful"].double(), residuals["harmless"].double()
+    n_layers = bad.shape[1]
+    rows = _rows(out / "inspect" / "layers.csv")
+    assert len(rows) == n_layers and [int(r["layer"]) for r in rows] == list(range(n_layers))
+    assert not any(c.startswith("eig_") for c in rows[0])
+
+    # The run's default direction: the mean difference made orthogonal to the harmless mean (projected).
+    mu_b, mu_g = bad.mean(0), good.mean(0)
+    diff = mu_b - mu_g
+    unit = diff / diff.norm(dim=-1, keepdim=True)
+    g = mu_g / mu_g.norm(dim=-1, keepdim=True)
+    r = unit - (unit * g).sum(-1, keepdim=True) * g
+    if "unhelpful" in residuals:  # not in the organism's config; the table would orthogonalise to it
+        pytest.fail("the organism's run has unhelpful residuals: extend this recomputation")
+    r = r / r.norm(dim=-1, keepdim=True)
+    for layer, row in enumerate(rows):
+        assert float(row["mean_diff_norm"]) == pytest.approx(float(diff[layer].norm()), abs=1e-5)
+        pb, pg = bad[:, layer] @ r[layer], good[:, layer] @ r[layer]
+        d_prime = (pb.mean() - pg.mean()) / torch.sqrt((pb.var() + pg.var()) / 2)
+        assert float(row["d_prime"]) == pytest.approx(float(d_prime), abs=1e-4)
+        if layer == 0:
+            assert row["cos_prev"] == ""
+        else:
+            cos = float(r[layer] @ r[layer - 1])
+            assert float(row["cos_prev"]) == pytest.approx(cos, abs=1e-5)
+    assert max(float(r["d_prime"]) for r in rows) > 1  # the organism's refusal is linearly separable somewhere
+
+    for name in ("layers.png", "projections.png", "pareto.png"):
+        _image(out / "inspect" / name)
+    import matplotlib.pyplot as plt
+
+    assert plt.imread(out / "inspect" / "projections.png").ndim == 3
+
+
+def test_inspect_with_contrastive_pca_adds_the_eigenvalue_spectrum(inspected, capsys):
+    from abliterate.directions import contrastive_pca
+
+    out = inspected
+    args = ["inspect", "--output_dir", str(out), "--direction.method", "contrastive_pca", "--direction.k", "3"]
+    code, _, err = run_cli(args, capsys)
+    assert code == 0, err
+    rows = _rows(out / "inspect" / "layers.csv")
+    residuals = _cached(out)
+    bad, good = residuals["harmful"].double(), residuals["harmless"].double()
+    spectrum = contrastive_pca(bad, good, k=3, projected=True, dtype=torch.float64).eigenvalues
+    assert len(rows) == bad.shape[1]
+    for layer, row in enumerate(rows):
+        got = [float(row["eig_1"]), float(row["eig_2"])]
+        assert got == pytest.approx(spectrum[layer].tolist(), rel=1e-6, abs=1e-8)
+        assert got[0] >= got[1] > 0
+    _image(out / "inspect" / "layers.png")
+
+
+def test_layer_table_and_projections_on_plain_tensors():
+    torch.manual_seed(0)
+    bad = torch.randn(12, 4, 8, dtype=torch.float64) + torch.tensor([3.0] + [0.0] * 7, dtype=torch.float64)
+    good = torch.randn(10, 4, 8, dtype=torch.float64)
+    rows = layer_table(bad, good)
+    assert [r["layer"] for r in rows] == [0, 1, 2, 3] and rows[0]["cos_prev"] is None
+    for row in rows:
+        assert row["d_prime"] > 2 and row["harmful_proj_mean"] > row["harmless_proj_mean"]
+    coords = projections_2d(bad, good)
+    assert coords.shape == (22, 4, 2)
+    # The first component carries the class shift: harmful points sit right of harmless ones.
+    assert (coords[:12, :, 0].mean(0) > coords[12:, :, 0].mean(0)).all()
+    # The coordinates are the residuals' projections onto two orthonormal axes: pairwise distances shrink.
+    pooled = torch.cat([bad, good])[:, 0]
+    assert np.all(torch.cdist(coords[:, 0], coords[:, 0]).numpy() <= torch.cdist(pooled, pooled).numpy() + 1e-9)
+
+
+def test_inspect_without_a_run_dir_study_writes_no_pareto(organism_config, organism_dir, tmp_path, capsys):
+    out = tmp_path / "fresh"
+    args = ["inspect", "--config", str(organism_config), "--model", str(organism_dir), "--output_dir", str(out)]
+    code, stdout, err = run_cli(args, capsys)
+    assert code == 0, err
+    written = json.loads(stdout.strip().splitlines()[-1])
+    assert "pareto_png" not in written and (out / "inspect" / "layers.csv").is_file()
+    assert not (out / "study.db").exists()
