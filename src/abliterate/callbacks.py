@@ -53,6 +53,7 @@ class Pruning(L.Callback):
         completed: Sequence[Point],
         totals: dict[str, int],
         enabled: bool = True,
+        heartbeat: bool = False,
     ):
         self.trial = trial
         self.objectives = list(objectives)
@@ -60,13 +61,15 @@ class Pruning(L.Callback):
         self.completed = list(completed)
         self.totals = totals
         self.enabled = enabled
+        self.heartbeat = heartbeat  # a shared storage: other nodes must see this trial is alive
         self.started: list[str] = []
         self.final: dict[str, float] = {}
         self.seen: dict[str, int] = {}
 
     @override
     def on_predict_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
-        self.trial.set_user_attr("alive_at", time.time())  # a sign of life for nodes sharing the study
+        if self.heartbeat:
+            self.trial.set_user_attr("alive_at", time.time())
         if not self.enabled:
             return
         role = batch["role"]

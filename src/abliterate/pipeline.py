@@ -294,7 +294,7 @@ class Pipeline:
             except AbliterateError as err:  # e.g. a contrastive PCA k these prompts cannot support
                 raise InfeasiblePlan(str(err)) from err
             record = trial if trial is not None else _OtherRankTrial()
-            pruning = Pruning(record, self.objectives, completed, totals, enabled=options.prune)
+            pruning = Pruning(record, self.objectives, completed, totals, options.prune, options.storage is not None)
             return self.evaluate(plan, reference, [pruning]).values
 
         run_search(self.trainer, study, options, space, self.module.n_layers, self.scorers, evaluate, progress)
