@@ -17,15 +17,13 @@ from __future__ import annotations
 import csv
 import logging
 import math
-import os
-from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 from torch import Tensor
 
 from abliterate.directions import compute_directions, contrastive_pca
-from abliterate.rundir import temp_sibling
+from abliterate.rundir import atomic_path
 
 log = logging.getLogger("abliterate.inspect")
 
@@ -73,17 +71,6 @@ def layer_table(
 
 def _var(x: Tensor) -> Tensor:
     return x.var(0) if x.shape[0] > 1 else torch.zeros_like(x[0])
-
-
-@contextmanager
-def atomic_path(path: Path):
-    """A temp sibling to write, renamed onto `path` when done: a kill never leaves half a file."""
-    tmp = temp_sibling(path, "tmp")
-    try:
-        yield tmp
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def write_table(rows: list[dict], path: Path) -> None:

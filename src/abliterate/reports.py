@@ -2,11 +2,9 @@
 
 import json
 import logging
-import os
 import sys
 import time
 from collections.abc import Sequence
-from contextlib import contextmanager
 from pathlib import Path
 
 import optuna
@@ -14,6 +12,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from abliterate.errors import AbliterateError
 from abliterate.pareto import select_trial
+from abliterate.rundir import atomic_path
 
 log = logging.getLogger("abliterate.reports")
 
@@ -25,25 +24,12 @@ LABELS = {
 }
 
 
-@contextmanager
-def publishing(path: Path):
-    """Write to a temp sibling, then rename: a kill never leaves a half-written file."""
-    from abliterate.rundir import temp_sibling
-
-    tmp = temp_sibling(path, "tmp")
-    try:
-        yield tmp
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def write_trials_csv(study: optuna.Study, path: Path) -> None:
     """Every trial's number, state, values (named by metric), parameters, attributes and duration."""
     frame = study.trials_dataframe(attrs=("number", "state", "values", "params", "user_attrs", "duration"))
     if "duration" in frame:
         frame["duration"] = frame["duration"].dt.total_seconds()
-    with publishing(path) as tmp:
+    with atomic_path(path) as tmp:
         frame.to_csv(tmp, index=False)
 
 
@@ -83,7 +69,7 @@ def plot_pareto(trials: Sequence[FrozenTrial], front, chosen, names: Sequence[st
     ax.set_ylabel(f"{names[0]} (harmful)")
     ax.legend()
     fig.tight_layout()
-    with publishing(path) as tmp:
+    with atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=100, format=path.suffix.lstrip("."))
     plt.close(fig)
     return True

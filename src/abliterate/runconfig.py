@@ -7,7 +7,6 @@ and trial workers start from it.
 """
 
 import inspect
-import os
 from dataclasses import asdict
 from pathlib import Path
 
@@ -62,10 +61,10 @@ def resolved_config(out: Path, module, datamodule, study=None, space=None) -> di
 
 def save_run_config(out: Path, config: dict) -> None:
     """Write OUTPUT_DIR/config.yaml atomically."""
-    path = out / CONFIG_FILE
-    tmp = path.with_name(f".{CONFIG_FILE}.tmp-{os.getpid()}")
-    tmp.write_text(yaml.safe_dump(config, sort_keys=False))
-    os.replace(tmp, path)
+    from abliterate.rundir import atomic_path
+
+    with atomic_path(out / CONFIG_FILE) as tmp:
+        tmp.write_text(yaml.safe_dump(config, sort_keys=False))
 
 
 def output_dir_of(argv: list[str], configs=()) -> str:

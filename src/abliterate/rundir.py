@@ -42,6 +42,17 @@ def temp_sibling(target: Path, kind: str) -> Path:
     return target.parent / f".{target.name}.{kind}-{os.getpid()}"
 
 
+@contextmanager
+def atomic_path(path: Path) -> Iterator[Path]:
+    """A temp sibling to write, renamed onto `path` when done: a kill never leaves half a file."""
+    tmp = temp_sibling(path, "tmp")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 def pid_alive(pid: int) -> bool:
     """Whether a process with this pid exists (on this machine)."""
     if pid <= 0:
