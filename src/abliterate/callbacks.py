@@ -38,12 +38,15 @@ class ApplyAblation(L.Callback):
 
 
 class Pruning(L.Callback):
-    """After each batch, bound the trial's final values and prune once a completed trial dominates them.
+    """Bound the trial's final values and prune once a completed trial dominates them: when a role
+    starts, and after each batch.
 
     Roles are read in order (passes.scorer_roles), so the scorers of earlier roles are final when a
-    later role's batches run; a scorer of the current role contributes its running `bound`. Optuna's
-    `trial.report`/`should_prune` raise in multi-objective studies, so the bound goes into the
-    trial's user attributes and pruning raises `optuna.TrialPruned` directly.
+    later role's batches run. When a role starts, every scorer not yet final contributes its
+    `best_possible` value (e.g. 0 refusals): a trial already dominated then is pruned before that
+    role's work (generation) begins. After each batch, a scorer of the current role contributes its
+    running `bound`. Optuna's `trial.report`/`should_prune` raise in multi-objective studies, so the
+    bound goes into the trial's user attributes and pruning raises `optuna.TrialPruned` directly.
     """
 
     def __init__(
@@ -67,19 +70,28 @@ class Pruning(L.Callback):
         self.seen: dict[str, int] = {}
 
     @override
+    def on_predict_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0) -> None:
+        role = batch["role"]
+        if not self.enabled or role in self.started:
+            return
+        # Roles run one after another: the scorers of the roles before this one are final.
+        for scorer in self.objectives:
+            if scorer.role in self.started and scorer.name not in self.final:
+                self.final[scorer.name] = scorer.compute()
+        self.started.append(role)
+        self.seen[role] = 0
+        bound = [self.final.get(s.name, s.best_possible()) for s in self.objectives]
+        if None not in bound:
+            self._prune_if_dominated(trainer, role, bound, seen=0)
+
+    @override
     def on_predict_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
         if self.heartbeat:
             self.trial.set_user_attr("alive_at", time.time())
         if not self.enabled:
             return
         role = batch["role"]
-        if role not in self.started:
-            # Roles run one after another: the scorers of the roles before this one are final.
-            for scorer in self.objectives:
-                if scorer.role in self.started and scorer.name not in self.final:
-                    self.final[scorer.name] = scorer.compute()
-            self.started.append(role)
-        self.seen[role] = self.seen.get(role, 0) + len(batch["index"])
+        self.seen[role] += len(batch["index"])
         bound = []
         for scorer in self.objectives:
             value = self.final.get(scorer.name)
@@ -91,6 +103,9 @@ class Pruning(L.Callback):
         seen = int(
             trainer.strategy.reduce(torch.tensor(float(self.seen[role]), device=pl_module.device), reduce_op="sum")
         )
+        self._prune_if_dominated(trainer, role, bound, seen)
+
+    def _prune_if_dominated(self, trainer, role: str, bound: list[float], seen: int) -> None:
         self.trial.set_user_attr("prompts_seen", seen)
         point = tuple(v * s for v, s in zip(bound, self.signs, strict=True))
         decision = seen < self.totals[role] and prunable(point, self.completed)

@@ -14,6 +14,8 @@ import torchmetrics
 from torch import Tensor
 from transformers import GenerationConfig, StoppingCriteria, StoppingCriteriaList
 
+from abliterate.decode import can_drop_rows, greedy_decode
+
 # --- Refusal markers -------------------------------------------------------------------------
 
 _QUOTES = str.maketrans({"\u2019": "'", "\u2018": "'", "\u02bc": "'", "\u201c": '"', "\u201d": '"'})
@@ -219,14 +221,17 @@ def _greedy_generate(
     pad_token_id: int | None,
     eos_token_id: int | list[int] | None,
     stopping_criteria: StoppingCriteriaList | None = None,
+    **options,
 ) -> Tensor:
-    """Greedy `generate`; returns only the new tokens, [B, <= max_new_tokens]."""
+    """Greedy `generate`; returns only the new tokens, [B, <= max_new_tokens]. `options`: more
+    GenerationConfig fields (scripts/bench_gpu.py: a static cache, compilation)."""
     config = GenerationConfig(
         max_new_tokens=max_new_tokens,
         do_sample=False,
         num_beams=1,
         pad_token_id=pad_token_id,
         eos_token_id=eos_token_id,
+        **options,
     )
     with _only_explicit_generation_config(model):
         sequences = model.generate(
@@ -236,6 +241,21 @@ def _greedy_generate(
             stopping_criteria=stopping_criteria,
         )
     return sequences[:, input_ids.shape[1] :]
+
+
+def _eos_list(eos: int | Sequence[int] | None) -> list[int]:
+    return [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
+
+
+def _marker_stop(tokenizer, markers: Sequence[str]):
+    """`greedy_decode`'s stop test: the reply so far (normalised) contains a refusal marker."""
+    normalized = _normalized_markers(markers)
+
+    def stop(rows: list[list[int]]) -> list[bool]:
+        texts = tokenizer.batch_decode(rows, skip_special_tokens=True)
+        return [_contains_marker(normalize_response(text), normalized) for text in texts]
+
+    return stop
 
 
 @torch.no_grad()
@@ -252,8 +272,9 @@ def generate_responses(
 
     Each sequence stops at eos (the model's generation_config eos ids, else the tokenizer's), at
     `max_new_tokens`, or, when `markers` are given, right after the token that completes a marker:
-    enough to score a refusal without paying for the rest of it. The model's train/eval mode is left
-    as it is; call `model.eval()` first if it has dropout.
+    enough to score a refusal without paying for the rest of it. A finished sequence leaves the batch
+    (`decode.greedy_decode`); a model whose cache rows cannot be dropped runs HF `generate` instead.
+    The model's train/eval mode is left as it is; call `model.eval()` first if it has dropout.
     """
     _check_left_padded(attention_mask)
     if tokenizer.pad_token_id is None:
@@ -261,6 +282,10 @@ def generate_responses(
     eos = model.generation_config.eos_token_id
     if eos is None:
         eos = tokenizer.eos_token_id
+    if can_drop_rows(model):
+        stop = _marker_stop(tokenizer, markers) if markers else None
+        rows = greedy_decode(model, input_ids, attention_mask, max_new_tokens, _eos_list(eos), stop)
+        return tokenizer.batch_decode(rows, skip_special_tokens=True)
     criteria = None
     if markers:
         criteria = MarkerStoppingCriteria(tokenizer, markers, input_ids.shape[1], eos_token_id=eos)
@@ -289,10 +314,15 @@ def greedy_reply_tokens(
     eos = model.generation_config.eos_token_id
     if eos is None:
         eos = tokenizer.eos_token_id
-    eos_ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
-    new_tokens = _greedy_generate(model, input_ids, attention_mask, max_new_tokens, tokenizer.pad_token_id, eos)
+    eos_ids = set(_eos_list(eos))
+    if can_drop_rows(model):
+        generated = greedy_decode(model, input_ids, attention_mask, max_new_tokens, eos_ids)
+    else:
+        generated = _greedy_generate(
+            model, input_ids, attention_mask, max_new_tokens, tokenizer.pad_token_id, eos
+        ).tolist()
     rows = []
-    for row in new_tokens.tolist():
+    for row in generated:
         cut = next((i for i, token in enumerate(row) if token in eos_ids), len(row))
         rows.append(row[:cut])
     return rows

@@ -187,5 +187,10 @@ class Scorer(nn.Module):
         """A value the final one can be no better than, from the batches seen so far; None: none known."""
         return None
 
+    def best_possible(self) -> float | None:
+        """A value the final one can be no better than before any batch is seen (e.g. 0 refusals),
+        so pruning can stop a trial before this scorer's batches run; None: none known."""
+        return None
+
     def extra_repr(self) -> str:
         return f"direction={self.direction}"

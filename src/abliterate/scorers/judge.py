@@ -35,6 +35,10 @@ class JudgeRefusals(Scorer):
     def compute(self) -> float:
         return float(self.refusals.compute()) / float(self.total.compute())
 
+    def best_possible(self) -> float:
+        # A rate lies in [0, 1]: no prompt refused, or (maximised) every one.
+        return 1.0 if self.direction == "maximize" else 0.0
+
     def bound(self, strategy, total: int) -> float:
         refusals = strategy.reduce(self.refusals.sum_value.detach().clone().float(), reduce_op="sum")
         return float(refusals) / total

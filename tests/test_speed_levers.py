@@ -1,0 +1,155 @@
+"""The speed levers of issue #15 keep results exact: rows dropped from generation give generate's
+tokens, and the role-start bound prunes a dominated trial before any harmful batch is generated."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import optuna
+import pytest
+from test_metrics import batch, make_model, tokenizer  # noqa: F401  (fixtures)
+from test_pipeline import full_ablation, make_parts, params_at
+
+import abliterate.metrics
+import abliterate.scorers.base
+from abliterate.callbacks import Pruning
+from abliterate.data import shard_batches
+from abliterate.decode import can_drop_rows
+from abliterate.metrics import generate_responses
+from abliterate.options import DirectionOptions
+from abliterate.pipeline import Pipeline
+from abliterate.plans import TrialPlan
+from abliterate.scorers import KL, MarkerRefusals
+
+
+def hf_generate_only(monkeypatch) -> None:
+    """The path before row dropping: HF generate decodes every row to the end of its batch."""
+    monkeypatch.setattr(abliterate.metrics, "can_drop_rows", lambda model: False)
+
+
+@pytest.mark.parametrize("seed", [0, 2])
+def test_dropping_finished_rows_gives_generates_tokens(seed, tokenizer, batch, monkeypatch):  # noqa: F811
+    input_ids, attention_mask = batch
+    model = make_model(seed)
+    assert can_drop_rows(model)
+    plain = generate_responses(model, tokenizer, input_ids, attention_mask, max_new_tokens=8)
+    # A marker that ends one row after its first word while the others go on: rows stop at mixed steps.
+    marker = plain[0].split()[0]
+    settings = {"eos": None, "marker": [marker]}
+    dropped = {
+        name: generate_responses(model, tokenizer, input_ids, attention_mask, max_new_tokens=8, markers=markers)
+        for name, markers in settings.items()
+    }
+    assert dropped["eos"] == plain
+    assert dropped["marker"][0].split() == [marker]
+    assert len({len(text.split()) for text in dropped["marker"]}) > 1  # rows finished at different steps
+    with monkeypatch.context() as patch:
+        hf_generate_only(patch)
+        for name, markers in settings.items():
+            expected = generate_responses(
+                model, tokenizer, input_ids, attention_mask, max_new_tokens=8, markers=markers
+            )
+            assert dropped[name] == expected, name
+
+
+@pytest.fixture(scope="module")
+def organism_pipe(organism_dir, tmp_path_factory):
+    module, data, trainer = make_parts(organism_dir)
+    pipe = Pipeline(trainer, module, data, tmp_path_factory.mktemp("run"))
+    pipe.residuals()
+    return pipe, pipe.reference()
+
+
+def test_dropping_finished_rows_keeps_trial_results_on_the_organism(organism_pipe, monkeypatch):
+    pipe, reference = organism_pipe
+    params = full_ablation(pipe.module.n_layers)
+    plans = [TrialPlan(DirectionOptions(), params_at(params, i)) for i in (0, pipe.module.n_layers - 1)]
+    dropped = [pipe.evaluate(plan, reference) for plan in plans]
+    with monkeypatch.context() as patch:
+        hf_generate_only(patch)
+        generated = [pipe.evaluate(plan, reference) for plan in plans]
+    for a, b in zip(dropped, generated, strict=True):
+        assert a.responses == b.responses
+        assert a.values == b.values
+    # The organism refuses (marker stops) and the ablated one answers (eos stops): both kinds of stop ran.
+    assert reference.values["refusals"] > 0.9 and min(r.values["refusals"] for r in dropped) < 0.5
+
+
+class RecordingTrial:
+    def __init__(self):
+        self.user_attrs = {}
+
+    def set_user_attr(self, key, value):
+        self.user_attrs[key] = value
+
+
+def test_best_possible_refusal_rate():
+    assert MarkerRefusals().best_possible() == 0.0
+    assert MarkerRefusals(direction="maximize").best_possible() == 1.0
+    assert KL().best_possible() is None
+
+
+def test_dominated_trial_is_pruned_before_any_harmful_batch(organism_pipe, monkeypatch):
+    pipe, reference = organism_pipe
+    plan = TrialPlan(DirectionOptions(), params_at(full_ablation(pipe.module.n_layers), 1))
+    kl = pipe.evaluate(plan, reference).values["kl"]
+    assert kl > 0
+    generated = []
+    inner = abliterate.scorers.base.generate_responses
+    monkeypatch.setattr(
+        abliterate.scorers.base, "generate_responses", lambda *a, **k: generated.append(1) or inner(*a, **k)
+    )
+    totals = {role: len(pipe.datamodule.dataset(role)) for role in ("eval_harmful", "eval_harmless")}
+
+    degeneration = next(s for s in pipe.scorers if not s.is_objective)  # reported, never optimised
+    observed = []
+    monkeypatch.setattr(degeneration, "update", lambda obs: observed.append(len(generated)))
+
+    def run(completed):
+        generated.clear()
+        observed.clear()
+        trial = RecordingTrial()
+        pruning = Pruning(trial, pipe.objectives, completed, totals)
+        try:
+            pipe.evaluate(plan, reference, [pruning])
+        except optuna.TrialPruned:
+            return True, trial, len(generated)
+        return False, trial, len(generated)
+
+    # A completed trial at 0 refusals with less KL dominates whatever refusals this one reaches.
+    pruned, trial, batches = run([(0.0, kl / 2)])
+    assert pruned and batches == 0
+    assert observed == []  # a pruned trial never pays for the reported scorers
+    assert trial.user_attrs["bound"] == [0.0, pytest.approx(kl)] and trial.user_attrs["prompts_seen"] == 0
+    # Equal KL, or more: not dominated at the start, so the harmful batches run.
+    n_batches = len(shard_batches(totals["eval_harmful"], pipe.datamodule.eval_batch_size, 0, 1))
+    for completed in ([(0.0, kl)], [(0.0, 2 * kl)]):
+        pruned, trial, batches = run(completed)
+        assert not pruned and batches == n_batches == 4
+        # Reported scorers run once per harmless batch, after every harmful batch was generated.
+        harmless = len(shard_batches(totals["eval_harmless"], pipe.datamodule.eval_batch_size, 0, 1))
+        assert observed == [n_batches] * harmless
+
+
+@pytest.mark.slow
+def test_gpu_bench_smoke_prints_every_figure():
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHON": sys.executable}
+    done = subprocess.run(
+        ["bash", str(root / "scripts/bench_gpu.sh"), "--smoke"], capture_output=True, text=True, env=env, timeout=300
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    report = json.loads(done.stdout.strip().splitlines()[-1])
+    assert report["smoke"] and set(report["shapes"]) == {"llama_8b", "moe_qwen3"}
+    for row in report["shapes"].values():
+        assert row["residual_tokens_per_s"] > 0 and row["s_per_trial"] > 0 and row["trials"] == 1
+        assert "peak_gpu_gb" in row
+        modes = row["decode_modes"]
+        assert set(modes) == {"eager", "sdpa", "static", "static_compiled", "drop_rows"}
+        assert modes["static_compiled"] == {"skipped": "needs a GPU"}
+        # fp32 on the CPU: every mode decodes eager's tokens.
+        for mode in ("sdpa", "static", "drop_rows"):
+            assert modes[mode]["rows_equal_to_eager"] == 1.0 and modes[mode]["s"] > 0
+    assert report["contrastive_pca"]["s"] > 0 and report["peak_rss_gb"] > 0
