@@ -8,5 +8,6 @@ python3 -m venv .venv
 .venv/bin/python -m pip install -q --upgrade pip
 # shellcheck disable=SC2086
 .venv/bin/python -m pip install -q ${TORCH_SPEC:-torch==2.13.0}
-.venv/bin/python -m pip install -q -e ".[test,plots,adapter]"
+# benchmark: lm-eval (abliterate benchmark and its test); about 30 s more
+.venv/bin/python -m pip install -q -e ".[test,plots,adapter,benchmark]"
 echo "setup: $(.venv/bin/python -c 'import torch, lightning, transformers, optuna; print("torch", torch.__version__, "lightning", lightning.__version__, "transformers", transformers.__version__, "optuna", optuna.__version__)')"

@@ -9,7 +9,7 @@ import yaml
 
 from abliterate.errors import AbliterateError, first_line
 
-VERBS = ("run", "directions", "search", "evaluate", "export", "chat", "inspect", "reproduce", "demo")
+VERBS = ("run", "directions", "search", "evaluate", "export", "chat", "inspect", "benchmark", "reproduce", "demo")
 
 
 def config_args(argv: list[str]) -> list[str]:

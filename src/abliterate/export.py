@@ -225,7 +225,9 @@ def model_card(base_model: str, card: dict) -> str:
             "```",
             "",
         ]
-    return "\n".join(lines)
+    from abliterate.benchmark import BENCHMARKS_KEY, benchmarks_section  # the section `abliterate benchmark` adds
+
+    return "\n".join(lines + benchmarks_section(card.get(BENCHMARKS_KEY)))
 
 
 def save_checkpoint(model, tokenizer, target: Path, overwrite: bool, card: dict, run_dir: Path | None = None) -> Path:

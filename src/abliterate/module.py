@@ -29,7 +29,7 @@ from abliterate.models import (
 )
 from abliterate.options import DirectionOptions, EvalOptions, LoadOptions
 from abliterate.passes import Pass, ResidualPass, Residuals
-from abliterate.scorers import KL, MarkerRefusals, Scorer
+from abliterate.scorers import Scorer, default_scorers
 
 log = logging.getLogger("abliterate.module")
 
@@ -72,7 +72,7 @@ class AbliterationModule(L.LightningModule):
             load: how the model is loaded.
             evaluation: how replies are generated and refusals and KL measured.
             scorers: the search objectives, first the refusal rate; None: refusals by markers, then KL
-                over `evaluation.kl_tokens` reply tokens. Add e.g. abliterate.scorers.Degeneration.
+                over `evaluation.kl_tokens` reply tokens, with Degeneration reported (not optimised).
         """
         super().__init__()
         self.model_id = model_id
@@ -80,7 +80,7 @@ class AbliterationModule(L.LightningModule):
         self.eval_options = evaluation
         self.markers = list(evaluation.markers) if evaluation.markers else default_markers()
         if scorers is None:
-            scorers = [MarkerRefusals(evaluation.markers), KL(evaluation.kl_tokens)]
+            scorers = default_scorers(evaluation)
         check_scorers(scorers)
         self.scorers = nn.ModuleList(scorers)
         self._tokenizer = None

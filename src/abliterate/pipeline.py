@@ -21,7 +21,7 @@ from abliterate.errors import AbliterateError
 from abliterate.pareto import pareto_front, select_trial
 from abliterate.passes import Reference, ReferencePass, ResidualPass, Residuals, TrialPass, TrialResult
 from abliterate.plans import TrialPlan, rebuild_plan
-from abliterate.scorers import KL, MarkerRefusals, Scorer
+from abliterate.scorers import Scorer, default_scorers
 from abliterate.study import (
     InfeasiblePlan,
     check_objective,
@@ -221,10 +221,7 @@ class Pipeline:
             "refusal_markers": fingerprint(self.module.markers),
             "eval_prompts": fingerprint(self.datamodule.fingerprint_parts(EVAL_ROLES)),
         }
-        defaults = [
-            scorer_spec(s)
-            for s in (MarkerRefusals(self.module.eval_options.markers), KL(self.module.eval_options.kl_tokens))
-        ]
+        defaults = [scorer_spec(s) for s in default_scorers(self.module.eval_options)]
         specs = [scorer_spec(s) for s in self.scorers]
         if specs != defaults:  # studies made with the default scorers keep the record they had
             record["scorers"] = specs

@@ -29,11 +29,11 @@ def scorer_entry(scorer) -> dict:
 def resolved_config(out: Path, module, datamodule, study=None, space=None) -> dict:
     """The settings a verb ran with, in the CLI's config layout. Scorers are listed only when they are
     not the ones `module.evaluation` implies, so that a later --module.evaluation flag still applies."""
-    from abliterate.scorers import KL, MarkerRefusals
+    from abliterate.scorers import default_scorers
 
     scorers = [scorer_entry(s) for s in module.scorers]
     options = module.eval_options
-    implied = [scorer_entry(s) for s in (MarkerRefusals(options.markers), KL(options.kl_tokens))]
+    implied = [scorer_entry(s) for s in default_scorers(options)]
     data = {role: asdict(source) if source is not None else None for role, source in datamodule.sources.items()}
     data.update(
         system_prompt=datamodule.system_prompt,

@@ -1,17 +1,13 @@
-"""AbliterationTrainer: a Lightning Trainer whose methods are the CLI verbs.
+"""AbliterationTrainer: a Lightning Trainer whose methods are the CLI verbs, each delegating to `abliterate.verbs`
+or `verbs_inspect` with the module as `model` and the PromptDataModule as `datamodule` (LightningCLI's names)."""
 
-Every verb takes the LightningModule as `model` and the PromptDataModule as `datamodule`
-(LightningCLI passes them under these names) and delegates to `abliterate.verbs`.
-"""
-
-import os
 from pathlib import Path
 
 import lightning as L
 import optuna
-import torch
 
-from abliterate import verbs
+from abliterate import verbs, verbs_inspect
+from abliterate.benchmark import BenchmarkOptions
 from abliterate.callbacks import StderrProgressBar
 from abliterate.data import PromptDataModule
 from abliterate.module import AbliterationModule
@@ -33,8 +29,7 @@ class AbliterationTrainer(L.Trainer):
     ):
         if kwargs.get("enable_progress_bar", True):
             kwargs["callbacks"] = [*(kwargs.get("callbacks") or []), StderrProgressBar()]
-        # inference_mode=False: weight edits and cached tensors stay usable outside predict;
-        # use_distributed_sampler=False: PromptDataModule shards itself.
+        # inference_mode=False: edits and cached tensors outlive predict; PromptDataModule shards itself (no sampler).
         kwargs.update(logger=logger, enable_checkpointing=enable_checkpointing, inference_mode=inference_mode)
         kwargs.update(enable_model_summary=enable_model_summary, use_distributed_sampler=use_distributed_sampler)
         super().__init__(*args, **kwargs)
@@ -71,10 +66,9 @@ class AbliterationTrainer(L.Trainer):
         output_dir: str = "outputs",
         direction: DirectionOptions = DirectionOptions(),
     ) -> Path:
-        """Collect residuals and compute refusal directions, saved to OUTPUT_DIR/directions.safetensors.
+        """Collect residuals (the run dir's cache) and compute refusal directions: OUTPUT_DIR/directions.safetensors.
 
         Args:
-            output_dir: run dir (its cache is reused).
             direction: how the directions are computed (e.g. --direction.method contrastive_pca --direction.k 3).
         """
         return verbs.directions(self, model, datamodule, output_dir, direction)
@@ -88,11 +82,7 @@ class AbliterationTrainer(L.Trainer):
         output_dir: str = "outputs",
         classifier: ClassifierOptions = ClassifierOptions(),
     ) -> optuna.Study:
-        """Run Optuna trials (resumes the study in OUTPUT_DIR) and write trials.csv and pareto.png.
-
-        Args:
-            output_dir: run dir: study.db, cache/, trials.csv, pareto.png.
-        """
+        """Run Optuna trials (resumes the study in OUTPUT_DIR) and write trials.csv and pareto.png."""
         return verbs.search(self, model, datamodule, study, space, output_dir, classifier)
 
     def inspect(
@@ -104,7 +94,7 @@ class AbliterationTrainer(L.Trainer):
         direction: DirectionOptions = DirectionOptions(),
     ) -> Path:
         """Per-layer refusal-direction views of a run dir in OUTPUT_DIR/inspect: layers.csv and plots, pareto.png."""
-        return verbs.inspect(self, model, datamodule, study, output_dir, direction)
+        return verbs_inspect.inspect(self, model, datamodule, study, output_dir, direction)
 
     def evaluate(
         self,
@@ -120,7 +110,7 @@ class AbliterationTrainer(L.Trainer):
         Args:
             trial: trial number to apply; None evaluates the unmodified model.
         """
-        return verbs.evaluate(self, model, datamodule, study, space, output_dir, trial)
+        return verbs_inspect.evaluate(self, model, datamodule, study, space, output_dir, trial)
 
     def export(
         self,
@@ -138,7 +128,6 @@ class AbliterationTrainer(L.Trainer):
         """Merge a trial into the weights and save a normal HF checkpoint.
 
         Args:
-            output_dir: run dir.
             export_dir: where the model is written; default OUTPUT_DIR/model.
             trial: trial number; None applies study.select.
             overwrite: replace an existing export this tool made elsewhere (never other files).
@@ -162,16 +151,15 @@ class AbliterationTrainer(L.Trainer):
         """A streaming multi-turn chat (/reset, /system TEXT; an empty line, Ctrl-D or Ctrl-C quits).
 
         Args:
-            output_dir: run dir (its study and cache).
             trial: trial number to apply; None chats with the unmodified model.
             compare: answer each prompt with the original and with --trial N, labelled, one model in memory.
             max_new_tokens: reply length limit (Ctrl-C stops a reply).
         """
-        verbs.chat(self, model, datamodule, study, space, output_dir, trial, max_new_tokens, compare)
+        verbs_inspect.chat(self, model, datamodule, study, space, output_dir, trial, max_new_tokens, compare)
 
     def reproduce(self, model: AbliterationModule, datamodule: PromptDataModule, export_dir: str = "") -> None:
         """Re-derive the edit of the export in --export_dir from its base and reproduce.json; exit 1 if it differs."""
-        verbs.reproduce(self, model, export_dir)
+        verbs_inspect.reproduce(self, model, export_dir)
 
     def demo(
         self,
@@ -190,10 +178,20 @@ class AbliterationTrainer(L.Trainer):
             overwrite: replace an existing export this tool made elsewhere.
             cache_dir: where the trained organism is cached (default ~/.cache/abliterate).
         """
-        from abliterate.demo import configure_demo
+        return verbs.demo(self, model, datamodule, output_dir, n_trials, overwrite, cache_dir)
 
-        torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
-        study, space = configure_demo(model, datamodule, n_trials=n_trials, cache_dir=cache_dir)
-        return verbs.run(
-            self, model, datamodule, study, space, output_dir, None, overwrite, ClassifierOptions(), interactive=False
-        )
+    def benchmark(
+        self,
+        model: AbliterationModule,
+        datamodule: PromptDataModule,
+        output_dir: str = "outputs",
+        compare: str | None = None,
+        lm_eval: BenchmarkOptions = BenchmarkOptions(),
+    ) -> list:
+        """lm-eval tasks on the original and the abliterated model, side by side (pip install 'abliterate[benchmark]').
+
+        Args:
+            output_dir: run dir: its model is the original, its export (OUTPUT_DIR/model) the abliterated one.
+            compare: the abliterated model's dir instead of the run's export (with --model, the original).
+        """
+        return verbs_inspect.benchmark(self, model, datamodule, output_dir, compare, lm_eval)

@@ -14,11 +14,8 @@ import optuna
 from optuna.trial import TrialState
 
 import abliterate.reproduce as records
-from abliterate.data import PromptDataModule
 from abliterate.errors import AbliterateError, Interrupted
 from abliterate.hub import check_push, push
-from abliterate.inspect_views import write_views
-from abliterate.module import AbliterationModule
 from abliterate.options import ClassifierOptions, DirectionOptions, HubOptions, SearchSpace, StudyOptions
 from abliterate.pipeline import Pipeline
 from abliterate.reports import SearchProgress, choose_from_front, log_study, plot_pareto, write_trials_csv
@@ -166,6 +163,15 @@ def export_card(pipe: Pipeline, chosen, reference, study: optuna.Study, options=
     return card
 
 
+def kept_benchmarks(card: dict, previous: dict | None) -> dict:
+    """Exporting the trial an earlier export held again keeps its `abliterate benchmark` table (the card a push sends)."""
+    from abliterate.benchmark import BENCHMARKS_KEY
+
+    if previous and previous.get("trial") == card["trial"] and previous.get(BENCHMARKS_KEY):
+        card[BENCHMARKS_KEY] = previous[BENCHMARKS_KEY]
+    return card
+
+
 def own_export(target: Path, out: Path, options: StudyOptions) -> dict | None:
     """The record of an export this run dir's study made at `target` earlier (None if there is none)."""
     try:
@@ -221,7 +227,7 @@ def run(
         with phase("export", "the study and caches are kept; the export was not written"):
             pipe.export(
                 pipe.plan_of(chosen, space),
-                export_card(pipe, chosen, reference, optuna_study, study, space),
+                kept_benchmarks(export_card(pipe, chosen, reference, optuna_study, study, space), previous),
                 target,
                 True if previous else overwrite,
                 export_format,
@@ -241,7 +247,7 @@ def check_refusals_to_remove(pipe: Pipeline, reference, study: StudyOptions) -> 
     if rate == 0.0:
         raise AbliterateError(
             f"the original model's {name} on the harmful eval prompts is 0: there is nothing to remove; "
-            "check --data.eval_harmful and the refusal scorer (module.scorers / evaluation.markers)"
+            "check --data.eval_harmful and module.scorers (deflections: configs/examples/soft_refusals.yaml)"
         )
     if rate <= study.refusal_target:
         log.warning(
@@ -294,39 +300,6 @@ def search(
     return optuna_study
 
 
-def inspect(trainer, module, datamodule, study: StudyOptions, output_dir: str, direction: DirectionOptions) -> Path:
-    """OUTPUT_DIR/inspect: layers.csv/.png, projections.png (inspect_views.py), pareto.png when there is a study."""
-    out, written = run_dir_of(output_dir), {}
-    with writing(trainer, out), phase("residual collection", "nothing of it was cached"):
-        residuals = (pipe := Pipeline(trainer, module, datamodule, out)).residuals()
-        if trainer.is_global_zero:
-            written = write_views(residuals.tensors, out / "inspect", **vars(direction))
-        if written and (study.storage is not None or (out / "study.db").is_file()):
-            trials, names = (s := pipe.load_study(study)).get_trials(deepcopy=False), [o.name for o in pipe.objectives]
-            chosen = pipe.choose(s, study) if any(t.state == TrialState.COMPLETE for t in trials) else None
-            if plot_pareto(trials, pipe.front(s), chosen, names, path := out / "inspect" / "pareto.png"):
-                written["pareto_png"] = path
-    print(json.dumps({name: str(path) for name, path in written.items()}))
-    return out / "inspect"
-
-
-def evaluate(trainer, module, datamodule, study: StudyOptions, space: SearchSpace, output_dir: str, trial) -> dict:
-    out = run_dir_of(output_dir)
-    pipe = Pipeline(trainer, module, datamodule, out)
-    if trial is not None:  # fail before any forward pass
-        frozen = trial_by_number(pipe.load_study(study), trial)
-    reference = prepare(pipe)
-    names = [s.name for s in pipe.scorers]
-    result = {f"{n}_before": reference.values[n] for n in names}
-    result["refusal_before"] = reference.values[pipe.objectives[0].name]
-    if trial is not None:
-        after = pipe.evaluate(pipe.plan_of(frozen, space), reference)
-        result.update({"trial": trial, **{f"{n}_after": v for n, v in after.values.items()}})
-        result.update({"refusal_after": after.values[pipe.objectives[0].name], "kl": after.values.get("kl")})
-    print(json.dumps(result))
-    return result
-
-
 def export(
     trainer,
     module,
@@ -359,7 +332,7 @@ def export(
             chosen = report(pipe, optuna_study, study, interactive=True)
         pipe.export(
             pipe.plan_of(chosen, space),
-            export_card(pipe, chosen, reference, optuna_study, study, space),
+            kept_benchmarks(export_card(pipe, chosen, reference, optuna_study, study, space), previous),
             target,
             overwrite or previous is not None,
             export_format,
@@ -368,32 +341,15 @@ def export(
     return target
 
 
-def reproduce(trainer, module, export_dir: str) -> None:
-    """Re-derive an export's edit from its base and reproduce.json (no search) and check it; exit 1 if it differs."""
-    record, where = records.load_record(export_dir)
-    model = AbliterationModule(module.model_id or record["model"]["id"], load=records.load_options(record))
-    data = PromptDataModule(**records.data_options(record))
-    with phase("residual collection", "nothing was kept"):
-        Pipeline(trainer, model, data, None).residuals()  # no run dir: nothing cached is reused
-    if trainer.is_global_zero:
-        records.finish(records.verify(record, model, data, where, trainer.strategy.root_device.type))
+def demo(trainer, module, datamodule, output_dir: str, n_trials: int, overwrite: bool, cache_dir) -> Path:
+    import os
 
+    import torch
 
-def chat(
-    trainer, module, datamodule, study: StudyOptions, space: SearchSpace, output_dir, trial, max_new_tokens, compare
-) -> None:
-    from abliterate.chat import chat_loop
+    from abliterate.demo import configure_demo
 
-    if compare and trial is None:
-        raise AbliterateError("--compare needs --trial N: the trial whose replies are shown beside the original's")
-    module.configure_model()
-    if trial is not None:
-        pipe = Pipeline(trainer, module, datamodule, run_dir_of(output_dir))
-        frozen = trial_by_number(pipe.load_study(study), trial)
-        pipe.residuals()
-        plan = pipe.plan_of(frozen, space)
-        editor, directions = module.weight_editor(), module.directions_for(plan.directions)
-        if not compare:  # with --compare the one model in memory is edited for the abliterated replies only
-            editor.apply(plan.ablation, directions)
-    edited = (lambda: editor.applied(plan.ablation, directions)) if compare else None
-    chat_loop(module.model, module.tokenizer, datamodule, max_new_tokens=max_new_tokens, compare=edited)
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
+    study, space = configure_demo(module, datamodule, n_trials=n_trials, cache_dir=cache_dir)
+    return run(
+        trainer, module, datamodule, study, space, output_dir, None, overwrite, ClassifierOptions(), interactive=False
+    )

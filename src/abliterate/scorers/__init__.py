@@ -3,6 +3,7 @@ an entry in `module.scorers` (see docs/architecture.md)."""
 
 from abliterate.scorers.base import Direction, Observations, Scorer
 from abliterate.scorers.capability import Capability
+from abliterate.scorers.defaults import default_scorers
 from abliterate.scorers.degeneration import Degeneration
 from abliterate.scorers.judge import JudgeRefusals
 from abliterate.scorers.kl import KL
@@ -19,4 +20,5 @@ __all__ = [
     "Observations",
     "Scorer",
     "ThinkingRefusals",
+    "default_scorers",
 ]
