@@ -109,7 +109,11 @@ class ReferencePass(Pass):
 
 
 class TrialPass(Pass):
-    """Score the (already ablated) model with every scorer."""
+    """Score the (already ablated) model with every scorer.
+
+    Reported (non-objective) scorers see their batches at the end of the pass, so a trial that
+    pruning stops early never pays for them: they describe completed trials only.
+    """
 
     def __init__(self, scorers: Sequence[Scorer], reference: Reference):
         self.scorers = list(scorers)
@@ -119,16 +123,27 @@ class TrialPass(Pass):
     def start(self, module) -> None:
         super().start(module)
         self.responses: list[str] = []
+        self.deferred: list[dict] = []
         for scorer in self.scorers:
             scorer.reset()
 
     def step(self, module, batch: dict) -> None:
-        obs = Observations(module, batch, self.reference.tensors)
-        for scorer in self.scorers:
-            if scorer.role == batch["role"]:
-                scorer.update(obs)
+        obs = self._observe(module, batch, [s for s in self.scorers if s.is_objective])
         if obs.generated_responses is not None:
             self.responses.extend(obs.generated_responses)
+        if any(s.role == batch["role"] and not s.is_objective for s in self.scorers):
+            self.deferred.append(batch)
+
+    def _observe(self, module, batch: dict, scorers: Sequence[Scorer]) -> Observations:
+        obs = Observations(module, batch, self.reference.tensors)
+        for scorer in scorers:
+            if scorer.role == batch["role"]:
+                scorer.update(obs)
+        return obs
 
     def finish(self, module) -> None:
+        reported = [s for s in self.scorers if not s.is_objective]
+        for batch in self.deferred:  # the model is still edited here: ApplyAblation undoes it at predict end
+            self._observe(module, batch, reported)
+        self.deferred = []
         self.result = TrialResult({s.name: s.compute() for s in self.scorers}, self.responses)
