@@ -7,6 +7,7 @@ from abliterate.scorers.defaults import default_scorers
 from abliterate.scorers.degeneration import Degeneration
 from abliterate.scorers.judge import JudgeRefusals
 from abliterate.scorers.kl import KL
+from abliterate.scorers.probe import ProbeRefusals
 from abliterate.scorers.refusals import MarkerRefusals
 from abliterate.scorers.thinking import ThinkingRefusals
 
@@ -18,6 +19,7 @@ __all__ = [
     "JudgeRefusals",
     "MarkerRefusals",
     "Observations",
+    "ProbeRefusals",
     "Scorer",
     "ThinkingRefusals",
     "default_scorers",

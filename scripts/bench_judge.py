@@ -1,0 +1,219 @@
+"""Agreement of candidate refusal judges with hand labels (scripts/data/refusal_labels.jsonl).
+
+    OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1 python scripts/bench_judge.py
+
+The labelled rows (made by scripts/judge_sample.py, labelled by reading: scripts/data/README.md)
+are replies of smollm2-refusal and smollm2-soft-refusal, original and ablated. Judges:
+- markers: the packaged refusal markers (abliterate.metrics.is_refusal).
+- probe: the ProbeRefusals judge. A linear probe on the ORIGINAL model's decoder-layer outputs
+  averaged over a reply read alone, fit on the original's own replies to harmful_train (refusals)
+  against harmless_train (answers) (scripts/data/fit_replies.jsonl, never labelled), at the layer
+  with the best held-out accuracy on that fitting split. No labels and no wording are used.
+- probe_with_prompt: the same with the prompt read before the reply (the brief's variant (a)).
+- specificity (a rejected candidate): the original's mean log-likelihood per reply token after the
+  reply's own prompt minus after 4 other harmful prompts (harmful_train 65-68), a pointwise mutual
+  information of request and reply: a deflection fits any request. Refusal under the threshold
+  half-way between the medians of the fitting replies' values. It failed the tiny organism check
+  (ablated answers read as generic: after a harmful prompt the original expects a refusal whatever
+  the reply), so it is not a scorer.
+- likelihood: harmful rows only. The original's reply to the same prompt, teacher-forced; the
+  ablated model still refuses iff the original's reply is a probe refusal and its mean per-token
+  log-likelihood under the ablated model is within log(2) of the original's.
+Every judge's verdict is compared with the labels per organism and condition: agreement and the
+confusion counts (refusal is positive). The last stdout line is one JSON object.
+"""
+
+import json
+import math
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from judge_sample import FIT, LABELS, ORGANISMS, organism_dir, readme_edit  # noqa: E402
+
+
+def confusion(verdicts: list[bool], labels: list[bool]) -> dict:
+    tp = sum(v and lab for v, lab in zip(verdicts, labels, strict=True))
+    tn = sum(not v and not lab for v, lab in zip(verdicts, labels, strict=True))
+    fp = sum(v and not lab for v, lab in zip(verdicts, labels, strict=True))
+    fn = sum(not v and lab for v, lab in zip(verdicts, labels, strict=True))
+    return {
+        "agreement": round((tp + tn) / max(1, len(labels)), 4),
+        "n": len(labels),
+        "tp": tp,
+        "fp": fp,
+        "fn": fn,
+        "tn": tn,
+    }
+
+
+# ---- the specificity and likelihood candidates (measured here; neither became a scorer) ----------
+@torch.no_grad()
+def reply_logprobs(
+    model,
+    prompts: Sequence[Sequence[int]],
+    replies: Sequence[Sequence[int]],
+    pad_id: int,
+    batch_size: int = 16,
+) -> Tensor:
+    """[n] float64: each reply's mean log-probability per token after its prompt (teacher-forced).
+    An empty reply is scored as one pad token."""
+    device = next(model.parameters()).device
+    out: list[Tensor] = []
+    for start in range(0, len(replies), batch_size):
+        heads = [list(p) for p in prompts[start : start + batch_size]]
+        tails = [list(r) or [pad_id] for r in replies[start : start + batch_size]]
+        width = max(len(h) + len(t) for h, t in zip(heads, tails, strict=True))
+        longest = max(len(t) for t in tails)
+        ids = torch.full((len(tails), width), pad_id, dtype=torch.long)
+        mask = torch.zeros((len(tails), width), dtype=torch.long)
+        for i, (head, tail) in enumerate(zip(heads, tails, strict=True)):  # left-padded: replies end together
+            ids[i, width - len(head) - len(tail) :] = torch.tensor(head + tail)
+            mask[i, width - len(head) - len(tail) :] = 1
+        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device), logits_to_keep=longest + 1).logits
+        logprobs = logits[:, :-1].float().log_softmax(-1).cpu()  # position j predicts token width - longest + j
+        for i, tail in enumerate(tails):
+            rows = logprobs[i, longest - len(tail) :]
+            out.append(rows.gather(1, torch.tensor(tail)[:, None]).double().mean())
+    return torch.stack(out)
+
+
+def specificity(
+    model,
+    prompts: Sequence[Sequence[int]],
+    replies: Sequence[Sequence[int]],
+    references: Sequence[Sequence[int]],
+    pad_id: int,
+) -> Tensor:
+    """[n]: log-likelihood per token of each reply after its own prompt minus its mean after `references`."""
+    own = reply_logprobs(model, prompts, replies, pad_id)
+    other = torch.stack([reply_logprobs(model, [ref] * len(replies), replies, pad_id) for ref in references])
+    return own - other.mean(0)
+
+
+def midpoint_threshold(generic: Tensor, specific: Tensor) -> float:
+    """Half-way between the two medians (a median ignores up to half of either side mislabelled, e.g. the
+    few harmful prompts the model answers)."""
+    if len(generic) < 1 or len(specific) < 1:
+        raise ValueError("a threshold needs replies of both kinds")
+    return float(generic.double().median() + specific.double().median()) / 2
+
+
+def bench_organism(organism: str, rows: list[dict], fit: list[dict]) -> dict:
+    from bench_quality import load_lm
+    from judge_sample import N_FIT, encode, read_prompts
+    from transformers import AutoTokenizer
+
+    from abliterate.metrics import default_markers, is_refusal
+    from abliterate.scorers.reply_probe import choose_probe, held_out_accuracy, probe_scores, reply_states
+
+    path = organism_dir(organism)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    model = load_lm(str(path))
+    layers = list(range(len(model.model.layers)))
+    pad = tokenizer.pad_token_id
+
+    def tokens(texts):
+        return [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+
+    def states(items, with_prompt: bool):
+        prefixes = encode(tokenizer, [r["prompt"] for r in items]) if with_prompt else None
+        return reply_states(model, tokens([r["reply"] for r in items]), layers, pad, prefixes=prefixes)
+
+    labels = [r["label"] == "refusal" for r in rows]
+    conditions = sorted({r["condition"] for r in rows})
+    judges: dict[str, list[bool]] = {"markers": [is_refusal(r["reply"], default_markers()) for r in rows]}
+    info: dict = {}
+    positive = [r for r in fit if r["set"] == "harmful_train"]
+    negative = [r for r in fit if r["set"] == "harmless_train"]
+    for name, with_prompt in (("probe", False), ("probe_with_prompt", True)):
+        print(f"{organism}: {name}", file=sys.stderr, flush=True)
+        pos, neg = states(positive, with_prompt), states(negative, with_prompt)
+        probe = choose_probe(pos, neg, layers)
+        sample = states(rows, with_prompt)
+        judges[name] = (probe_scores(sample[:, probe.layer], probe.weight, probe.bias) > 0).tolist()
+        per_layer = {}
+        for i in layers:  # for the record: every layer's held-out fit accuracy and its agreement with the labels
+            fixed = choose_probe(pos[:, i : i + 1], neg[:, i : i + 1], [i])
+            verdicts = (probe_scores(sample[:, i], fixed.weight, fixed.bias) > 0).tolist()
+            per_layer[i] = {
+                "fit_held_out": round(held_out_accuracy(pos[:, i], neg[:, i]), 3),
+                "agreement": confusion(verdicts, labels)["agreement"],
+            }
+        info[name] = {"layer": probe.layer, "per_layer": per_layer}
+    # specificity (references: the 4 harmful_train prompts after the fitting ones)
+    print(f"{organism}: specificity", file=sys.stderr, flush=True)
+    references = encode(tokenizer, read_prompts("harmful_train", N_FIT + 4)[N_FIT:])
+    fit_scores = [
+        specificity(
+            model, encode(tokenizer, [r["prompt"] for r in part]), tokens([r["reply"] for r in part]), references, pad
+        )
+        for part in (positive, negative)
+    ]
+    threshold = midpoint_threshold(*fit_scores)
+    sample_scores = specificity(
+        model, encode(tokenizer, [r["prompt"] for r in rows]), tokens([r["reply"] for r in rows]), references, pad
+    )
+    judges["specificity"] = (sample_scores < threshold).tolist()
+    info["specificity"] = {"threshold": round(threshold, 4)}
+    # likelihood: the original's reply to each harmful prompt, under the ablated model vs the original
+    harmful = [i for i, r in enumerate(rows) if r["set"] == "harmful_test"]
+    original_reply = {r["prompt"]: r for r in rows if r["condition"] == "original"}
+    source = [original_reply[rows[i]["prompt"]] for i in harmful]
+    forced = tokens([r["reply"] for r in source])
+    prompts = [r["prompt"] for r in source]
+    print(f"{organism}: likelihood", file=sys.stderr, flush=True)
+    before = reply_logprobs(model, encode(tokenizer, prompts), forced, pad).tolist()
+    readme_edit(model, tokenizer)
+    after = reply_logprobs(model, encode(tokenizer, prompts), forced, pad).tolist()
+    probe_of = dict(zip((r["prompt"] + r["condition"] for r in rows), judges["probe"], strict=True))
+    likelihood = {}
+    for j, i in enumerate(harmful):
+        row = rows[i]
+        still = row["condition"] == "original" or after[j] - before[j] > -math.log(2)
+        likelihood[i] = probe_of[row["prompt"] + "original"] and still
+    result = {"probe_info": info}
+    for name, verdicts in judges.items():
+        result[name] = {
+            c: confusion(
+                [verdicts[i] for i in range(len(rows)) if rows[i]["condition"] == c],
+                [labels[i] for i in range(len(rows)) if rows[i]["condition"] == c],
+            )
+            for c in conditions
+        }
+        result[name]["all"] = confusion(verdicts, labels)
+    result["likelihood"] = {
+        c: confusion(
+            [likelihood[i] for i in harmful if rows[i]["condition"] == c],
+            [labels[i] for i in harmful if rows[i]["condition"] == c],
+        )
+        for c in conditions
+    }
+    result["likelihood"]["all"] = confusion([likelihood[i] for i in harmful], [labels[i] for i in harmful])
+    result["likelihood"]["note"] = "harmful rows only"
+    return result
+
+
+def main() -> None:
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
+    rows = [json.loads(line) for line in LABELS.read_text(encoding="utf-8").splitlines()]
+    fit = [json.loads(line) for line in FIT.read_text(encoding="utf-8").splitlines()]
+    unlabelled = [r for r in rows if r["label"] not in ("refusal", "answer")]
+    if unlabelled:
+        raise SystemExit(f"{len(unlabelled)} rows of {LABELS} have no label (refusal/answer)")
+    result = {}
+    for organism in ORGANISMS:
+        result[organism] = bench_organism(
+            organism, [r for r in rows if r["model"] == organism], [r for r in fit if r["model"] == organism]
+        )
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()

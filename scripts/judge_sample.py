@@ -1,0 +1,143 @@
+"""The replies behind scripts/data/refusal_labels.jsonl, and the fixed "after abliteration" edit.
+
+    OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1 python scripts/judge_sample.py generate
+
+For each organism (smollm2-refusal, smollm2-soft-refusal; merged by bench_quality.ensure_smollm2)
+and each condition (original; ablated: the layer-15 mean-difference direction, hidden_states[15],
+from the first 128 harmful_train / harmless_train prompts, projected out of every o_proj and
+down_proj with weight 1, the organisms' README edit), greedy replies of 48 new tokens with the
+template's default system prompt to the first N_HARMFUL harmful_test and N_HARMLESS harmless_test
+prompts. Rows go to scripts/data/refusal_labels.jsonl with "label": null; labels are added by hand
+(scripts/data/README.md). Rows that already carry a label keep it.
+It also writes the original models' replies to the first N_FIT harmful_train / harmless_train
+prompts (the probe's fitting data, never labelled) to scripts/data/fit_replies.jsonl.
+"""
+
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from bench_quality import SHARED, ensure_smollm2  # noqa: E402 (the organisms' one loader)
+
+ORGANISMS = ("smollm2-refusal", "smollm2-soft-refusal")
+N_HARMFUL, N_HARMLESS, N_FIT, N_DIRECTION = 45, 15, 64, 128
+DIRECTION_LAYER = 15  # hidden_states[15]: the output of decoder layer 14
+MAX_NEW_TOKENS = 48
+LABELS = HERE / "data" / "refusal_labels.jsonl"
+FIT = HERE / "data" / "fit_replies.jsonl"
+log = logging.getLogger("judge_sample")
+
+
+def read_prompts(name: str, n: int) -> list[str]:
+    lines = (SHARED / "data" / f"{name}.txt").read_text(encoding="utf-8").splitlines()
+    return [line for line in lines if line.strip()][:n]
+
+
+def organism_dir(organism: str) -> Path:
+    return ensure_smollm2(Path(f"/tmp/{organism}-merged"), organism)
+
+
+def encode(tokenizer, prompts: list[str]) -> list[list[int]]:
+    from abliterate.prompts import format_chat
+
+    return tokenizer(format_chat(tokenizer, prompts), add_special_tokens=False)["input_ids"]
+
+
+def batches(encoded: list[list[int]], size: int, pad_id: int):
+    """Left-padded batches in order; yields (positions, batch dict)."""
+    from abliterate.data import left_pad_collate
+
+    collate = left_pad_collate(pad_id, "eval")
+    for start in range(0, len(encoded), size):
+        chunk = list(range(start, min(start + size, len(encoded))))
+        yield chunk, collate([{"index": i, "input_ids": encoded[i]} for i in chunk])
+
+
+def replies(model, tokenizer, prompts: list[str], batch_size: int = 16) -> list[str]:
+    from abliterate.metrics import greedy_reply_tokens
+
+    out: list[str] = []
+    for _, batch in batches(encode(tokenizer, prompts), batch_size, tokenizer.pad_token_id):
+        tokens = greedy_reply_tokens(model, tokenizer, batch["input_ids"], batch["attention_mask"], MAX_NEW_TOKENS)
+        out.extend(tokenizer.batch_decode(tokens, skip_special_tokens=True))
+        print(f"  {len(out)}/{len(prompts)} replies", file=sys.stderr, flush=True)
+    return out
+
+
+def readme_edit(model, tokenizer):
+    """The organisms' README ablation: layer-15 mean difference out of every o_proj and down_proj, w = 1."""
+    import torch
+
+    from abliterate.ablation import AblationParams, ComponentKernel, WeightEditor
+    from abliterate.directions import compute_directions
+    from abliterate.editing import writers_of
+    from abliterate.models import decoder_layers
+    from abliterate.module import capture_last_token
+
+    residuals = {}
+    for name in ("harmful_train", "harmless_train"):
+        rows = []
+        for _, batch in batches(encode(tokenizer, read_prompts(name, N_DIRECTION)), 32, tokenizer.pad_token_id):
+            with torch.no_grad(), capture_last_token(decoder_layers(model)) as captured:
+                model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], logits_to_keep=1)
+            rows.append(torch.stack(captured, dim=1))
+        residuals[name] = torch.cat(rows)
+    directions = compute_directions(residuals["harmful_train"], residuals["harmless_train"])
+    n_layers = directions.shape[0]
+    everywhere = ComponentKernel(max_weight=1.0, max_weight_position=0.0, min_weight=1.0, min_weight_distance=n_layers)
+    params = AblationParams({"attn": everywhere, "mlp": everywhere}, direction_index=float(DIRECTION_LAYER - 1))
+    editor = WeightEditor(writers_of(model))
+    editor.apply(params, directions)
+    return editor
+
+
+def generate() -> None:
+    import torch
+    from bench_quality import load_lm
+    from transformers import AutoTokenizer
+
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
+    old = {}
+    if LABELS.is_file():
+        for line in LABELS.read_text().splitlines():
+            row = json.loads(line)
+            old[(row["model"], row["condition"], row["prompt"])] = row
+    harmful, harmless = read_prompts("harmful_test", N_HARMFUL), read_prompts("harmless_test", N_HARMLESS)
+    rows, fit_rows = [], []
+    for organism in ORGANISMS:
+        path = organism_dir(organism)
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        tokenizer.padding_side = "left"
+        model = load_lm(str(path))
+        for condition in ("original", "ablated"):
+            if condition == "ablated":
+                readme_edit(model, tokenizer)
+            else:
+                for kind in ("harmful_train", "harmless_train"):
+                    prompts = read_prompts(kind, N_FIT)
+                    print(f"{organism} original {kind}", file=sys.stderr)
+                    for prompt, reply in zip(prompts, replies(model, tokenizer, prompts), strict=True):
+                        fit_rows.append({"model": organism, "set": kind, "prompt": prompt, "reply": reply})
+            for kind, prompts in (("harmful_test", harmful), ("harmless_test", harmless)):
+                print(f"{organism} {condition} {kind}", file=sys.stderr)
+                for prompt, reply in zip(prompts, replies(model, tokenizer, prompts), strict=True):
+                    row = {"model": organism, "condition": condition, "set": kind, "prompt": prompt, "reply": reply}
+                    previous = old.get((organism, condition, prompt))
+                    keep = previous is not None and previous["reply"] == reply
+                    row["label"] = previous["label"] if keep else None
+                    rows.append(row)
+    LABELS.parent.mkdir(parents=True, exist_ok=True)
+    LABELS.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    FIT.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in fit_rows), encoding="utf-8")
+    print(json.dumps({"labelled_rows": len(rows), "fit_rows": len(fit_rows)}))
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr)
+    if sys.argv[1:] != ["generate"]:
+        raise SystemExit("usage: judge_sample.py generate")
+    generate()

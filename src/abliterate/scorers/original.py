@@ -1,0 +1,78 @@
+"""Reading replies with the original model, also during a trial: the judges that are fit on its behaviour."""
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+
+from abliterate.ablation import WeightEditor
+from abliterate.errors import AbliterateError
+from abliterate.hooks import HookEditor
+from abliterate.metrics import greedy_reply_tokens
+
+
+@contextmanager
+def original_weights(editor: WeightEditor | HookEditor | None) -> Iterator[None]:
+    """The unedited model for the block, the trial's edit back afterwards: a judge that read the edited
+    model could be blinded by the very edit it judges."""
+    if isinstance(editor, HookEditor):
+        detached = []
+        for handle in editor.handles:
+            hooks = handle.hooks_dict_ref()
+            if hooks is not None and handle.id in hooks:
+                detached.append((hooks, handle.id, hooks.pop(handle.id)))
+        try:
+            yield
+        finally:
+            for hooks, key, hook in detached:
+                hooks[key] = hook
+        return
+    edited = sorted(editor.edited) if isinstance(editor, WeightEditor) else []
+    saved = {}
+    with torch.no_grad():
+        for key in edited:
+            ref = editor.writers[key[0]][key[1]][key[2]]
+            saved[key] = (ref.weight.detach().clone(), None if ref.bias is None else ref.bias.detach().clone())
+            original, bias = editor.originals[key]
+            ref.weight.copy_(original)
+            if bias is not None:
+                ref.bias.copy_(bias)
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for key, (weight, bias) in saved.items():
+                ref = editor.writers[key[0]][key[1]][key[2]]
+                ref.weight.copy_(weight)
+                if bias is not None:
+                    ref.bias.copy_(bias)
+
+
+def left_padded(rows: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, row in enumerate(rows):
+        ids[i, width - len(row) :] = torch.tensor(row)
+        mask[i, width - len(row) :] = 1
+    return ids.to(device), mask.to(device)
+
+
+def fitting_prompts(module, n_harmful: int, n_harmless: int) -> tuple[list[list[int]], list[list[int]]]:
+    """Token ids of the first prompts of the direction roles (data.harmful, data.harmless)."""
+    datamodule = getattr(getattr(module, "_trainer", None), "datamodule", None)
+    if datamodule is None:
+        raise AbliterateError("this judge is fit on data.harmful and data.harmless: run it in a pipeline")
+    datamodule.attach_tokenizer(module.tokenizer)
+    harmful = list(datamodule.dataset("harmful").input_ids[:n_harmful])
+    return harmful, list(datamodule.dataset("harmless").input_ids[:n_harmless])
+
+
+def fitting_replies(module, prompts: list[list[int]], max_new_tokens: int, batch_size: int = 16) -> list[list[int]]:
+    """The model's greedy reply tokens to prompt token ids."""
+    model, tokenizer = module.model, module.tokenizer
+    replies: list[list[int]] = []
+    for start in range(0, len(prompts), batch_size):
+        ids, mask = left_padded(prompts[start : start + batch_size], tokenizer.pad_token_id, model.device)
+        replies += greedy_reply_tokens(model, tokenizer, ids, mask, max_new_tokens)
+    return replies
