@@ -58,8 +58,9 @@ log = logging.getLogger("bench_quality")
 
 
 # ---- models ---------------------------------------------------------------------------------
-def ensure_smollm2(target: Path) -> Path:
-    """Merge the smollm2-refusal adapter into the dequantised GGUF base once; reuse it afterwards."""
+def ensure_smollm2(target: Path, organism: str = "smollm2-refusal") -> Path:
+    """Merge an organism's adapter (shared/organisms/ORGANISM/adapter) into the dequantised GGUF base once;
+    reuse it afterwards."""
     if (target / "config.json").is_file() and (target / "model.safetensors").is_file():
         return target
     import torch
@@ -81,10 +82,11 @@ def ensure_smollm2(target: Path) -> Path:
     digest = hashlib.sha256((gguf_dir / SMOL_GGUF).read_bytes()).hexdigest()
     if digest != SMOL_SHA256:
         raise SystemExit(f"{gguf_dir / SMOL_GGUF} has sha256 {digest}, expected {SMOL_SHA256}")
-    log.info("merging %s into the dequantised GGUF base -> %s", SHARED / "organisms/smollm2-refusal/adapter", target)
+    adapter = SHARED / "organisms" / organism / "adapter"
+    log.info("merging %s into the dequantised GGUF base -> %s", adapter, target)
     tok = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=SMOL_GGUF)
     base = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=SMOL_GGUF, dtype=torch.float32)
-    merged = PeftModel.from_pretrained(base, str(SHARED / "organisms/smollm2-refusal/adapter")).merge_and_unload()
+    merged = PeftModel.from_pretrained(base, str(adapter)).merge_and_unload()
     # A GGUF-loaded model keeps its quantizer and refuses save_pretrained: copy into a plain model.
     config = merged.config
     if hasattr(config, "quantization_config"):
@@ -365,6 +367,7 @@ def run_ours(model_dir: str, files: dict[str, Path], args, out: Path, tiny: bool
         "model_dir": str(target),
         "phases_s": {k: round(v, 1) for k, v in phases.items()},
         "pipeline_wall_s": round(wall, 1),
+        "start_up_s": round(wall - phases["search"] - phases.get("export", 0.0), 1),
         "seconds_per_trial": round(phases["search"] / args.trials, 2),
         "trial_states": states,
         "card": card,
@@ -524,6 +527,7 @@ def run_heretic(
             "export": round(times["saved"] - times["select"], 1),
         },
         "pipeline_wall_s": round(times["saved"] - times["start"] - (times["select"] - times["search_done"]), 1),
+        "start_up_s": round(times["first_trial"] - times["start"], 1),
         "seconds_per_trial": round((times["search_done"] - times["first_trial"]) / args.trials, 2),
         "argv": argv,
     }
@@ -689,7 +693,15 @@ def main() -> None:
         result.update(
             {
                 k: ours[k]
-                for k in ("seconds_per_trial", "phases_s", "pipeline_wall_s", "trial_states", "card", "model_dir")
+                for k in (
+                    "seconds_per_trial",
+                    "phases_s",
+                    "pipeline_wall_s",
+                    "start_up_s",
+                    "trial_states",
+                    "card",
+                    "model_dir",
+                )
             }
         )
         # flat keys of the first version of this script
@@ -720,6 +732,8 @@ def main() -> None:
                 "kl_n_token": ratio(result["kl_n_token"], peer["kl_n_token"]),
                 "kl_first_token": ratio(result["kl_first_token"], peer["kl_first_token"]),
                 "seconds_per_trial": ratio(result.get("seconds_per_trial"), peer.get("seconds_per_trial")),
+                "pipeline_wall_s": ratio(result.get("pipeline_wall_s"), peer.get("pipeline_wall_s")),
+                "start_up_s": ratio(result.get("start_up_s"), peer.get("start_up_s")),
             }
     result["wall_s"] = round(time.perf_counter() - total_start, 1)
     (out / "result.json").write_text(json.dumps(result, indent=1))
