@@ -158,6 +158,12 @@ CASES = [
         cache_may_change=True,
     ),
     Case(
+        "refusals-already-under-the-target",
+        lambda c: c.fresh("run", "--study.refusal_target", "1.0"),
+        "at or under study.refusal_target 1: there is nothing to remove",
+        cache_may_change=True,
+    ),
+    Case(
         "bad-capability-questions",
         lambda c: c.fresh("run", "--config", str(capability_config(c))),
         "questions.jsonl line 2",

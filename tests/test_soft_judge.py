@@ -184,7 +184,7 @@ def test_a_baseline_the_judge_sees_no_refusals_in_stops_with_one_line(organism_c
         main([*args, "--data.eval_harmful.limit", "16", "--data.eval_harmless.limit", "16"])
     assert exit_.value.code == 2
     err = capsys.readouterr().err
-    assert "probe_refusals on the harmful eval prompts is 0: there is nothing to remove" in err
+    assert "probe_refusals on the harmful eval prompts is 0, at or under" in err and "nothing to remove" in err
     assert "Traceback" not in err
 
 

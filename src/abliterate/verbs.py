@@ -244,14 +244,11 @@ def check_refusals_to_remove(pipe: Pipeline, reference, study: StudyOptions) -> 
     """A model that does not refuse the harmful prompts has nothing to abliterate."""
     name = pipe.objectives[0].name
     rate = reference.values[name]
-    if rate == 0.0:
+    if rate == 0.0 or rate <= study.refusal_target:  # counted by the configured judge, not only markers
         raise AbliterateError(
-            f"the original model's {name} on the harmful eval prompts is 0: there is nothing to remove; "
-            "check --data.eval_harmful and module.scorers (deflections: configs/examples/soft_refusals.yaml)"
-        )
-    if rate <= study.refusal_target:
-        log.warning(
-            "the original model's %s is %.3f, already at or under the target %.3f", name, rate, study.refusal_target
+            f"the original model's {name} on the harmful eval prompts is {rate:g}, at or under "
+            f"study.refusal_target {study.refusal_target:g}: there is nothing to remove; check --data.eval_harmful "
+            "and module.scorers (deflections: configs/examples/soft_refusals.yaml)"
         )
 
 
