@@ -40,7 +40,7 @@ def worker(organism_config, organism_dir, out, url, study_name, log):
         *(sys.executable, "-m", "abliterate", "search", "--config", str(organism_config)),
         *("--model", str(organism_dir), "--output_dir", str(out)),
         *("--study.storage", url, "--study.study_name", study_name),
-        *("--study.n_trials", str(N_TRIALS), "--study.prune", "false", "--study.stale_after", "5"),
+        *("--study.n_trials", str(N_TRIALS), "--study.prune", "false", "--study.stale_after", "10"),
     ]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     return subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=open(log, "w"))
@@ -75,6 +75,8 @@ def test_two_nodes_share_a_postgres_study_and_survive_kill_9(organism_config, or
                     time.sleep(0.5)
                     continue
                 storage = optuna.storages.RDBStorage(postgres_url)
+            # Frozen, node 0 cannot finish the trial it runs between this read and the kill.
+            procs[0].send_signal(signal.SIGSTOP)
             now = trials(storage, study_name)
             finished = sum(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in now)
             mine = [t for t in now if t.state == TrialState.RUNNING and t.user_attrs.get("worker_pid") == procs[0].pid]
@@ -82,7 +84,9 @@ def test_two_nodes_share_a_postgres_study_and_survive_kill_9(organism_config, or
                 procs[0].send_signal(signal.SIGKILL)
                 procs[0].wait()
                 victim = mine[0].number
-            time.sleep(0.2)
+            else:
+                procs[0].send_signal(signal.SIGCONT)
+                time.sleep(0.2)
         caches = {p.name: p.read_bytes() for p in (runs[0] / "cache").iterdir()}
         assert sorted(name.split("-")[0] for name in caches) == ["reference", "residuals"]
 
@@ -100,7 +104,7 @@ def test_two_nodes_share_a_postgres_study_and_survive_kill_9(organism_config, or
     running = [t for t in study if t.state == TrialState.RUNNING]
     assert len(finished) == N_TRIALS, f"finished {len(finished)}, running {[t.number for t in running]}"
     assert len({t.number for t in finished}) == N_TRIALS
-    # the killed node lost only its in-flight trial: after 5 s without progress a live node failed it
+    # the killed node lost only its in-flight trial: after 10 s without progress a live node failed it
     assert running == []
     failed = {t.number for t in study if t.state == TrialState.FAIL and not t.user_attrs.get("surplus")}
     assert failed == {victim}, "only the killed node's trial and surplus asks failed"

@@ -221,6 +221,101 @@ def test_ctrl_c_anywhere_between_ask_and_tell_fails_the_trial(where, monkeypatch
     assert states[:2] == [TrialState.COMPLETE, TrialState.COMPLETE] and states[-1] == TrialState.FAIL
 
 
+def test_ctrl_c_inside_ask_fails_the_new_trial():
+    """A signal arriving while `study.ask()` samples, after the trial was stored, still fails that trial."""
+    import os
+    import signal
+    from types import SimpleNamespace
+
+    from abliterate import study as search
+    from abliterate.scorers import KL, MarkerRefusals
+
+    class InterruptedSampler(optuna.samplers.RandomSampler):
+        calls = 0
+
+        def before_trial(self, study, trial):
+            InterruptedSampler.calls += 1
+            if InterruptedSampler.calls == 3:  # the third trial, already RUNNING in the storage
+                os.kill(os.getpid(), signal.SIGINT)
+            super().before_trial(study, trial)
+
+    study = optuna.create_study(directions=["minimize", "minimize"], sampler=InterruptedSampler(seed=0))
+    ranks = SimpleNamespace(world_size=1, is_global_zero=True)
+    scorers, options = [MarkerRefusals(), KL()], StudyOptions(n_trials=5, prune=False)
+    with pytest.raises(KeyboardInterrupt):
+        search.run_search(ranks, study, options, SearchSpace(), 4, scorers, lambda *a: {"refusals": 0.5, "kl": 0.01})
+    assert [t.state for t in study.trials] == [TrialState.COMPLETE, TrialState.COMPLETE, TrialState.FAIL]
+
+
+def _reads_the_trials_after_the_third_alive_at(statement: str, params: tuple, seen: list) -> bool:
+    if params[:2] == (3, "alive_at"):
+        seen.append(statement)
+    return bool(seen) and statement.startswith("SELECT trials.")  # rows still to fetch: the statement is live
+
+
+# Where a signal arriving during cursor.execute is raised, in the third trial (trial_id 3 in a new database).
+INTERRUPTED_STATEMENTS = {
+    "reading the trials": _reads_the_trials_after_the_third_alive_at,
+    "writing its state": lambda statement, params, seen: params[0] == "COMPLETE" and params[-1] == 3,
+}
+
+
+@pytest.mark.parametrize("where", INTERRUPTED_STATEMENTS)
+def test_ctrl_c_inside_a_sqlite_statement_fails_the_trial_at_once(where, tmp_path):
+    """Ctrl-C landing just after SQLite ran a statement: a read whose rows were not all fetched keeps its
+    lock on the database while the interrupt's traceback keeps its cursor. The trial is still marked FAIL,
+    under a 1 s busy timeout (the CLI's is 120 s, and a Ctrl-C used to wait it out, then fail)."""
+    from types import SimpleNamespace
+
+    from sqlalchemy import event
+
+    from abliterate import study as search
+    from abliterate.scorers import KL, MarkerRefusals
+
+    url = f"sqlite:///{tmp_path / 'study.db'}"
+    storage = optuna.storages.RDBStorage(url, engine_kwargs={"connect_args": {"timeout": 1}})
+    sampler = optuna.samplers.RandomSampler(seed=0)
+    study = optuna.create_study(storage=storage, directions=["minimize", "minimize"], sampler=sampler)
+    seen, hit = [], []
+
+    @event.listens_for(storage.engine, "after_cursor_execute")
+    def interrupt(conn, cursor, statement, params, context, executemany):
+        if not hit and INTERRUPTED_STATEMENTS[where](statement, tuple(params), seen):
+            hit.append(statement)
+            raise KeyboardInterrupt
+
+    ranks = SimpleNamespace(world_size=1, is_global_zero=True)
+    scorers, options = [MarkerRefusals(), KL()], StudyOptions(n_trials=5, prune=False)
+    with pytest.raises(KeyboardInterrupt):
+        search.run_search(ranks, study, options, SearchSpace(), 4, scorers, lambda *a: {"refusals": 0.5, "kl": 0.01})
+    assert hit, "the statement was never run"
+    states = [t.state for t in optuna.load_study(study_name=study.study_name, storage=url).trials]
+    assert states == [TrialState.COMPLETE, TrialState.COMPLETE, TrialState.FAIL]
+
+
+def test_a_shared_study_waits_for_a_silent_node_and_reruns_its_trial(tmp_path):
+    """Every other trial is finished and a dead node's trial still looks alive: the study must not end
+    one short. The live node waits until that trial is stale, fails it and runs one in its place."""
+    import time
+    from types import SimpleNamespace
+
+    from abliterate import study as search
+    from abliterate.scorers import KL, MarkerRefusals
+
+    url = f"sqlite:///{tmp_path / 'study.db'}"
+    study = optuna.create_study(storage=url, directions=["minimize", "minimize"])
+    for values in ([0.1, 0.2], [0.2, 0.1]):
+        study.add_trial(create_trial(values=values))
+    silent = study.ask()  # the dead node's trial, last seen alive now
+    silent.set_user_attr(search.ALIVE_ATTR, time.time())
+    ranks = SimpleNamespace(world_size=1, is_global_zero=True)
+    options = StudyOptions(n_trials=3, prune=False, storage=url, stale_after=1.0)
+    scorers = [MarkerRefusals(), KL()]
+    search.run_search(ranks, study, options, SearchSpace(), 4, scorers, lambda *a: {"refusals": 0.5, "kl": 0.01})
+    states = [t.state for t in study.get_trials(deepcopy=False)]
+    assert states == [TrialState.COMPLETE, TrialState.COMPLETE, TrialState.FAIL, TrialState.COMPLETE]
+
+
 def test_a_study_refuses_trials_scored_another_way():
     from abliterate.study import check_objective
 

@@ -6,8 +6,12 @@ Lightning-free: a trial is evaluated by the `evaluate` function the pipeline pas
 import logging
 import os
 import random
+import signal
+import threading
 import time
+import traceback
 from collections.abc import Callable, Sequence
+from contextlib import contextmanager
 
 import optuna
 import sqlalchemy
@@ -150,8 +154,10 @@ def run_search(
         try:
             if ranks.is_global_zero and options.storage is not None:
                 fail_stale_trials(study, options.stale_after)
+                _wait_for_other_nodes(study, options)
             if ranks.is_global_zero and _claimed(study) < options.n_trials:
-                trial = study.ask()
+                with _interrupts_deferred():
+                    trial = study.ask()
                 if _claimed(study, up_to=trial.number) >= options.n_trials:
                     trial.set_user_attr("surplus", True)
                     study.tell(trial, state=TrialState.FAIL)
@@ -163,9 +169,11 @@ def run_search(
             if plan is None:
                 break
             _run_trial(study, options, scorers, trial, plan, evaluate, progress)
-        except BaseException:
+        except BaseException as err:
             # Ctrl-C can land anywhere between ask and tell; never leave the trial RUNNING.
             if trial is not None:
+                if not isinstance(err, Exception):
+                    _release_interrupted_statements(err)
                 _fail_if_running(study, trial)
             raise
 
@@ -238,6 +246,69 @@ def fail_stale_trials(study: optuna.Study, stale_after: float) -> None:
             except (RuntimeError, ValueError):  # another node got there first
                 continue
             log.warning("trial %d showed no progress for %.0fs (its worker is gone); marked FAIL", t.number, now - last)
+
+
+def _wait_for_other_nodes(study: optuna.Study, options: StudyOptions) -> None:
+    """In a shared storage, wait while the last trials run on other nodes: one whose node died would
+    otherwise still count towards n_trials when every live node has stopped, and the study would end
+    short. Each running trial finishes, or shows no progress for `stale_after` seconds and is failed
+    (then this node runs a trial in its place)."""
+    logged = False
+    while _claimed(study) >= options.n_trials and _finished(study) < options.n_trials:
+        if not logged:
+            running = [t.number for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))]
+            log.info(
+                "waiting for trials %s on other nodes (one without progress for %.0fs is failed and rerun here)",
+                running,
+                options.stale_after,
+            )
+            logged = True
+        time.sleep(1.0)
+        fail_stale_trials(study, options.stale_after)
+
+
+def _finished(study: optuna.Study) -> int:
+    return len(study.get_trials(deepcopy=False, states=FINISHED))
+
+
+@contextmanager
+def _interrupts_deferred():
+    """Ctrl-C or SIGTERM inside `study.ask()` would leave a RUNNING trial that nothing holds to fail:
+    deliver it once the trial is assigned."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    pending = []
+    previous = {
+        sig: signal.signal(sig, lambda signum, frame: pending.append(signum)) for sig in (signal.SIGINT, signal.SIGTERM)
+    }
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            if handler is not None:  # None: a handler installed outside Python, which cannot be restored
+                signal.signal(sig, handler)
+        if pending:
+            handler = previous[pending[0]]
+            if callable(handler):
+                handler(pending[0], None)
+            else:
+                signal.raise_signal(pending[0])
+
+
+def _release_interrupted_statements(err: BaseException) -> None:
+    """Free what an interrupt unwound through, so that the trial can be marked FAIL at once.
+
+    Ctrl-C landing in a SQLite query whose rows were not all fetched leaves that statement live while its
+    cursor lives, and the interrupt's traceback frames keep the cursor: its connection (closed by
+    SQLAlchemy, but a zombie until then) keeps a lock on the database, and the write that marks the
+    trial FAIL waits out the busy timeout (120 s), then fails.
+    """
+    seen = set()
+    while err is not None and id(err) not in seen:  # Lightning turns Ctrl-C into SystemExit: its context too
+        seen.add(id(err))
+        traceback.clear_frames(err.__traceback__)  # frames still executing (this one) are skipped
+        err = err.__cause__ or err.__context__
 
 
 def _fail_if_running(study: optuna.Study, trial: optuna.Trial) -> None:
