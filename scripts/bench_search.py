@@ -60,6 +60,22 @@ def search(pipe: Pipeline, reference, space, trials: int, prune: bool, seed: int
     return study, time.perf_counter() - start
 
 
+def setup(args) -> tuple[SearchSpace, str, Path]:
+    """One torch thread unless OMP_NUM_THREADS says otherwise, quiet logs, and the model: --model, or the
+    tiny organism (trained and cached like the demo) with a search space wide enough for it."""
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
+    logging.basicConfig(level=logging.WARNING)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    if args.model is None:
+        from abliterate.demo import default_cache_dir
+        from abliterate.organism import build_tiny_organism
+
+        args.model = str(build_tiny_organism(default_cache_dir() / "organism", progress=False))
+        space = SearchSpace(direction_index=(0.0, 1.0), max_weight_position=(0.0, 1.0), min_weight_distance=(0.5, 1.0))
+        return space, "tiny", Path(args.prompts or args.model)
+    return SearchSpace(), Path(args.model).name, Path(args.prompts or args.model)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", help="model dir; default: the demo organism (trained and cached)")
@@ -70,21 +86,7 @@ def main() -> None:
     parser.add_argument("--eval-batch-size", type=int, default=8)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
-    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
-    logging.basicConfig(level=logging.WARNING)
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-
-    if args.model is None:
-        from abliterate.demo import default_cache_dir
-        from abliterate.organism import build_tiny_organism
-
-        args.model = str(build_tiny_organism(default_cache_dir() / "organism", progress=False))
-        space = SearchSpace(direction_index=(0.0, 1.0), max_weight_position=(0.0, 1.0), min_weight_distance=(0.5, 1.0))
-        organism = "tiny"
-    else:
-        space = SearchSpace()
-        organism = Path(args.model).name
-    prompts = Path(args.prompts or args.model)
+    space, organism, prompts = setup(args)
 
     module, data, trainer = parts(args.model, prompts, args.limit, args.max_new_tokens, args.eval_batch_size)
     pipe = Pipeline(trainer, module, data, None)  # no run dir: nothing cached

@@ -18,8 +18,6 @@ Levers (--levers, default all):
 
 import argparse
 import json
-import logging
-import os
 import sys
 import time
 from contextlib import contextmanager
@@ -30,7 +28,7 @@ import optuna
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from bench_search import parts, search  # noqa: E402  (the same model, data and seeded search)
+from bench_search import parts, search, setup  # noqa: E402  (the same model, data and seeded search)
 
 import abliterate.metrics  # noqa: E402
 import abliterate.scorers.base  # noqa: E402
@@ -310,21 +308,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2, help="searches per setting (prune_first); the fastest counts")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
-    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
-    logging.basicConfig(level=logging.WARNING)
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-
-    if args.model is None:
-        from abliterate.demo import default_cache_dir
-        from abliterate.organism import build_tiny_organism
-
-        args.model = str(build_tiny_organism(default_cache_dir() / "organism", progress=False))
-        space = SearchSpace(direction_index=(0.0, 1.0), max_weight_position=(0.0, 1.0), min_weight_distance=(0.5, 1.0))
-        organism = "tiny"
-    else:
-        space = SearchSpace()
-        organism = Path(args.model).name
-    prompts = Path(args.prompts or args.model)
+    space, organism, prompts = setup(args)
     module, data, trainer = parts(args.model, prompts, args.limit, args.max_new_tokens, args.eval_batch_size)
     pipe = Pipeline(trainer, module, data, None)
     reference = None

@@ -32,3 +32,32 @@ trainer:
   devices: 1
   enable_progress_bar: false
 """
+
+
+def organism_pipeline(organism_dir, tmp_path, scorers=None, eval_harmful=16, eval_batch_size=8):
+    """A Pipeline on the tiny organism with small prompt sets, its residuals collected, its run dir in
+    tmp_path/run."""
+    from abliterate.data import PromptDataModule
+    from abliterate.module import AbliterationModule
+    from abliterate.options import EvalOptions, LoadOptions
+    from abliterate.pipeline import Pipeline
+    from abliterate.prompts import PromptSource
+    from abliterate.trainer import AbliterationTrainer
+
+    module = AbliterationModule(
+        model_id=str(organism_dir),
+        load=LoadOptions(dtypes=["float32"]),
+        evaluation=EvalOptions(max_new_tokens=12),
+        scorers=scorers,
+    )
+    data = PromptDataModule(
+        harmful=PromptSource(f"{organism_dir}/harmful_train.txt", limit=64),
+        harmless=PromptSource(f"{organism_dir}/harmless_train.txt", limit=64),
+        eval_harmful=PromptSource(f"{organism_dir}/harmful_test.txt", limit=eval_harmful),
+        eval_harmless=PromptSource(f"{organism_dir}/harmless_test.txt", limit=16),
+        eval_batch_size=eval_batch_size,
+    )
+    trainer = AbliterationTrainer(accelerator="cpu", devices=1, enable_progress_bar=False)
+    pipe = Pipeline(trainer, module, data, tmp_path / "run")
+    pipe.residuals()
+    return pipe

@@ -488,7 +488,7 @@ def test_stdout_holds_only_the_result_and_progress_goes_to_stderr(finished_run, 
 
 
 def test_an_infeasible_sampled_plan_fails_one_trial_and_the_search_goes_on(organism_dir, tmp_path, caplog):
-    from test_scorers import organism_pipeline
+    from helpers import organism_pipeline
 
     from abliterate.options import SearchSpace, StudyOptions
 

@@ -5,6 +5,7 @@ import csv
 import optuna
 import pytest
 import torch
+from helpers import organism_pipeline
 
 from abliterate.cli import main
 from abliterate.errors import AbliterateError
@@ -86,33 +87,6 @@ def test_degeneration_as_a_third_objective_end_to_end(organism_config, organism_
     assert (out / "pareto.png").is_file() and (out / "model" / "config.json").is_file()
     summary = capsys.readouterr().out.strip().splitlines()[-1]
     assert '"degeneration_after"' in summary
-
-
-def organism_pipeline(organism_dir, tmp_path, scorers=None):
-    """A Pipeline on the tiny organism with small prompt sets, its run dir in tmp_path/run."""
-    from abliterate.data import PromptDataModule
-    from abliterate.options import EvalOptions, LoadOptions
-    from abliterate.pipeline import Pipeline
-    from abliterate.prompts import PromptSource
-    from abliterate.trainer import AbliterationTrainer
-
-    module = AbliterationModule(
-        model_id=str(organism_dir),
-        load=LoadOptions(dtypes=["float32"]),
-        evaluation=EvalOptions(max_new_tokens=12),
-        scorers=scorers,
-    )
-    data = PromptDataModule(
-        harmful=PromptSource(f"{organism_dir}/harmful_train.txt", limit=64),
-        harmless=PromptSource(f"{organism_dir}/harmless_train.txt", limit=64),
-        eval_harmful=PromptSource(f"{organism_dir}/harmful_test.txt", limit=16),
-        eval_harmless=PromptSource(f"{organism_dir}/harmless_test.txt", limit=16),
-        eval_batch_size=8,
-    )
-    trainer = AbliterationTrainer(accelerator="cpu", devices=1, enable_progress_bar=False)
-    pipe = Pipeline(trainer, module, data, tmp_path / "run")
-    pipe.residuals()
-    return pipe
 
 
 def test_a_report_only_scorer_is_stored_on_the_trial(organism_dir, tmp_path):

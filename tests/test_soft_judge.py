@@ -5,12 +5,12 @@ from pathlib import Path
 import optuna
 import pytest
 import torch
+from helpers import organism_pipeline
 
 from abliterate.ablation import AblationParams, ComponentKernel, WeightEditor
 from abliterate.cli import main
 from abliterate.hooks import HookEditor
 from abliterate.models import residual_writers
-from abliterate.module import AbliterationModule
 from abliterate.options import DirectionOptions
 from abliterate.plans import TrialPlan
 from abliterate.scorers import KL, MarkerRefusals, ProbeRefusals
@@ -119,36 +119,12 @@ def test_original_weights_lifts_the_edit_only_inside_the_block(organism, editor_
     assert torch.equal(again, edited)
 
 
-def organism_pipeline(organism_dir, tmp_path, scorers):
-    from abliterate.data import PromptDataModule
-    from abliterate.options import EvalOptions, LoadOptions
-    from abliterate.pipeline import Pipeline
-    from abliterate.prompts import PromptSource
-    from abliterate.trainer import AbliterationTrainer
-
-    module = AbliterationModule(
-        model_id=str(organism_dir),
-        load=LoadOptions(dtypes=["float32"]),
-        evaluation=EvalOptions(max_new_tokens=12),
-        scorers=scorers,
-    )
-    data = PromptDataModule(
-        harmful=PromptSource(f"{organism_dir}/harmful_train.txt", limit=64),
-        harmless=PromptSource(f"{organism_dir}/harmless_train.txt", limit=64),
-        eval_harmful=PromptSource(f"{organism_dir}/harmful_test.txt", limit=32),
-        eval_harmless=PromptSource(f"{organism_dir}/harmless_test.txt", limit=16),
-        eval_batch_size=16,
-    )
-    trainer = AbliterationTrainer(accelerator="cpu", devices=1, enable_progress_bar=False)
-    pipe = Pipeline(trainer, module, data, tmp_path / "run")
-    pipe.residuals()
-    return pipe
-
-
 def test_the_probe_sees_the_organism_refusals_and_their_drop_after_ablation(organism_dir, tmp_path):
     """Fit on the organism's own replies (no markers), it agrees with the markers before and after the edit."""
     judge = ProbeRefusals(fit_prompts=32, max_new_tokens=12)
-    pipe = organism_pipeline(organism_dir, tmp_path, [judge, KL(4), MarkerRefusals(direction="report")])
+    pipe = organism_pipeline(
+        organism_dir, tmp_path, [judge, KL(4), MarkerRefusals(direction="report")], eval_harmful=32, eval_batch_size=16
+    )
     reference = pipe.reference()
     assert reference.values[judge.name] >= 0.9
     assert abs(reference.values[judge.name] - reference.values["refusals"]) <= 1 / 16

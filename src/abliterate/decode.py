@@ -19,6 +19,14 @@ from transformers.cache_utils import DynamicLayer
 StopTest = Callable[[list[list[int]]], list[bool]]
 
 
+def eos_token_ids(model, tokenizer) -> list[int]:
+    """The ids that end a reply: the model's generation_config eos, else the tokenizer's."""
+    eos = model.generation_config.eos_token_id
+    if eos is None:
+        eos = tokenizer.eos_token_id
+    return [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
+
+
 def can_drop_rows(model) -> bool:
     """Whether this model's forward takes a transformers 5 `cache` whose rows can be dropped
     (remote code with its own cache argument, or recurrent layers, cannot)."""

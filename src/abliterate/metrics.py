@@ -14,7 +14,7 @@ import torchmetrics
 from torch import Tensor
 from transformers import GenerationConfig, StoppingCriteria, StoppingCriteriaList
 
-from abliterate.decode import can_drop_rows, greedy_decode
+from abliterate.decode import can_drop_rows, eos_token_ids, greedy_decode
 
 # --- Refusal markers -------------------------------------------------------------------------
 
@@ -243,10 +243,6 @@ def _greedy_generate(
     return sequences[:, input_ids.shape[1] :]
 
 
-def _eos_list(eos: int | Sequence[int] | None) -> list[int]:
-    return [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
-
-
 def _marker_stop(tokenizer, markers: Sequence[str]):
     """`greedy_decode`'s stop test: the reply so far (normalised) contains a refusal marker."""
     normalized = _normalized_markers(markers)
@@ -279,12 +275,10 @@ def generate_responses(
     _check_left_padded(attention_mask)
     if tokenizer.pad_token_id is None:
         raise ValueError("the tokenizer has no pad token; batched generation needs one")
-    eos = model.generation_config.eos_token_id
-    if eos is None:
-        eos = tokenizer.eos_token_id
+    eos = eos_token_ids(model, tokenizer)
     if can_drop_rows(model):
         stop = _marker_stop(tokenizer, markers) if markers else None
-        rows = greedy_decode(model, input_ids, attention_mask, max_new_tokens, _eos_list(eos), stop)
+        rows = greedy_decode(model, input_ids, attention_mask, max_new_tokens, eos, stop)
         return tokenizer.batch_decode(rows, skip_special_tokens=True)
     criteria = None
     if markers:
@@ -295,7 +289,7 @@ def generate_responses(
         attention_mask,
         max_new_tokens,
         pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=eos,
+        eos_token_id=eos or None,
         stopping_criteria=StoppingCriteriaList([criteria]) if criteria else None,
     )
     rows = new_tokens.tolist()
@@ -311,15 +305,13 @@ def greedy_reply_tokens(
 ) -> list[list[int]]:
     """Greedy reply tokens to left-padded prompts, each cut before its first eos (no marker stops)."""
     _check_left_padded(attention_mask)
-    eos = model.generation_config.eos_token_id
-    if eos is None:
-        eos = tokenizer.eos_token_id
-    eos_ids = set(_eos_list(eos))
+    eos = eos_token_ids(model, tokenizer)
+    eos_ids = set(eos)
     if can_drop_rows(model):
         generated = greedy_decode(model, input_ids, attention_mask, max_new_tokens, eos_ids)
     else:
         generated = _greedy_generate(
-            model, input_ids, attention_mask, max_new_tokens, tokenizer.pad_token_id, eos
+            model, input_ids, attention_mask, max_new_tokens, tokenizer.pad_token_id, eos or None
         ).tolist()
     rows = []
     for row in generated:

@@ -23,6 +23,7 @@ import torch
 from torch import Tensor
 from transformers import StoppingCriteria, StoppingCriteriaList
 
+from abliterate.decode import eos_token_ids
 from abliterate.metrics import _greedy_generate
 
 PAD_MARK, SEP_MARK = -1, -2
@@ -121,13 +122,6 @@ class _ThoughtStop(StoppingCriteria):
         return self.done.to(input_ids.device)
 
 
-def _eos_ids(model, tokenizer) -> set[int]:
-    eos = model.generation_config.eos_token_id
-    if eos is None:
-        eos = tokenizer.eos_token_id
-    return set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
-
-
 def opened_by_prompt(tokenizer, fmt: ThinkingFormat, input_ids: Tensor, attention_mask: Tensor) -> list[bool]:
     """Per prompt, whether it ends inside an open thinking block (the template opened it)."""
     rows = [ids[mask.bool()].tolist() for ids, mask in zip(input_ids.cpu(), attention_mask.cpu(), strict=True)]
@@ -154,7 +148,7 @@ def think(model, tokenizer, input_ids: Tensor, attention_mask: Tensor, fmt: Thin
     if budget < 1:
         raise ValueError(f"the thinking budget must be >= 1 token, got {budget}")
     inside = opened_by_prompt(tokenizer, fmt, input_ids, attention_mask)
-    eos = _eos_ids(model, tokenizer)
+    eos = set(eos_token_ids(model, tokenizer))
     stop = _ThoughtStop(tokenizer, fmt, input_ids.shape[1], inside, eos)
     new = _greedy_generate(
         model,

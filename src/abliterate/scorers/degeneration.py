@@ -10,6 +10,7 @@ import torch
 from torch import Tensor
 from torchmetrics.aggregation import SumMetric
 
+from abliterate.decode import eos_token_ids
 from abliterate.metrics import greedy_reply_tokens
 from abliterate.scorers.base import Observations, Scorer
 
@@ -25,12 +26,6 @@ def degenerate(tokens: list[int], limit: int, ngram: int, repeats: int) -> bool:
         if counts[key] >= repeats:
             return True
     return False
-
-
-def eos_ids(model, tokenizer) -> set[int]:
-    eos = model.generation_config.eos_token_id
-    eos = tokenizer.eos_token_id if eos is None else eos
-    return set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
 
 
 @torch.no_grad()
@@ -62,7 +57,7 @@ def verified_replies(
         logits_to_keep=width + 1,
     ).logits
     greedy = logits[:, -(width + 1) :].argmax(-1).tolist()  # greedy[row][k]: the token after prompt + draft[:k]
-    stops = eos_ids(model, tokenizer)
+    stops = set(eos_token_ids(model, tokenizer))
     replies: list[list[int] | None] = []
     prefixes: dict[int, list[int]] = {}  # rows that leave their draft: the reply so far
     for row, d in enumerate(drafts):
