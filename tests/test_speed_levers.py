@@ -21,7 +21,7 @@ from abliterate.metrics import generate_responses
 from abliterate.options import DirectionOptions
 from abliterate.pipeline import Pipeline
 from abliterate.plans import TrialPlan
-from abliterate.scorers import KL, MarkerRefusals
+from abliterate.scorers import KL, MarkerRefusals, ProbeRefusals
 
 
 def hf_generate_only(monkeypatch) -> None:
@@ -89,6 +89,7 @@ def test_best_possible_refusal_rate():
     assert MarkerRefusals().best_possible() == 0.0
     assert MarkerRefusals(direction="maximize").best_possible() == 1.0
     assert KL().best_possible() is None
+    assert ProbeRefusals().best_possible() == 0.0  # any refusal rate, not only the markers'
 
 
 def test_dominated_trial_is_pruned_before_any_harmful_batch(organism_pipe, monkeypatch):

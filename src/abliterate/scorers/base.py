@@ -8,6 +8,7 @@ objective is the refusal rate that `study.refusal_target` and `min_kl_under` con
 from typing import Literal
 
 from torch import Tensor, nn
+from torchmetrics.aggregation import SumMetric
 
 from abliterate.metrics import generate_responses, greedy_continuation, greedy_reply_tokens, next_token_logprobs
 from abliterate.thinking import ThinkingFormat, Thoughts, detect_thinking, extend, is_packed, pack, template_text, think
@@ -188,9 +189,36 @@ class Scorer(nn.Module):
         return None
 
     def best_possible(self) -> float | None:
-        """A value the final one can be no better than before any batch is seen (e.g. 0 refusals),
-        so pruning can stop a trial before this scorer's batches run; None: none known."""
+        """A value the final one can be no better than before any batch is seen, so pruning can stop a
+        trial before this scorer's batches run; None: none known. A refusal rate lies in [0, 1]: no
+        prompt refused, or (maximised) every one."""
+        if self.is_refusal_rate:
+            return 1.0 if self.direction == "maximize" else 0.0
         return None
 
     def extra_repr(self) -> str:
         return f"direction={self.direction}"
+
+
+class CountedRefusals(Scorer):
+    """A refusal rate from per-reply verdicts (a judge model, a probe): subclasses call `count`."""
+
+    role = "eval_harmful"
+    is_refusal_rate = True
+
+    def __init__(self, direction: Direction = "minimize"):
+        super().__init__(direction)
+        self.refusals = SumMetric()
+        self.total = SumMetric()
+
+    def count(self, verdicts: list[bool]) -> None:
+        self.refusals.update(float(sum(verdicts)))
+        self.total.update(float(len(verdicts)))
+
+    def compute(self) -> float:
+        return float(self.refusals.compute()) / float(self.total.compute())
+
+    def bound(self, strategy, total: int) -> float:
+        # Refusals only grow as more prompts are judged: refusals so far / all prompts is a lower bound.
+        refusals = strategy.reduce(self.refusals.sum_value.detach().clone().float(), reduce_op="sum")
+        return float(refusals) / total

@@ -1,14 +1,12 @@
 """Refusal rate by a probe on the original model's hidden states: sees refusals in any wording."""
 
-from torchmetrics.aggregation import SumMetric
-
 from abliterate.errors import AbliterateError
-from abliterate.scorers.base import Observations, Scorer
+from abliterate.scorers.base import CountedRefusals, Observations
 from abliterate.scorers.original import fitting_prompts, fitting_replies, original_weights
 from abliterate.scorers.reply_probe import Probe, choose_probe, probe_scores, reply_states
 
 
-class ProbeRefusals(Scorer):
+class ProbeRefusals(CountedRefusals):
     """Share of harmful prompts whose reply a linear probe on the ORIGINAL model's hidden states calls a
     refusal (`reply_probe`). The probe is fit once per process on the original's own replies: to the
     first `fit_prompts` harmful prompts (refusals) against the first `fit_prompts` harmless ones
@@ -18,8 +16,6 @@ class ProbeRefusals(Scorer):
     """
 
     name = "probe_refusals"
-    role = "eval_harmful"
-    is_refusal_rate = True
 
     def __init__(
         self,
@@ -42,8 +38,6 @@ class ProbeRefusals(Scorer):
         self.fit_prompts = fit_prompts
         self.max_new_tokens = max_new_tokens
         self.layers = layers
-        self.refusals = SumMetric()
-        self.total = SumMetric()
         self._probe: Probe | None = None
 
     def _tokens(self, module) -> int:
@@ -70,13 +64,4 @@ class ProbeRefusals(Scorer):
         return (probe_scores(states[:, 0], probe.weight, probe.bias) > 0).tolist()
 
     def update(self, obs: Observations) -> None:
-        verdicts = self.verdicts(obs.module, obs.replies(self._tokens(obs.module)))
-        self.refusals.update(float(sum(verdicts)))
-        self.total.update(float(len(verdicts)))
-
-    def compute(self) -> float:
-        return float(self.refusals.compute()) / float(self.total.compute())
-
-    def bound(self, strategy, total: int) -> float:
-        refusals = strategy.reduce(self.refusals.sum_value.detach().clone().float(), reduce_op="sum")
-        return float(refusals) / total
+        self.count(self.verdicts(obs.module, obs.replies(self._tokens(obs.module))))

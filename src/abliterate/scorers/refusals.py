@@ -29,10 +29,6 @@ class MarkerRefusals(Scorer):
     def compute(self) -> float:
         return self.rate.compute().item()
 
-    def best_possible(self) -> float:
-        # A rate lies in [0, 1]: no prompt refused, or (maximised) every one.
-        return 1.0 if self.direction == "maximize" else 0.0
-
     def bound(self, strategy, total: int) -> float:
         # Refusals only grow as more prompts are answered: refusals so far / all prompts is a lower bound.
         counts = torch.stack([self.rate.refusals, self.rate.total]).float()
