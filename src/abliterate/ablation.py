@@ -251,7 +251,12 @@ def not_editable(ref: WriterRef) -> str | None:
 
 
 class Editor:
-    """What applies an ablation to a model: `apply`, `reset`, and `applied` for a block."""
+    """What applies an ablation to a model: `apply`, `reset`, `applied` for a block, and `suspended`.
+
+    Subclasses set `last` to the (params, directions) an `apply` succeeded with, and `reset` to None.
+    """
+
+    last: tuple[AblationParams, Tensor] | None = None
 
     def apply(self, params: AblationParams, directions: Tensor) -> None:
         raise NotImplementedError
@@ -267,6 +272,20 @@ class Editor:
             yield
         finally:
             self.reset()
+
+    @contextmanager
+    def suspended(self) -> Iterator[None]:
+        """The unedited model for the block, the same edit again afterwards: `apply` always starts
+        from the originals, so re-applying gives the same weights (or hooks) bit for bit."""
+        last = self.last
+        if last is None:
+            yield
+            return
+        self.reset()
+        try:
+            yield
+        finally:
+            self.apply(*last)
 
 
 class WeightEditor(Editor):
@@ -328,6 +347,7 @@ class WeightEditor(Editor):
         except BaseException:
             self.reset()
             raise
+        self.last = (params, directions)
 
     @torch.no_grad()
     def reset(self) -> None:
@@ -339,3 +359,4 @@ class WeightEditor(Editor):
             if bias is not None:
                 ref.bias.copy_(bias)
         self.edited.clear()
+        self.last = None

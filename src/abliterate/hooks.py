@@ -63,6 +63,7 @@ class HookEditor(Editor):
         except BaseException:
             self.reset()
             raise
+        self.last = (params, directions)
 
     def _input_scale(self, ref: WriterRef, dirs: Tensor, weights: Tensor, where: str) -> Tensor:
         if ref.name != "weight":  # fused experts: the module's input is not the down-projection's
@@ -82,6 +83,7 @@ class HookEditor(Editor):
         """Remove this editor's hooks (hooks others registered stay)."""
         while self.handles:
             self.handles.pop().remove()
+        self.last = None
 
 
 class _PerDevice:

@@ -1,51 +1,18 @@
 """Reading replies with the original model, also during a trial: the judges that are fit on its behaviour."""
 
-from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import nullcontext
 
 import torch
 
-from abliterate.ablation import WeightEditor
+from abliterate.ablation import Editor
 from abliterate.errors import AbliterateError
-from abliterate.hooks import HookEditor
 from abliterate.metrics import greedy_reply_tokens
 
 
-@contextmanager
-def original_weights(editor: WeightEditor | HookEditor | None) -> Iterator[None]:
+def original_weights(editor: Editor | None):
     """The unedited model for the block, the trial's edit back afterwards: a judge that read the edited
     model could be blinded by the very edit it judges."""
-    if isinstance(editor, HookEditor):
-        detached = []
-        for handle in editor.handles:
-            hooks = handle.hooks_dict_ref()
-            if hooks is not None and handle.id in hooks:
-                detached.append((hooks, handle.id, hooks.pop(handle.id)))
-        try:
-            yield
-        finally:
-            for hooks, key, hook in detached:
-                hooks[key] = hook
-        return
-    edited = sorted(editor.edited) if isinstance(editor, WeightEditor) else []
-    saved = {}
-    with torch.no_grad():
-        for key in edited:
-            ref = editor.writers[key[0]][key[1]][key[2]]
-            saved[key] = (ref.weight.detach().clone(), None if ref.bias is None else ref.bias.detach().clone())
-            original, bias = editor.originals[key]
-            ref.weight.copy_(original)
-            if bias is not None:
-                ref.bias.copy_(bias)
-    try:
-        yield
-    finally:
-        with torch.no_grad():
-            for key, (weight, bias) in saved.items():
-                ref = editor.writers[key[0]][key[1]][key[2]]
-                ref.weight.copy_(weight)
-                if bias is not None:
-                    ref.bias.copy_(bias)
+    return nullcontext() if editor is None else editor.suspended()
 
 
 def left_padded(rows: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
