@@ -27,6 +27,17 @@ def eos_token_ids(model, tokenizer) -> list[int]:
     return [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
 
 
+def left_padded(rows: list[list[int]], pad_id: int, device) -> tuple[Tensor, Tensor]:
+    """Token id rows as one left-padded batch: ids and attention mask, on `device`."""
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, row in enumerate(rows):
+        ids[i, width - len(row) :] = torch.tensor(row)
+        mask[i, width - len(row) :] = 1
+    return ids.to(device), mask.to(device)
+
+
 def can_drop_rows(model) -> bool:
     """Whether this model's forward takes a transformers 5 `cache` whose rows can be dropped
     (remote code with its own cache argument, or recurrent layers, cannot)."""

@@ -10,7 +10,7 @@ import torch
 from torch import Tensor
 from torchmetrics.aggregation import SumMetric
 
-from abliterate.decode import eos_token_ids
+from abliterate.decode import eos_token_ids, left_padded
 from abliterate.metrics import greedy_reply_tokens
 from abliterate.scorers.base import Observations, Scorer
 
@@ -74,13 +74,9 @@ def verified_replies(
     if prefixes:
         rows = list(prefixes)
         prompts = [ids[r][mask[r].bool()].tolist() + prefixes[r] for r in rows]
-        longest = max(len(p) for p in prompts)
-        more_ids = torch.full((len(rows), longest), pad, dtype=ids.dtype)
-        more_mask = torch.zeros((len(rows), longest), dtype=mask.dtype)
-        for i, p in enumerate(prompts):  # left-padded again: the prefixes differ in length
-            more_ids[i, longest - len(p) :], more_mask[i, longest - len(p) :] = torch.tensor(p, dtype=ids.dtype), 1
+        more_ids, more_mask = left_padded(prompts, pad, ids.device)  # again: the prefixes differ in length
         steps = limit - min(len(prefixes[r]) for r in rows)
-        more = greedy_reply_tokens(model, tokenizer, more_ids.to(ids.device), more_mask.to(mask.device), steps)
+        more = greedy_reply_tokens(model, tokenizer, more_ids, more_mask, steps)
         for r, tail in zip(rows, more, strict=True):
             replies[r] = prefixes[r] + tail[: limit - len(prefixes[r])]
     return replies

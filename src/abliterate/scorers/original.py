@@ -2,9 +2,8 @@
 
 from contextlib import nullcontext
 
-import torch
-
 from abliterate.ablation import Editor
+from abliterate.decode import left_padded
 from abliterate.errors import AbliterateError
 from abliterate.metrics import greedy_reply_tokens
 
@@ -13,16 +12,6 @@ def original_weights(editor: Editor | None):
     """The unedited model for the block, the trial's edit back afterwards: a judge that read the edited
     model could be blinded by the very edit it judges."""
     return nullcontext() if editor is None else editor.suspended()
-
-
-def left_padded(rows: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, row in enumerate(rows):
-        ids[i, width - len(row) :] = torch.tensor(row)
-        mask[i, width - len(row) :] = 1
-    return ids.to(device), mask.to(device)
 
 
 def fitting_prompts(module, n_harmful: int, n_harmless: int) -> tuple[list[list[int]], list[list[int]]]:
