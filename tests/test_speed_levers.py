@@ -1,5 +1,6 @@
 """The speed levers of issue #15 keep results exact: rows dropped from generation give generate's
-tokens, and the role-start bound prunes a dominated trial before any harmful batch is generated."""
+tokens, and the KL's running bound and the role-start bound prune a dominated trial before any
+harmful batch is generated."""
 
 import json
 import os
@@ -9,6 +10,7 @@ from pathlib import Path
 
 import optuna
 import pytest
+import torch
 from test_metrics import batch, make_model, tokenizer  # noqa: F401  (fixtures)
 from test_pipeline import full_ablation, make_parts, params_at
 
@@ -107,10 +109,17 @@ def test_dominated_trial_is_pruned_before_any_harmful_batch(organism_pipe, monke
     degeneration = next(s for s in pipe.scorers if not s.is_objective)  # reported, never optimised
     observed = []
     monkeypatch.setattr(degeneration, "update", lambda obs: observed.append(len(generated)))
+    checks = []  # (role, bound, prompts seen) of every pruning check
+    check = Pruning._prune_if_dominated
+
+    def record(self, trainer, role, bound, seen):
+        checks.append((role, list(bound), seen))
+        return check(self, trainer, role, bound, seen)
+
+    monkeypatch.setattr(Pruning, "_prune_if_dominated", record)
 
     def run(completed):
-        generated.clear()
-        observed.clear()
+        generated.clear(), observed.clear(), checks.clear()
         trial = RecordingTrial()
         pruning = Pruning(trial, pipe.objectives, completed, totals)
         try:
@@ -119,19 +128,51 @@ def test_dominated_trial_is_pruned_before_any_harmful_batch(organism_pipe, monke
             return True, trial, len(generated)
         return False, trial, len(generated)
 
-    # A completed trial at 0 refusals with less KL dominates whatever refusals this one reaches.
-    pruned, trial, batches = run([(0.0, kl / 2)])
-    assert pruned and batches == 0
-    assert observed == []  # a pruned trial never pays for the reported scorers
-    assert trial.user_attrs["bound"] == [0.0, pytest.approx(kl)] and trial.user_attrs["prompts_seen"] == 0
-    # Equal KL, or more: not dominated at the start, so the harmful batches run.
+    # Not dominated (an equal KL, or more): every batch runs, and the checks show the KL bound rising
+    # batch by batch to the trial's KL, with 0 (the best possible) standing in for the refusals.
     n_batches = len(shard_batches(totals["eval_harmful"], pipe.datamodule.eval_batch_size, 0, 1))
+    harmless_batches = shard_batches(totals["eval_harmless"], pipe.datamodule.eval_batch_size, 0, 1)
+    harmless = len(harmless_batches)
     for completed in ([(0.0, kl)], [(0.0, 2 * kl)]):
         pruned, trial, batches = run(completed)
         assert not pruned and batches == n_batches == 4
         # Reported scorers run once per harmless batch, after every harmful batch was generated.
-        harmless = len(shard_batches(totals["eval_harmless"], pipe.datamodule.eval_batch_size, 0, 1))
         assert observed == [n_batches] * harmless
+    kl_bounds = [bound[1] for role, bound, _ in checks if role == "eval_harmless"]
+    assert [bound[0] for role, bound, _ in checks if role == "eval_harmless"] == [0.0] * harmless
+    assert len(kl_bounds) == harmless > 1 and kl_bounds == sorted(kl_bounds)
+    assert 0 < kl_bounds[0] and kl_bounds[-1] == pytest.approx(kl, abs=1e-5) and kl_bounds[-2] < kl
+
+    # A completed trial at 0 refusals with less KL than this trial's bound after its first harmless
+    # batch: pruned there, part-way through the KL pass, before any reply is generated.
+    pruned, trial, batches = run([(0.0, kl_bounds[0] / 2)])
+    assert pruned and batches == 0 and observed == []  # a pruned trial never pays for reported scorers
+    assert trial.user_attrs["pruned_in"] == "eval_harmless" and trial.user_attrs["bound"][0] == 0.0
+    assert trial.user_attrs["prompts_seen"] == len(harmless_batches[0]) < totals["eval_harmless"]
+    # Between the bound before the last harmless batch and the KL: pruned when the harmful role starts.
+    pruned, trial, batches = run([(0.0, (kl_bounds[-2] + kl) / 2)])
+    assert pruned and batches == 0 and observed == []
+    assert trial.user_attrs["pruned_in"] == "eval_harmful" and trial.user_attrs["prompts_seen"] == 0
+    assert trial.user_attrs["bound"] == [0.0, pytest.approx(kl)]
+
+
+def test_kl_running_bound_never_exceeds_the_final_kl():
+    torch.manual_seed(0)
+    reference = torch.log_softmax(torch.randn(12, 4, 50), dim=-1)
+    model = torch.log_softmax(reference + 0.3 * torch.randn(12, 4, 50), dim=-1)
+    model[:3] = reference[:3]  # prompts the edit leaves alone: KL 0 up to rounding
+
+    class OneProcess:
+        def reduce(self, tensor, reduce_op):
+            return tensor
+
+    scorer, bounds = KL(), []
+    for rows in torch.arange(12).split(5):
+        scorer.kl.update(model[rows], reference[rows])
+        bounds.append(scorer.bound(OneProcess(), total=12))
+    final = scorer.compute()
+    assert bounds == sorted(bounds) and all(b <= final for b in bounds)
+    assert bounds[-1] == pytest.approx(final, rel=1e-6) and bounds[0] < final
 
 
 @pytest.mark.slow

@@ -45,7 +45,8 @@ class Pruning(L.Callback):
     later role's batches run. When a role starts, every scorer not yet final contributes its
     `best_possible` value (e.g. 0 refusals): a trial already dominated then is pruned before that
     role's work (generation) begins. After each batch, a scorer of the current role contributes its
-    running `bound`. Optuna's `trial.report`/`should_prune` raise in multi-objective studies, so the
+    running `bound` (KL: the prompts' KL so far over all prompts), a later role's scorer its
+    `best_possible`: a trial whose KL alone is dominated stops part-way through the KL pass. Optuna's `trial.report`/`should_prune` raise in multi-objective studies, so the
     bound goes into the trial's user attributes and pruning raises `optuna.TrialPruned` directly.
     """
 
@@ -95,8 +96,10 @@ class Pruning(L.Callback):
         bound = []
         for scorer in self.objectives:
             value = self.final.get(scorer.name)
-            if value is None and scorer.role == role:
-                value = scorer.bound(trainer.strategy, self.totals[role])
+            if value is None:  # the current role's running bound, or a later role's best possible
+                value = (
+                    scorer.bound(trainer.strategy, self.totals[role]) if scorer.role == role else scorer.best_possible()
+                )
             if value is None:
                 return  # nothing known yet about this objective: no bound
             bound.append(value)
@@ -112,6 +115,7 @@ class Pruning(L.Callback):
         # Every rank must agree, so rank 0 decides.
         if trainer.strategy.broadcast(decision, src=0):
             self.trial.set_user_attr("bound", bound)
+            self.trial.set_user_attr("pruned_in", role)
             raise optuna.TrialPruned(f"after {seen}/{self.totals[role]} {role} prompts: bound {bound} is dominated")
 
 

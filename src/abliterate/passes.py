@@ -50,10 +50,11 @@ class TrialResult:
 
 
 def scorer_roles(scorers: Sequence[Scorer]) -> tuple[str, ...]:
-    """Roles the scorers read, roles of scorers without a running bound first: pruning needs their
-    final values before the bounded scorers' batches start (KL before refusals)."""
-    unbounded = [s.role for s in scorers if type(s).bound is Scorer.bound]
-    return tuple(dict.fromkeys([*unbounded, *(s.role for s in scorers)]))
+    """Roles the scorers read; roles with a scorer that has no `best_possible` value first (KL before
+    refusals): until a role starts, pruning stands in its scorers' best possible values, so a trial
+    whose KL is already dominated at 0 refusals stops before any reply is generated."""
+    first = [s.role for s in scorers if s.best_possible() is None]
+    return tuple(dict.fromkeys([*first, *(s.role for s in scorers)]))
 
 
 class Pass:

@@ -207,8 +207,13 @@ def _run_trial(study, options: StudyOptions, scorers, trial, plan: TrialPlan, ev
             # Pruned: its refusal rate is at least the bound the pruning callback recorded.
             trial.set_constraint(REFUSAL_CONSTRAINT, trial.user_attrs["bound"][0] - options.refusal_target)
         study.tell(trial, state=TrialState.PRUNED)
+        attrs = trial.user_attrs
         log.info(
-            "trial %d pruned after %s prompts (%.1fs)", trial.number, trial.user_attrs.get("prompts_seen"), seconds
+            "trial %d pruned after %s %s prompts (%.1fs)",
+            trial.number,
+            attrs.get("prompts_seen"),
+            attrs.get("pruned_in", ""),
+            seconds,
         )
         if progress:
             progress.trial_done(pruned=True)
