@@ -1,11 +1,10 @@
 """Benchmark the per-trial cost of reporting Degeneration: the same seeded search on the demo
-organism with the objectives only (refusals, KL), with Degeneration reported as it is now (the
-original's replies checked in one forward pass, generating only where a reply leaves them), and
-with Degeneration generating every reply (as it did before).
+organism with the objectives only (refusals, KL), and with Degeneration reported (greedy replies,
+finished rows dropped).
 
 The searches sample the very same plans (every trial is a start-up trial), so their objective
-values must be identical, and so must the two Degeneration variants' reported values; prints one
-JSON line: seconds_per_trial for each, the ratios, and whether the values matched.
+values must be identical; prints one JSON line: seconds_per_trial for each, the ratio, and whether
+the values matched.
 
     OMP_NUM_THREADS=1 python scripts/bench_degeneration.py --trials 20
 """
@@ -24,20 +23,9 @@ from abliterate.module import AbliterationModule
 from abliterate.options import EvalOptions, LoadOptions, SearchSpace, StudyOptions
 from abliterate.pipeline import Pipeline
 from abliterate.prompts import PromptSource
-from abliterate.scorers import KL, Degeneration, MarkerRefusals, Observations
+from abliterate.scorers import KL, Degeneration, MarkerRefusals
 from abliterate.study import make_study
 from abliterate.trainer import AbliterationTrainer
-
-
-class GeneratingDegeneration(Degeneration):
-    """Degeneration as before the draft check: every trial generates every reply."""
-
-    def update(self, obs: Observations) -> None:
-        original = obs.reference(f"{self.name}.degenerate").bool().cpu()
-        flags = self._flags(obs.replies(self.max_new_tokens))
-        self.new.update((flags & ~original).sum().float())
-        self.total.update(float(len(flags)))
-
 
 SPACE = SearchSpace(direction_index=(0.0, 1.0), max_weight_position=(0.0, 1.0), min_weight_distance=(0.5, 1.0))
 
@@ -86,8 +74,7 @@ def main() -> None:
     model_dir = str(build_tiny_organism(default_cache_dir() / "organism", progress=False))
     runs = {
         "objectives_only": [MarkerRefusals(), KL()],
-        "degeneration_checked": [MarkerRefusals(), KL(), Degeneration(direction="report")],
-        "degeneration_generated": [MarkerRefusals(), KL(), GeneratingDegeneration(direction="report")],
+        "degeneration_reported": [MarkerRefusals(), KL(), Degeneration(direction="report")],
     }
     results = {
         name: timed_search(model_dir, s, args.trials, args.seed, args.max_new_tokens) for name, s in runs.items()
@@ -101,16 +88,11 @@ def main() -> None:
             {
                 "trials": args.trials,
                 **{f"seconds_per_trial_{name}": round(s / args.trials, 4) for name, s in seconds.items()},
-                "ratio_checked_vs_objectives_only": round(seconds["degeneration_checked"] / base, 3),
-                "ratio_generated_vs_objectives_only": round(seconds["degeneration_generated"] / base, 3),
-                "speedup_checked_vs_generated": round(
-                    seconds["degeneration_generated"] / seconds["degeneration_checked"], 3
-                ),
+                "ratio_reported_vs_objectives_only": round(seconds["degeneration_reported"] / base, 3),
                 "reference_s": {name: r[2]["reference_s"] for name, r in results.items()},
                 "objective_values_identical": len({json.dumps(v) for v in values.values()}) == 1,
-                "reported_values_identical": reported["degeneration_checked"] == reported["degeneration_generated"],
-                "degeneration_reported_trials": len(reported["degeneration_checked"]),
-                "degeneration_values": sorted(set(reported["degeneration_checked"].values())),
+                "degeneration_reported_trials": len(reported["degeneration_reported"]),
+                "degeneration_values": sorted(set(reported["degeneration_reported"].values())),
             }
         )
     )

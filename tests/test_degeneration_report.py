@@ -1,47 +1,18 @@
-"""Degeneration, reported on every trial by default: its draft-checked replies are the greedy ones,
-and its value reaches the trial, trials.csv and the run summary without changing the search."""
+"""Degeneration, reported on every completed trial by default: its value reaches the trial, trials.csv
+and the run summary without changing the search."""
 
 import csv
 import json
 
-import torch
 import yaml
-from organism_helpers import chat_batch
 
 from abliterate.cli import main
-from abliterate.metrics import greedy_reply_tokens
-from abliterate.models import load_model, load_tokenizer
 from abliterate.module import AbliterationModule
 from abliterate.scorers import KL, Degeneration, MarkerRefusals
-from abliterate.scorers.degeneration import verified_replies
 
 
 def harmless_prompts(organism_dir, n: int = 16) -> list[str]:
     return (organism_dir / "harmless_test.txt").read_text().splitlines()[:n]
-
-
-def test_checked_replies_are_the_greedy_replies(organism_dir):
-    model, tokenizer = load_model(str(organism_dir), dtypes=["float32"]), load_tokenizer(str(organism_dir))
-    batch = chat_batch(tokenizer, harmless_prompts(organism_dir))
-    ids, mask = batch["input_ids"], batch["attention_mask"]
-    for limit in (3, 13, 24):  # replies cut at the limit, some cut and some ended (12 to 14 tokens), all ended
-        original = greedy_reply_tokens(model, tokenizer, ids, mask, limit)
-        assert {len(r) == limit for r in original} == {3: {True}, 13: {True, False}, 24: {False}}[limit]
-        # the original's own replies, and guesses that are wrong from the start, halfway, or too long
-        drafts = [
-            original,
-            [[] for _ in original],
-            [r[: len(r) // 2] + [5] * 4 for r in original],
-            [r + [7] * 3 for r in original],
-        ]
-        for guess in drafts:
-            assert verified_replies(model, tokenizer, ids, mask, guess, limit) == original
-    with torch.no_grad():  # a changed model: its replies leave the original's, and are still its greedy ones
-        weight = model.get_output_embeddings().weight
-        weight.add_(0.5 * weight.std() * torch.randn(weight.shape, generator=torch.Generator().manual_seed(0)))
-    changed = greedy_reply_tokens(model, tokenizer, ids, mask, 24)
-    assert changed != original
-    assert verified_replies(model, tokenizer, ids, mask, original, 24) == changed
 
 
 def test_the_default_scorers_report_degeneration():

@@ -47,7 +47,7 @@ def test_degeneration_counts_only_what_the_original_did_not_do():
     assert scorer.compute() == pytest.approx(1 / 3)
 
 
-def test_roles_of_scorers_with_a_bound_come_last():
+def test_roles_of_scorers_with_a_best_possible_value_come_last():
     assert scorer_roles([MarkerRefusals(), KL()]) == ("eval_harmless", "eval_harmful")
     assert scorer_roles([MarkerRefusals(), KL(), Degeneration()]) == ("eval_harmless", "eval_harmful")
 

@@ -1,17 +1,14 @@
 """Degeneration: harmless replies that loop or run to the token limit where the original's did not.
 
 KL over a few tokens barely sees a reply that repeats "Dear [Neighbor's Name]" six times; this does.
-It is reported on every trial by default (`scorers.default_scorers`), so its cost matters: a trial
-checks the original's replies with one teacher-forced forward pass (`verified_replies`) and
-generates only where its own greedy reply leaves them.
+It is reported on every completed trial by default (`scorers.default_scorers`); pruned trials never
+pay for it (`passes.TrialPass`).
 """
 
 import torch
 from torch import Tensor
 from torchmetrics.aggregation import SumMetric
 
-from abliterate.decode import eos_token_ids, left_padded
-from abliterate.metrics import greedy_reply_tokens
 from abliterate.scorers.base import Observations, Scorer
 
 
@@ -26,60 +23,6 @@ def degenerate(tokens: list[int], limit: int, ngram: int, repeats: int) -> bool:
         if counts[key] >= repeats:
             return True
     return False
-
-
-@torch.no_grad()
-def verified_replies(
-    model, tokenizer, ids: Tensor, mask: Tensor, drafts: list[list[int]], limit: int
-) -> list[list[int]]:
-    """`greedy_reply_tokens(model, tokenizer, ids, mask, limit)`, given a guess of each reply (`drafts`).
-
-    One forward pass over prompt + draft gives the model's greedy token at every draft position: a
-    reply is the draft up to the first position where the model would say something else (or end),
-    and only replies that leave their draft are generated on from there. An ablation that keeps the
-    harmless replies, the usual case, costs that one pass. Exact up to float rounding between a
-    full forward pass and cached decoding (a near-tie may break the other way).
-    """
-    drafts = [d[:limit] for d in drafts]
-    width = max(1, max(len(d) for d in drafts))
-    pad = tokenizer.pad_token_id
-    draft = torch.full((len(drafts), width), pad, dtype=ids.dtype)
-    draft_mask = torch.zeros((len(drafts), width), dtype=mask.dtype)
-    for row, d in enumerate(drafts):
-        draft[row, : len(d)], draft_mask[row, : len(d)] = torch.tensor(d, dtype=ids.dtype), 1
-    full_ids, full_mask = torch.cat([ids, draft.to(ids.device)], 1), torch.cat([mask, draft_mask.to(mask.device)], 1)
-    position_ids = (full_mask.long().cumsum(-1) - 1).clamp(min=0)
-    logits = model(
-        input_ids=full_ids,
-        attention_mask=full_mask,
-        position_ids=position_ids,
-        use_cache=False,
-        logits_to_keep=width + 1,
-    ).logits
-    greedy = logits[:, -(width + 1) :].argmax(-1).tolist()  # greedy[row][k]: the token after prompt + draft[:k]
-    stops = set(eos_token_ids(model, tokenizer))
-    replies: list[list[int] | None] = []
-    prefixes: dict[int, list[int]] = {}  # rows that leave their draft: the reply so far
-    for row, d in enumerate(drafts):
-        left = next((k for k, token in enumerate(d) if greedy[row][k] != token), len(d))
-        if left == len(d) == limit:
-            replies.append(list(d))  # the same reply, to the limit
-        elif greedy[row][left] in stops:
-            replies.append(list(d[:left]))  # the model ends its reply here
-        else:
-            prefix = [*d[:left], greedy[row][left]]
-            replies.append(prefix if len(prefix) == limit else None)
-            if len(prefix) < limit:
-                prefixes[row] = prefix
-    if prefixes:
-        rows = list(prefixes)
-        prompts = [ids[r][mask[r].bool()].tolist() + prefixes[r] for r in rows]
-        more_ids, more_mask = left_padded(prompts, pad, ids.device)  # again: the prefixes differ in length
-        steps = limit - min(len(prefixes[r]) for r in rows)
-        more = greedy_reply_tokens(model, tokenizer, more_ids, more_mask, steps)
-        for r, tail in zip(rows, more, strict=True):
-            replies[r] = prefixes[r] + tail[: limit - len(prefixes[r])]
-    return replies
 
 
 class Degeneration(Scorer):
@@ -108,25 +51,17 @@ class Degeneration(Scorer):
         return torch.tensor([degenerate(r, self.max_new_tokens, self.ngram, self.repeats) for r in replies])
 
     def observe_original(self, obs: Observations) -> dict[str, Tensor]:
-        replies = obs.replies(self.max_new_tokens)
-        flags = self._flags(replies)
+        flags = self._flags(obs.replies(self.max_new_tokens))
         self.new.update(flags.sum().float())
         self.total.update(float(len(flags)))
-        kept = torch.full((len(replies), self.max_new_tokens), -1, dtype=torch.long)  # -1: after the reply's end
-        for row, reply in enumerate(replies):
-            kept[row, : len(reply)] = torch.tensor(reply, dtype=torch.long)
-        return {"degenerate": flags, "replies": kept}
+        return {"degenerate": flags}
 
     def update(self, obs: Observations) -> None:
+        # Plain greedy replies (finished rows leave the batch). Checking the original's replies in one
+        # teacher-forced pass first and generating only where a reply departs was 1.5x slower on
+        # smollm2-refusal's ablated trials, whose replies mostly depart (docs/benchmarks.md).
         original = obs.reference(f"{self.name}.degenerate").bool().cpu()
-        try:
-            drafts = [[t for t in row if t >= 0] for row in obs.reference(f"{self.name}.replies").tolist()]
-        except KeyError:  # a reference cached before the replies were kept
-            replies = obs.replies(self.max_new_tokens)
-        else:
-            model, tokenizer = obs.module.model, obs.module.tokenizer
-            replies = verified_replies(model, tokenizer, *obs.answer_prompts(), drafts, self.max_new_tokens)
-        flags = self._flags(replies)
+        flags = self._flags(obs.replies(self.max_new_tokens))
         self.new.update((flags & ~original).sum().float())
         self.total.update(float(len(flags)))
 
