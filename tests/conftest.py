@@ -47,3 +47,14 @@ def organism_config(organism_dir, tmp_path):
     path = tmp_path / "organism.yaml"
     path.write_text(text)
     return path
+
+
+@pytest.fixture(scope="session")
+def finished_organism_run(organism_dir, tmp_path_factory):
+    """A finished 3-trial `abliterate run` on the organism, made once per session: a folder holding its
+    config (organism.yaml) and its run dir (run/). Modules take their own copy (helpers.copy_run)."""
+    from test_reproduce import organism_run
+
+    root = tmp_path_factory.mktemp("finished-organism-run")
+    organism_run(organism_dir, root)
+    return root

@@ -61,3 +61,14 @@ def organism_pipeline(organism_dir, tmp_path, scorers=None, eval_harmful=16, eva
     pipe = Pipeline(trainer, module, data, tmp_path / "run")
     pipe.residuals()
     return pipe
+
+
+def copy_run(finished, root):
+    """A copy of conftest's finished_organism_run under root, free to change:
+    (run dir, its config file, the export's abliterate.json)."""
+    import json
+    import shutil
+
+    shutil.copytree(finished, root, dirs_exist_ok=True)
+    run = root / "run"
+    return run, root / "organism.yaml", json.loads((run / "model" / "abliterate.json").read_text())

@@ -11,8 +11,9 @@ import sys
 
 import pytest
 import torch
+from helpers import copy_run
 from test_hub import hub  # noqa: F401 (the stand-in hub fixture)
-from test_reproduce import TRAINER, organism_run
+from test_reproduce import TRAINER
 
 from abliterate.benchmark import PACKAGED_TASK, BenchmarkOptions, run_tasks, with_benchmarks
 from abliterate.cli import main
@@ -44,8 +45,8 @@ def perturbed_dir(organism_dir, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def run_dir(organism_dir, tmp_path_factory):
-    run, config, card = organism_run(organism_dir, tmp_path_factory.mktemp("benchmark"))
+def run_dir(finished_organism_run, tmp_path_factory):
+    run, config, card = copy_run(finished_organism_run, tmp_path_factory.mktemp("benchmark"))
     return run, config, card["trial"]
 
 

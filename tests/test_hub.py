@@ -17,7 +17,8 @@ from urllib.parse import unquote, urlparse
 
 import pytest
 import yaml
-from test_reproduce import TRAINER, organism_run
+from helpers import copy_run
+from test_reproduce import TRAINER
 
 from abliterate.cli import main
 from abliterate.export import export_files, model_card
@@ -139,8 +140,8 @@ class StandInHub:
 
 
 @pytest.fixture(scope="module")
-def run_dir(organism_dir, tmp_path_factory):
-    run, config, card = organism_run(organism_dir, tmp_path_factory.mktemp("hub"))
+def run_dir(finished_organism_run, tmp_path_factory):
+    run, config, card = copy_run(finished_organism_run, tmp_path_factory.mktemp("hub"))
     return run, config, card["trial"]
 
 

@@ -13,20 +13,12 @@ from abliterate.inspect_views import layer_table, projections_2d
 
 
 @pytest.fixture(scope="module")
-def inspected(organism_dir, tmp_path_factory):
-    """A 3-trial run of the organism, then `inspect` twice (mean difference, then contrastive PCA)."""
-    from helpers import organism_yaml
+def inspected(finished_organism_run, tmp_path_factory):
+    """A copy of the session's 3-trial run of the organism, for `inspect` twice (mean difference, then
+    contrastive PCA)."""
+    from helpers import copy_run
 
-    from abliterate.cli import main
-
-    root = tmp_path_factory.mktemp("inspect")
-    config = root / "organism.yaml"
-    config.write_text(organism_yaml(organism_dir))
-    out = root / "run"
-    main(
-        ["run", "--config", str(config), "--model", str(organism_dir), "--output_dir", str(out)]
-        + ["--study.n_trials", "3"]
-    )
+    out, _, _ = copy_run(finished_organism_run, tmp_path_factory.mktemp("inspect"))
     return out
 
 

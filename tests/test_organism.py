@@ -29,16 +29,14 @@ def tokenizer_of():
 
 
 @pytest.fixture(scope="module")
-def built(tmp_path_factory):
-    cache = tmp_path_factory.mktemp("organism-cache")
-    start = time.perf_counter()
-    path = build_tiny_organism(cache, progress=False)
-    return cache, path, time.perf_counter() - start
+def built(organism_dir):
+    """The session's organism (trained once, by conftest's build_tiny_organism): (its cache dir, its dir)."""
+    return organism_dir.parent, organism_dir
 
 
 @pytest.fixture(scope="module")
 def loaded(built):
-    _, path, _ = built
+    _, path = built
     model = AutoModelForCausalLM.from_pretrained(path).eval()
     tokenizer = AutoTokenizer.from_pretrained(path)
     return model, tokenizer
@@ -157,7 +155,7 @@ def test_chat_template_ends_with_the_assistant_marker():
 
 
 def test_directory_loads_and_holds_the_prompt_files(built, loaded, prompts):
-    _, path, _ = built
+    _, path = built
     model, tokenizer = loaded
     for name in (
         "config.json",
@@ -231,7 +229,7 @@ def test_last_layer_direction_abliterates(loaded, prompts, before):
 
 
 def test_cached_build_returns_at_once(built):
-    cache, path, _ = built
+    cache, path = built
     model_file = path / "model.safetensors"
     mtime = model_file.stat().st_mtime_ns
     start = time.perf_counter()

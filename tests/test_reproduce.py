@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from helpers import copy_run
 from safetensors import safe_open
 
 from abliterate.cli import main
@@ -63,10 +64,10 @@ def file_tensors(directory: Path) -> dict[str, torch.Tensor]:
 
 
 @pytest.fixture(scope="module")
-def exports(organism_dir, tmp_path_factory):
+def exports(finished_organism_run, tmp_path_factory):
     """A merged and an adapter export of one trial, with the run dir that made them gone."""
     root = tmp_path_factory.mktemp("reproduce")
-    run, config, card = organism_run(organism_dir, root)
+    run, config, card = copy_run(finished_organism_run, root)
     adapter = root / "adapter"
     main(
         ["export", "--output_dir", str(run), "--config", str(config), "--trial", str(card["trial"])]

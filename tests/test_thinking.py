@@ -265,7 +265,7 @@ def test_run_abliterates_the_thinking_organism(thinking_organism_dir, thinking_m
     config.write_text(run_config(thinking_organism_dir))
     out = tmp_path / "run"
     argv = ["run", "--config", str(config), "--model", str(thinking_organism_dir), "--output_dir", str(out)]
-    main([*argv, "--study.n_trials", "24", "--study.n_startup_trials", "8"])
+    main([*argv, "--study.n_trials", "12", "--study.n_startup_trials", "8"])
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert summary["refusal_before"] >= 0.9
     assert summary["refusal_after"] <= 0.05
