@@ -1,4 +1,5 @@
 import random
+import signal
 
 import optuna
 import pytest
@@ -221,14 +222,29 @@ def test_ctrl_c_anywhere_between_ask_and_tell_fails_the_trial(where, monkeypatch
     assert states[:2] == [TrialState.COMPLETE, TrialState.COMPLETE] and states[-1] == TrialState.FAIL
 
 
-def test_ctrl_c_inside_ask_fails_the_new_trial():
-    """A signal arriving while `study.ask()` samples, after the trial was stored, still fails that trial."""
-    import os
-    import signal
+def search_until_interrupted(study) -> None:
+    """A 5-trial search that a Ctrl-C stops, under Python's own SIGINT handler: a job that a
+    non-interactive shell starts in the background inherits SIGINT ignored."""
     from types import SimpleNamespace
 
     from abliterate import study as search
     from abliterate.scorers import KL, MarkerRefusals
+
+    ranks = SimpleNamespace(world_size=1, is_global_zero=True)
+    scorers, options = [MarkerRefusals(), KL()], StudyOptions(n_trials=5, prune=False)
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            search.run_search(
+                ranks, study, options, SearchSpace(), 4, scorers, lambda *a: {"refusals": 0.5, "kl": 0.01}
+            )
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def test_ctrl_c_inside_ask_fails_the_new_trial():
+    """A signal arriving while `study.ask()` samples, after the trial was stored, still fails that trial."""
+    import os
 
     class InterruptedSampler(optuna.samplers.RandomSampler):
         calls = 0
@@ -240,10 +256,7 @@ def test_ctrl_c_inside_ask_fails_the_new_trial():
             super().before_trial(study, trial)
 
     study = optuna.create_study(directions=["minimize", "minimize"], sampler=InterruptedSampler(seed=0))
-    ranks = SimpleNamespace(world_size=1, is_global_zero=True)
-    scorers, options = [MarkerRefusals(), KL()], StudyOptions(n_trials=5, prune=False)
-    with pytest.raises(KeyboardInterrupt):
-        search.run_search(ranks, study, options, SearchSpace(), 4, scorers, lambda *a: {"refusals": 0.5, "kl": 0.01})
+    search_until_interrupted(study)
     assert [t.state for t in study.trials] == [TrialState.COMPLETE, TrialState.COMPLETE, TrialState.FAIL]
 
 
@@ -265,12 +278,8 @@ def test_ctrl_c_inside_a_sqlite_statement_fails_the_trial_at_once(where, tmp_pat
     """Ctrl-C landing just after SQLite ran a statement: a read whose rows were not all fetched keeps its
     lock on the database while the interrupt's traceback keeps its cursor. The trial is still marked FAIL,
     under a 1 s busy timeout (the CLI's is 120 s, and a Ctrl-C used to wait it out, then fail)."""
-    from types import SimpleNamespace
 
     from sqlalchemy import event
-
-    from abliterate import study as search
-    from abliterate.scorers import KL, MarkerRefusals
 
     url = f"sqlite:///{tmp_path / 'study.db'}"
     storage = optuna.storages.RDBStorage(url, engine_kwargs={"connect_args": {"timeout": 1}})
@@ -284,10 +293,7 @@ def test_ctrl_c_inside_a_sqlite_statement_fails_the_trial_at_once(where, tmp_pat
             hit.append(statement)
             raise KeyboardInterrupt
 
-    ranks = SimpleNamespace(world_size=1, is_global_zero=True)
-    scorers, options = [MarkerRefusals(), KL()], StudyOptions(n_trials=5, prune=False)
-    with pytest.raises(KeyboardInterrupt):
-        search.run_search(ranks, study, options, SearchSpace(), 4, scorers, lambda *a: {"refusals": 0.5, "kl": 0.01})
+    search_until_interrupted(study)
     assert hit, "the statement was never run"
     states = [t.state for t in optuna.load_study(study_name=study.study_name, storage=url).trials]
     assert states == [TrialState.COMPLETE, TrialState.COMPLETE, TrialState.FAIL]
