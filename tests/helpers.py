@@ -1,6 +1,14 @@
 """Helpers shared by the CLI tests."""
 
+import signal
+
 from abliterate.cli import main
+
+
+def interruptible() -> None:
+    """`Popen(preexec_fn=...)` for a child the test sends Ctrl-C: a job that a non-interactive shell
+    starts in the background inherits SIGINT ignored, and so would the child."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def run_cli(args, capsys) -> tuple[int, str, str]:

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import optuna
 import pytest
-from helpers import organism_yaml, run_cli
+from helpers import interruptible, organism_yaml, run_cli
 
 from abliterate.cli import main
 
@@ -405,7 +405,9 @@ def test_ctrl_c_during_residuals_says_what_was_kept(organism_config, organism_di
         "--data.batch_size",
         "1",
     ]
-    proc = subprocess.Popen(args, env=dict(os.environ, OMP_NUM_THREADS="1"), stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        args, env=dict(os.environ, OMP_NUM_THREADS="1"), stderr=subprocess.PIPE, text=True, preexec_fn=interruptible
+    )
     lines = []
     for line in proc.stderr:
         lines.append(line)

@@ -8,6 +8,7 @@ import time
 
 import optuna
 import pytest
+from helpers import interruptible
 from optuna.trial import TrialState
 
 pytestmark = pytest.mark.process  # starts, kills and interrupts CLI runs
@@ -105,7 +106,12 @@ def test_ctrl_c_marks_the_running_trial_and_says_how_to_resume(organism_config, 
     out = tmp_path / "run"
     args = cli(organism_config, organism_dir, out, "--study.n_trials", "200", "--study.prune", "false")
     proc = subprocess.Popen(
-        args, env=dict(os.environ, OMP_NUM_THREADS="1"), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        args,
+        env=dict(os.environ, OMP_NUM_THREADS="1"),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=interruptible,
     )
     wait_for_complete_trials(out, 2, proc)
     proc.send_signal(signal.SIGINT)
