@@ -2,7 +2,6 @@
 
 import copy
 import json
-import time
 from dataclasses import replace
 
 import pytest
@@ -228,14 +227,17 @@ def test_last_layer_direction_abliterates(loaded, prompts, before):
     assert topic_after >= 0.9 * topic_before
 
 
-def test_cached_build_returns_at_once(built):
+def test_cached_build_returns_at_once(built, monkeypatch):
     cache, path = built
     model_file = path / "model.safetensors"
     mtime = model_file.stat().st_mtime_ns
-    start = time.perf_counter()
+
+    def no_training(*args):
+        raise AssertionError("a cached organism was trained again")
+
+    monkeypatch.setattr(org, "_train_tiny", no_training)
     again = build_tiny_organism(cache, progress=False)
     assert again == path
-    assert time.perf_counter() - start < 2.0
     assert model_file.stat().st_mtime_ns == mtime
     assert not [p for p in cache.iterdir() if p.name.startswith(".")]  # no temp dirs left
 
