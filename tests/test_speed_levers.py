@@ -119,7 +119,8 @@ def test_dominated_trial_is_pruned_before_any_harmful_batch(organism_pipe, monke
     monkeypatch.setattr(Pruning, "_prune_if_dominated", record)
 
     def run(completed):
-        generated.clear(), observed.clear(), checks.clear()
+        for calls in (generated, observed, checks):
+            calls.clear()
         trial = RecordingTrial()
         pruning = Pruning(trial, pipe.objectives, completed, totals)
         try:

@@ -46,8 +46,10 @@ class Pruning(L.Callback):
     `best_possible` value (e.g. 0 refusals): a trial already dominated then is pruned before that
     role's work (generation) begins. After each batch, a scorer of the current role contributes its
     running `bound` (KL: the prompts' KL so far over all prompts), a later role's scorer its
-    `best_possible`: a trial whose KL alone is dominated stops part-way through the KL pass. Optuna's `trial.report`/`should_prune` raise in multi-objective studies, so the
-    bound goes into the trial's user attributes and pruning raises `optuna.TrialPruned` directly.
+    `best_possible`: a trial whose KL alone is dominated stops part-way through the KL pass.
+    Optuna's `trial.report`/`should_prune` raise in multi-objective studies, so where the trial
+    stopped (its bound, role and prompts seen) goes into its user attributes and pruning raises
+    `optuna.TrialPruned` directly.
     """
 
     def __init__(
@@ -109,13 +111,14 @@ class Pruning(L.Callback):
         self._prune_if_dominated(trainer, role, bound, seen)
 
     def _prune_if_dominated(self, trainer, role: str, bound: list[float], seen: int) -> None:
-        self.trial.set_user_attr("prompts_seen", seen)
         point = tuple(v * s for v, s in zip(bound, self.signs, strict=True))
         decision = seen < self.totals[role] and prunable(point, self.completed)
         # Every rank must agree, so rank 0 decides.
         if trainer.strategy.broadcast(decision, src=0):
+            # Written once, when pruned: not a storage write per batch.
             self.trial.set_user_attr("bound", bound)
             self.trial.set_user_attr("pruned_in", role)
+            self.trial.set_user_attr("prompts_seen", seen)
             raise optuna.TrialPruned(f"after {seen}/{self.totals[role]} {role} prompts: bound {bound} is dominated")
 
 
