@@ -194,6 +194,26 @@ def test_packed_writers_are_found_and_hooked():
     assert len(str(info.value).splitlines()) == 1 and not editor.handles
 
 
+def test_a_packed_model_loads(monkeypatch, caplog):
+    """Loading describes a packed model's writers instead of refusing them (found on the GPU: a
+    4-bit load failed in its log line before any trial ran)."""
+    import abliterate.module as module_py
+    from abliterate.module import AbliterationModule
+
+    model = tiny("llama_biased")
+    for layer in model.model.layers:
+        layer.self_attn.o_proj = PackedLinear(layer.self_attn.o_proj)
+        layer.mlp.down_proj = PackedLinear(layer.mlp.down_proj)
+    monkeypatch.setattr(module_py, "load_model", lambda *args, **kwargs: model)
+    module = AbliterationModule(model_id="packed")
+    with caplog.at_level("INFO", logger="abliterate.module"):
+        module.configure_model()
+    assert module.model is model
+    layers = len(model.model.layers)
+    assert f"{layers} layers" in caplog.text and f"{layers} attention and {layers} MLP writers" in caplog.text
+    assert isinstance(module.weight_editor(), HookEditor)
+
+
 # ---- the organism, offloaded to disk, through trials and exports ---------------------------------------
 
 
@@ -301,7 +321,7 @@ def test_4bit_trials_use_hooks_and_export_from_the_full_precision_base(organism_
     from abliterate.pipeline import Pipeline
 
     plain, data, trainer = make_parts(organism_dir)
-    Pipeline(trainer, plain, data, tmp_path / "plain").residuals()
+    Pipeline(trainer, plain, data, tmp_path / "run").residuals()
     directions = plain.directions_for(DirectionOptions())
     params = full_ablation(plain.n_layers)
     quant, _, _ = make_parts(organism_dir)

@@ -383,9 +383,10 @@ def post_norm_gains(model: nn.Module) -> list[dict[str, torch.Tensor | None]]:
     return result
 
 
-def describe_architecture(model: nn.Module) -> str:
-    """One line: family, layers, hidden size and the writers found per component."""
-    writers = residual_writers(model)
+def describe_architecture(model: nn.Module, writers: list[LayerWriters] | None = None) -> str:
+    """One line: family, layers, hidden size and the writers found per component (`writers`: those
+    already found, e.g. by `editing.writers_of` for a model with packed 4-bit weights)."""
+    writers = residual_writers(model) if writers is None else writers
     n_attn = sum(len(w["attn"]) for w in writers)
     n_mlp = sum(len(w["mlp"]) for w in writers)
     moe = any(ref.weight.dim() == 3 or len(w["mlp"]) > 1 for w in writers for ref in w["mlp"])

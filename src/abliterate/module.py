@@ -17,7 +17,7 @@ from typing_extensions import override
 
 from abliterate.ablation import WeightEditor
 from abliterate.directions import compute_directions
-from abliterate.editing import make_editor
+from abliterate.editing import make_editor, writers_of
 from abliterate.errors import AbliterateError
 from abliterate.hooks import HookEditor
 from abliterate.metrics import default_markers
@@ -143,7 +143,10 @@ class AbliterationModule(L.LightningModule):
             load_in_4bit=opts.load_in_4bit,
         )
         log.info(
-            "loaded %s in %.1fs: %s", self.model_id, time.perf_counter() - start, describe_architecture(self.model)
+            "loaded %s in %.1fs: %s",
+            self.model_id,
+            time.perf_counter() - start,
+            describe_architecture(self.model, writers_of(self.model)),  # also packed 4-bit writers
         )
 
     def weight_editor(self) -> WeightEditor | HookEditor:
