@@ -79,6 +79,12 @@ def note(message: str) -> None:
     print(f"bench_gpu: {message}", file=sys.stderr, flush=True)
 
 
+def failure(error: Exception) -> dict:
+    """A step that failed: its traceback on stderr, one line in the JSON."""
+    logging.getLogger("bench_gpu").exception("step failed")
+    return {"error": f"{type(error).__name__}: {error}"[:500]}
+
+
 def sync() -> None:
     if torch.cuda.is_available():
         torch.cuda.synchronize()
@@ -138,14 +144,18 @@ def decode_modes(model, tokenizer, ids, mask, max_new_tokens: int, clock: Clock,
                 extra = dict(cache_implementation="static", disable_compile=mode == "static")
             return _greedy_generate(model, ids, mask, max_new_tokens, tokenizer.pad_token_id, None, **extra).tolist()
 
-        start = time.perf_counter()
-        run()  # warm-up (for static_compiled: the compilation)
-        sync()
-        warm_s = time.perf_counter() - start
-        start = time.perf_counter()
-        tokens = run()
-        sync()
-        seconds = time.perf_counter() - start
+        try:
+            start = time.perf_counter()
+            run()  # warm-up (for static_compiled: the compilation)
+            sync()
+            warm_s = time.perf_counter() - start
+            start = time.perf_counter()
+            tokens = run()
+            sync()
+            seconds = time.perf_counter() - start
+        except Exception as error:  # one mode failing (a compiler, say) must not cost the others
+            out[mode] = failure(error)
+            continue
         if reference is None:
             reference = tokens
         same_rows = sum(a == b for a, b in zip(tokens, reference, strict=True))
@@ -267,8 +277,16 @@ def main() -> None:
             if clock.left() < 90:
                 out["shapes"][shape] = {"skipped": "time budget"}
                 continue
-            out["shapes"][shape] = bench_shape(shape, args, sources, tokenizer, clock)
-    out["contrastive_pca"] = bench_pca(args) if clock.left() > 20 else {"skipped": "time budget"}
+            try:
+                out["shapes"][shape] = bench_shape(shape, args, sources, tokenizer, clock)
+            except Exception as error:  # keep the other shape's figures from a lent GPU's one run
+                out["shapes"][shape] = failure(error)
+                if args.device == "cuda":
+                    torch.cuda.empty_cache()
+    try:
+        out["contrastive_pca"] = bench_pca(args) if clock.left() > 20 else {"skipped": "time budget"}
+    except Exception as error:
+        out["contrastive_pca"] = failure(error)
     out["peak_rss_gb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2)
     out["wall_s"] = round(time.perf_counter() - clock.start, 1)
     print(json.dumps(out))
