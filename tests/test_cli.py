@@ -255,7 +255,7 @@ def test_search_can_choose_the_direction_method(organism_config, organism_dir, t
 def test_changed_model_files_invalidate_the_caches(organism_dir, tmp_path, monkeypatch):
     import shutil
 
-    from abliterate.pipeline import model_stamp
+    from abliterate.cache import model_stamp
 
     copy = tmp_path / "model"
     shutil.copytree(organism_dir, copy)

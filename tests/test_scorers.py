@@ -40,7 +40,7 @@ def test_degeneration_counts_only_what_the_original_did_not_do():
     looping, fine = [7, 8, 7, 8, 7, 8], [1, 2, 3]
     flags = scorer.observe_original(Obs([looping, fine, fine], None))["degenerate"]
     assert flags.tolist() == [True, False, False]
-    assert scorer.original_value() == pytest.approx(1 / 3)
+    assert scorer.original_value() == 0.0  # it loops in the original too: nothing the original adds to itself
     scorer.reset()
     # prompt 0 looped in the original too: not counted; prompt 1 is new; prompt 2 is still fine
     scorer.update(Obs([looping, looping, fine], flags))
@@ -89,7 +89,9 @@ def test_degeneration_as_a_third_objective_end_to_end(organism_config, organism_
     assert '"degeneration_after"' in summary
 
 
-def test_a_report_only_scorer_is_stored_on_the_trial(organism_dir, tmp_path):
+def test_reported_scorers_run_on_every_trial_or_for_the_export(organism_dir, tmp_path):
+    """study.report_scorers=completed stores a reported scorer on every completed trial; the default
+    (export) skips it in the search and measures the same value for the trial that is exported."""
     from abliterate.options import SearchSpace, StudyOptions
     from abliterate.pipeline import Pipeline
 
@@ -98,14 +100,25 @@ def test_a_report_only_scorer_is_stored_on_the_trial(organism_dir, tmp_path):
     module, data, trainer = pipe.module, pipe.datamodule, pipe.trainer
     reference = pipe.reference()
     assert set(reference.values) == {"refusals", "kl", "degeneration"}
+    assert reference.values["degeneration"] == 0.0  # the original adds no degenerate reply to its own
     assert reference.tensors["degeneration.degenerate"].shape == (16,)
     assert reference.tensors["kl.logprobs"].shape[:2] == (16, 16)
-    study = pipe.open_study(StudyOptions(n_trials=2, n_startup_trials=2))
-    pipe.search(study, StudyOptions(n_trials=2, n_startup_trials=2), SearchSpace(), reference)
-    assert study.metric_names == ["refusals", "kl"]
-    for trial in study.trials:
-        if trial.state == optuna.trial.TrialState.COMPLETE:
-            assert 0.0 <= trial.user_attrs["degeneration"] <= 1.0
+    stored = {}
+    for mode in ("completed", "export"):
+        options = StudyOptions(n_trials=3, n_startup_trials=3, study_name=mode, report_scorers=mode)
+        study = pipe.open_study(options)
+        pipe.search(study, options, SearchSpace(), reference)
+        assert study.metric_names == ["refusals", "kl"]
+        complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+        assert complete
+        for trial in complete:
+            if mode == "completed":
+                stored[trial.number] = trial.user_attrs["degeneration"]
+                assert 0.0 <= stored[trial.number] <= 1.0
+                assert pipe.reported_values(trial, SearchSpace(), reference) == {"degeneration": stored[trial.number]}
+            else:
+                assert "degeneration" not in trial.user_attrs
+                assert pipe.reported_values(trial, SearchSpace(), reference) == {"degeneration": stored[trial.number]}
     # The reference is cached by content: the same scorers hit it, other settings do not.
     again = Pipeline(trainer, module, data, tmp_path / "run").reference()
     assert torch.equal(again.tensors["degeneration.degenerate"], reference.tensors["degeneration.degenerate"])

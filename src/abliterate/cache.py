@@ -119,3 +119,39 @@ class TensorCache:
             log.info("dropping the least recently used cache file %s", path.name)
             with suppress(OSError):
                 path.unlink()
+
+
+def model_stamp(model_id: str | None, revision: str | None = None) -> str:
+    """What identifies the model's weights for cache keys: a local dir's file sizes and mtimes (a model
+    rewritten in place invalidates caches), or a hub model's resolved commit (a moved branch does)."""
+    path = Path(model_id or "")
+    if not model_id:
+        return str(model_id)
+    if path.is_dir():
+        files = sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in path.iterdir() if p.is_file())
+        return f"{model_id}:{fingerprint(files)}"
+    commit = hub_commit(model_id, revision)
+    return f"{model_id}@{commit}" if commit else f"{model_id}@{revision or 'main'}"
+
+
+def hub_commit(model_id: str, revision: str | None) -> str | None:
+    """The commit a hub revision points at: the revision itself when it is a commit, else the local
+    HF cache's ref (what an offline load uses), else the hub's answer; None when nobody knows."""
+    import re
+
+    revision = revision or "main"
+    if re.fullmatch(r"[0-9a-f]{40}", revision):
+        return revision
+    from huggingface_hub import constants
+
+    ref = Path(constants.HF_HUB_CACHE) / f"models--{model_id.replace('/', '--')}" / "refs" / revision
+    if ref.is_file():
+        return ref.read_text().strip()
+    if constants.HF_HUB_OFFLINE:
+        return None
+    try:
+        from huggingface_hub import HfApi
+
+        return HfApi().model_info(model_id, revision=revision).sha
+    except Exception:  # unreachable or unknown: the load itself will say why
+        return None

@@ -190,6 +190,10 @@ class StudyOptions:
     """trial selection: min_kl_under, knee, or a trial number."""
     workers: int = 1
     """trial worker processes sharing the storage (one per device when >1 GPU)."""
+    report_scorers: Literal["export", "completed"] = "export"
+    """when the reported (not optimised) scorers, Degeneration by default, run: export: once, for the
+    exported trial (its card and the run's summary); completed: on every completed trial too (a
+    trials.csv column), which made smollm2-refusal's completed trials about a third slower."""
     stale_after: float = 900.0
     """with a shared --study.storage: seconds without progress (a batch) after which another node's
     RUNNING trial counts as abandoned (its node died) and is failed, so the study still reaches n_trials."""

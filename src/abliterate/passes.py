@@ -110,16 +110,16 @@ class ReferencePass(Pass):
 
 
 class TrialPass(Pass):
-    """Score the (already ablated) model with every scorer.
+    """Score the (already ablated) model with every scorer, or with the objectives only (`report=False`).
 
     Reported (non-objective) scorers see their batches at the end of the pass, so a trial that
     pruning stops early never pays for them: they describe completed trials only.
     """
 
-    def __init__(self, scorers: Sequence[Scorer], reference: Reference):
-        self.scorers = list(scorers)
+    def __init__(self, scorers: Sequence[Scorer], reference: Reference, report: bool = True):
+        self.scorers = [s for s in scorers if report or s.is_objective]
         self.reference = reference
-        self.roles = scorer_roles(scorers)
+        self.roles = scorer_roles(self.scorers)
 
     def start(self, module) -> None:
         super().start(module)

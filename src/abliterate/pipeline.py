@@ -14,7 +14,7 @@ import lightning as L
 import optuna
 import torch
 
-from abliterate.cache import TensorCache, fingerprint
+from abliterate.cache import TensorCache, fingerprint, model_stamp
 from abliterate.callbacks import ApplyAblation, Pruning
 from abliterate.data import EVAL_ROLES, RESIDUAL_ROLES
 from abliterate.errors import AbliterateError
@@ -35,42 +35,7 @@ from abliterate.study import (
 log = logging.getLogger("abliterate")
 
 CACHE_VERSION = "2"
-
-
-def model_stamp(model_id: str | None, revision: str | None = None) -> str:
-    """What identifies the model's weights for cache keys: a local dir's file sizes and mtimes (a model
-    rewritten in place invalidates caches), or a hub model's resolved commit (a moved branch does)."""
-    path = Path(model_id or "")
-    if not model_id:
-        return str(model_id)
-    if path.is_dir():
-        files = sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in path.iterdir() if p.is_file())
-        return f"{model_id}:{fingerprint(files)}"
-    commit = hub_commit(model_id, revision)
-    return f"{model_id}@{commit}" if commit else f"{model_id}@{revision or 'main'}"
-
-
-def hub_commit(model_id: str, revision: str | None) -> str | None:
-    """The commit a hub revision points at: the revision itself when it is a commit, else the local
-    HF cache's ref (what an offline load uses), else the hub's answer; None when nobody knows."""
-    import re
-
-    revision = revision or "main"
-    if re.fullmatch(r"[0-9a-f]{40}", revision):
-        return revision
-    from huggingface_hub import constants
-
-    ref = Path(constants.HF_HUB_CACHE) / f"models--{model_id.replace('/', '--')}" / "refs" / revision
-    if ref.is_file():
-        return ref.read_text().strip()
-    if constants.HF_HUB_OFFLINE:
-        return None
-    try:
-        from huggingface_hub import HfApi
-
-        return HfApi().model_info(model_id, revision=revision).sha
-    except Exception:  # unreachable or unknown: the load itself will say why
-        return None
+REFERENCE_VERSION = "3"  # 3: Degeneration's original value is 0 by definition
 
 
 def load_key(options) -> dict:
@@ -168,6 +133,7 @@ class Pipeline:
         self.datamodule.attach_tokenizer(self.module.tokenizer)
         key = fingerprint(
             CACHE_VERSION,
+            REFERENCE_VERSION,
             model_stamp(self.module.model_id, self.module.load_options.revision),
             load_key(self.module.load_options),
             asdict(self.module.eval_options),
@@ -204,12 +170,33 @@ class Pipeline:
                     f"the model's {limit} positions: shorten or drop long prompts in --data.{role}"
                 )
 
-    def evaluate(self, plan: TrialPlan, reference: Reference, callbacks: Sequence[L.Callback] = ()) -> TrialResult:
-        """One trial: the plan's ablation applied for the pass, every scorer on the eval prompts."""
+    def evaluate(
+        self,
+        plan: TrialPlan,
+        reference: Reference,
+        callbacks: Sequence[L.Callback] = (),
+        scorers: Sequence[Scorer] | None = None,
+        report: bool = True,
+    ) -> TrialResult:
+        """One trial: the plan's ablation applied for the pass, the scorers (default: all; `report=False`:
+        the objectives only) on the eval prompts."""
         self.module.configure_model()
         directions = self.module.directions_for(plan.directions)
         callbacks = [ApplyAblation(plan.ablation, directions), *callbacks]
-        return self._predict(TrialPass(self.scorers, reference), callbacks, show_bar=False)
+        trial_pass = TrialPass(self.scorers if scorers is None else scorers, reference, report)
+        return self._predict(trial_pass, callbacks, show_bar=False)
+
+    def reported_values(self, trial: optuna.trial.FrozenTrial, space, reference: Reference) -> dict[str, float]:
+        """The reported (non-objective) scorers' values for `trial`: those the search stored on it
+        (study.report_scorers=completed), else measured now with its ablation applied."""
+        reported = [s for s in self.scorers if not s.is_objective]
+        if all(s.name in trial.user_attrs for s in reported):
+            return {s.name: trial.user_attrs[s.name] for s in reported}
+        start = time.perf_counter()
+        values = self.evaluate(self.plan_of(trial, space), reference, scorers=reported).values
+        shown = ", ".join(f"{name} {value:.4f}" for name, value in values.items())
+        log.info("trial %d reported: %s (%.1fs)", trial.number, shown, time.perf_counter() - start)
+        return values
 
     # ---- the study --------------------------------------------------------------------
     def objective_record(self) -> dict:
@@ -292,7 +279,7 @@ class Pipeline:
                 raise InfeasiblePlan(str(err)) from err
             record = trial if trial is not None else _OtherRankTrial()
             pruning = Pruning(record, self.objectives, completed, totals, options.prune, options.storage is not None)
-            return self.evaluate(plan, reference, [pruning]).values
+            return self.evaluate(plan, reference, [pruning], report=options.report_scorers == "completed").values
 
         run_search(self.trainer, study, options, space, self.module.n_layers, self.scorers, evaluate, progress)
 
@@ -322,7 +309,7 @@ class Pipeline:
 
         rows = []
         for trial in pareto_front(trials, self.signs())[: max(top, 0)]:
-            result = self.evaluate(self.plan_of(trial, space), reference)
+            result = self.evaluate(self.plan_of(trial, space), reference, report=False)
             responses = result.responses
             markers = [is_refusal(text, self.module.markers) for text in responses]
             judged = judge.is_refusal(responses) if responses else []

@@ -85,11 +85,12 @@ def log_study(trials: Sequence[FrozenTrial], front, chosen, names: Sequence[str]
     log.info("selected trial %d by %s", chosen.number, policy)
 
 
-def print_run_summary(model_id, chosen: FrozenTrial, before: dict, names, counts: dict, target: Path, seconds: float):
+def print_run_summary(
+    model_id, chosen: FrozenTrial, reported: dict, before: dict, names, counts: dict, target: Path, seconds: float
+):
     """The result for a person, then one JSON line for scripts (stdout); reported (not optimised)
-    scorers' values, stored in the trial's user attributes, follow the objectives."""
-    after = dict(zip(names, chosen.values, strict=True))
-    after |= {name: chosen.user_attrs[name] for name in before if name not in after and name in chosen.user_attrs}
+    scorers' values follow the objectives."""
+    after = dict(zip(names, chosen.values, strict=True)) | reported
     lines = [f"\nabliterated {model_id} with trial {chosen.number}"]
     for name, value in after.items():
         what, role = ("refusal rate", "harmful") if name == names[0] else (LABELS.get(name, name), "harmless")

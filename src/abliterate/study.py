@@ -223,14 +223,14 @@ def _run_trial(study, options: StudyOptions, scorers, trial, plan: TrialPlan, ev
     seconds = time.perf_counter() - start
     trial.set_user_attr("seconds", seconds)
     for scorer in scorers:
-        if not scorer.is_objective:
+        if not scorer.is_objective and scorer.name in values:  # reported scorers, when run on every trial
             trial.set_user_attr(scorer.name, values[scorer.name])
     point = [values[s.name] for s in objectives]
     if options.steer_to_target:
         trial.set_constraint(REFUSAL_CONSTRAINT, point[0] - options.refusal_target)
     study.tell(trial, point)
     finished = len(study.get_trials(deepcopy=False, states=FINISHED))
-    shown = ", ".join(f"{s.name} {values[s.name]:.4f}" for s in scorers)
+    shown = ", ".join(f"{s.name} {values[s.name]:.4f}" for s in scorers if s.name in values)
     log.info("trial %d (%d/%d): %s (%.1fs)", trial.number, finished, options.n_trials, shown, seconds)
     if progress:
         progress.trial_done(values=point)

@@ -136,11 +136,13 @@ def trial_by_number(study: optuna.Study, number: int) -> optuna.trial.FrozenTria
     return select_trial(study.get_trials(deepcopy=False), str(number), 0.0)
 
 
-def export_card(pipe: Pipeline, chosen, reference, study: optuna.Study, options=None, space=None) -> dict:
+def export_card(
+    pipe: Pipeline, chosen, reference, study: optuna.Study, reported: dict, options=None, space=None
+) -> dict:
+    """The export's record; `reported`: the reported scorers' values for `chosen` (`Pipeline.reported_values`)."""
     names = [s.name for s in pipe.objectives]
-    reported = [s.name for s in pipe.scorers if s.name not in names and s.name in chosen.user_attrs]
-    before = {n: round(reference.values.get(n, 0.0), 5) for n in names + reported}
-    after = dict(zip(names, chosen.values, strict=True)) | {n: chosen.user_attrs[n] for n in reported}
+    before = {n: round(reference.values.get(n, 0.0), 5) for n in names + list(reported)}
+    after = dict(zip(names, chosen.values, strict=True)) | reported
     card = {
         "base_model": pipe.module.model_id,
         "trial": chosen.number,
@@ -154,7 +156,7 @@ def export_card(pipe: Pipeline, chosen, reference, study: optuna.Study, options=
         "params": chosen.params,
     }
     if options is not None:  # with the study options and space: reproduce.json's record too
-        from abliterate.pipeline import model_stamp
+        from abliterate.cache import model_stamp
         from abliterate.runconfig import resolved_config
 
         config = resolved_config(pipe.run_dir, pipe.module, pipe.datamodule, options, space)
@@ -225,9 +227,10 @@ def run(
             push(target, hub, chosen, trainer.is_global_zero)
             return target
         with phase("export", "the study and caches are kept; the export was not written"):
+            reported = pipe.reported_values(chosen, space, reference)
             pipe.export(
                 pipe.plan_of(chosen, space),
-                kept_benchmarks(export_card(pipe, chosen, reference, optuna_study, study, space), previous),
+                kept_benchmarks(export_card(pipe, chosen, reference, optuna_study, reported, study, space), previous),
                 target,
                 True if previous else overwrite,
                 export_format,
@@ -236,7 +239,8 @@ def run(
     if trainer.is_global_zero:
         names = [s.name for s in pipe.objectives]
         counts = {role: len(datamodule.dataset(f"eval_{role}")) for role in ("harmful", "harmless")}
-        print_run_summary(module.model_id, chosen, reference.values, names, counts, target, time.perf_counter() - start)
+        seconds = time.perf_counter() - start
+        print_run_summary(module.model_id, chosen, reported, reference.values, names, counts, target, seconds)
     return target
 
 
@@ -327,9 +331,10 @@ def export(
         reference = pipe.reference()
         if chosen is None:
             chosen = report(pipe, optuna_study, study, interactive=True)
+        reported = pipe.reported_values(chosen, space, reference)
         pipe.export(
             pipe.plan_of(chosen, space),
-            kept_benchmarks(export_card(pipe, chosen, reference, optuna_study, study, space), previous),
+            kept_benchmarks(export_card(pipe, chosen, reference, optuna_study, reported, study, space), previous),
             target,
             overwrite or previous is not None,
             export_format,

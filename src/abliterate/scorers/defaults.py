@@ -10,8 +10,9 @@ from abliterate.scorers.refusals import MarkerRefusals
 
 def default_scorers(evaluation: EvalOptions) -> list[Scorer]:
     """Refusals by markers and KL over `evaluation.kl_tokens` (the objectives), and Degeneration
-    reported beside them (stored on every completed trial, never optimised: the sampler does not see
-    it). Degeneration replies are `evaluation.max_new_tokens` long, as the refusal replies: at its own
-    default of 64 a completed smollm2-refusal trial took 136-177 s against 15 s for a pruned one."""
+    reported beside them (measured for the exported trial, or on every completed trial with
+    study.report_scorers=completed; never optimised: the sampler does not see it). Degeneration
+    replies are `evaluation.max_new_tokens` long, as the refusal replies: at its own default of 64 a
+    completed smollm2-refusal trial took 136-177 s against 15 s for a pruned one."""
     degeneration = Degeneration(max_new_tokens=evaluation.max_new_tokens, direction="report")
     return [MarkerRefusals(evaluation.markers), KL(evaluation.kl_tokens), degeneration]

@@ -1,8 +1,9 @@
 """Degeneration: harmless replies that loop or run to the token limit where the original's did not.
 
 KL over a few tokens barely sees a reply that repeats "Dear [Neighbor's Name]" six times; this does.
-It is reported on every completed trial by default (`scorers.default_scorers`); pruned trials never
-pay for it (`passes.TrialPass`).
+By default it is reported for the exported trial (`scorers.default_scorers`, `study.report_scorers`);
+with report_scorers=completed, on every completed trial too. Pruned trials never pay for it
+(`passes.TrialPass`).
 """
 
 import torch
@@ -55,6 +56,12 @@ class Degeneration(Scorer):
         self.new.update(flags.sum().float())
         self.total.update(float(len(flags)))
         return {"degenerate": flags}
+
+    def original_value(self) -> float:
+        # Counted against the original's own replies, the original adds no degenerate reply. (Its share
+        # of looping or unfinished replies is a property of the prompts and max_new_tokens: 0.8 on
+        # smollm2-refusal at 24 tokens, shown as "before" it read as if ablation had cured them.)
+        return 0.0
 
     def update(self, obs: Observations) -> None:
         # Plain greedy replies (finished rows leave the batch). Checking the original's replies in one
