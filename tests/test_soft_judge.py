@@ -169,7 +169,8 @@ def test_a_run_searched_by_the_probe_judge_end_to_end(organism_config, organism_
     config = judge_config(organism_config, tmp_path)
     out = tmp_path / "run"
     args = ["run", "--config", str(config), "--model", str(organism_dir), "--output_dir", str(out)]
-    main([*args, "--study.n_trials", "6", "--study.n_startup_trials", "4"])
+    # report_scorers completed: the markers (reported) are stored on every trial, to compare with the judge
+    main([*args, "--study.n_trials", "6", "--study.n_startup_trials", "4", "--study.report_scorers", "completed"])
     study = optuna.load_study(study_name="abliterate", storage=f"sqlite:///{out / 'study.db'}")
     assert study.metric_names == ["probe_refusals", "kl"]
     complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
