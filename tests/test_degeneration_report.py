@@ -30,7 +30,10 @@ def test_the_export_reports_degeneration(organism_config, organism_dir, tmp_path
         ["run", "--config", str(organism_config), "--model", str(organism_dir), "--output_dir", str(run)]
         + ["--study.n_trials", "4"]
     )
-    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    out = capsys.readouterr().out
+    summary = json.loads(out.strip().splitlines()[-1])
+    harmless = len((organism_dir / "harmless_test.txt").read_text().splitlines())
+    assert f"degenerate replies (degeneration) on {harmless} harmless prompts: 0.0000 before" in out
     assert 0.0 <= summary["degeneration_after"] <= 1.0
     rows = list(csv.DictReader((run / "trials.csv").open()))
     assert any(r["state"] == "COMPLETE" for r in rows)

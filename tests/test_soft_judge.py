@@ -179,3 +179,6 @@ def test_a_run_searched_by_the_probe_judge_end_to_end(organism_config, organism_
     assert all(abs(t.values[0] - t.user_attrs["refusals"]) <= 0.05 for t in complete)
     assert min(t.values[0] for t in complete) <= 0.1
     assert (out / "model" / "config.json").is_file()
+    text = capsys.readouterr().out
+    harmful = len(organism_dir.joinpath("harmful_test.txt").read_text().splitlines())
+    assert f"refusals on {harmful} harmful prompts" in text  # the reported markers read the harmful replies

@@ -89,15 +89,14 @@ def print_run_summary(
     model_id, chosen: FrozenTrial, reported: dict, before: dict, names, counts: dict, target: Path, seconds: float
 ):
     """The result for a person, then one JSON line for scripts (stdout); reported (not optimised)
-    scorers' values follow the objectives."""
+    scorers' values follow the objectives. `counts`: per scorer, (the role it reads, its prompts)."""
     after = dict(zip(names, chosen.values, strict=True)) | reported
     lines = [f"\nabliterated {model_id} with trial {chosen.number}"]
     for name, value in after.items():
-        what, role = ("refusal rate", "harmful") if name == names[0] else (LABELS.get(name, name), "harmless")
+        what = "refusal rate" if name == names[0] else LABELS.get(name, name)
+        role, n = counts[name]  # the prompts its scorer reads (a reported marker count: harmful)
         label = what if what == name else f"{what} ({name})"
-        lines.append(
-            f"  {label} on {counts.get(role)} {role} prompts: {before.get(name, 0.0):.4f} before -> {value:.4f} after"
-        )
+        lines.append(f"  {label} on {n} {role} prompts: {before.get(name, 0.0):.4f} before -> {value:.4f} after")
     lines.append(f"  model written to {target}\n")
     print("\n".join(lines))
     summary = {

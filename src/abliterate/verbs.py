@@ -238,7 +238,7 @@ def run(
         push(target, hub, chosen, trainer.is_global_zero)
     if trainer.is_global_zero:
         names = [s.name for s in pipe.objectives]
-        counts = {role: len(datamodule.dataset(f"eval_{role}")) for role in ("harmful", "harmless")}
+        counts = {s.name: (s.role.removeprefix("eval_"), len(datamodule.dataset(s.role))) for s in pipe.scorers}
         seconds = time.perf_counter() - start
         print_run_summary(module.model_id, chosen, reported, reference.values, names, counts, target, seconds)
     return target
