@@ -137,8 +137,6 @@ def model_stamp(model_id: str | None, revision: str | None = None) -> str:
 def hub_commit(model_id: str, revision: str | None) -> str | None:
     """The commit a hub revision points at: the revision itself when it is a commit, else the local
     HF cache's ref (what an offline load uses), else the hub's answer; None when nobody knows."""
-    import re
-
     revision = revision or "main"
     if re.fullmatch(r"[0-9a-f]{40}", revision):
         return revision
