@@ -177,14 +177,15 @@ class Pipeline:
         callbacks: Sequence[L.Callback] = (),
         scorers: Sequence[Scorer] | None = None,
         report: bool = True,
+        show_bar: bool = False,
     ) -> TrialResult:
         """One trial: the plan's ablation applied for the pass, the scorers (default: all; `report=False`:
-        the objectives only) on the eval prompts."""
+        the objectives only) on the eval prompts. No progress bar unless `show_bar` (the search shows its own)."""
         self.module.configure_model()
         directions = self.module.directions_for(plan.directions)
         callbacks = [ApplyAblation(plan.ablation, directions), *callbacks]
         trial_pass = TrialPass(self.scorers if scorers is None else scorers, reference, report)
-        return self._predict(trial_pass, callbacks, show_bar=False)
+        return self._predict(trial_pass, callbacks, show_bar=show_bar)
 
     def reported_values(self, trial: optuna.trial.FrozenTrial, space, reference: Reference) -> dict[str, float]:
         """The reported (non-objective) scorers' values for `trial`: those the search stored on it
@@ -192,8 +193,9 @@ class Pipeline:
         reported = [s for s in self.scorers if not s.is_objective]
         if all(s.name in trial.user_attrs for s in reported):
             return {s.name: trial.user_attrs[s.name] for s in reported}
+        log.info("trial %d: measuring %s", trial.number, ", ".join(s.name for s in reported))
         start = time.perf_counter()
-        values = self.evaluate(self.plan_of(trial, space), reference, scorers=reported).values
+        values = self.evaluate(self.plan_of(trial, space), reference, scorers=reported, show_bar=True).values
         shown = ", ".join(f"{name} {value:.4f}" for name, value in values.items())
         log.info("trial %d reported: %s (%.1fs)", trial.number, shown, time.perf_counter() - start)
         return values
