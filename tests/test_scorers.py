@@ -27,9 +27,15 @@ def test_degeneration_counts_only_what_the_original_did_not_do():
     class Obs:
         def __init__(self, replies, original):
             self._replies, self._original = replies, original
+            self.ids = torch.zeros((len(replies), 1), dtype=torch.long)
+            self.selected = None
 
         def replies(self, n):
             return self._replies
+
+        def select(self, rows):
+            self.selected = rows.tolist()
+            return Obs([self._replies[i] for i in self.selected], None)
 
         def reference(self, name):
             if name != "degeneration.degenerate":
@@ -43,8 +49,10 @@ def test_degeneration_counts_only_what_the_original_did_not_do():
     assert scorer.original_value() == 0.0  # it loops in the original too: nothing the original adds to itself
     scorer.reset()
     # prompt 0 looped in the original too: not counted; prompt 1 is new; prompt 2 is still fine
-    scorer.update(Obs([looping, looping, fine], flags))
+    trial = Obs([looping, looping, fine], flags)
+    scorer.update(trial)
     assert scorer.compute() == pytest.approx(1 / 3)
+    assert trial.selected == [1, 2]  # prompt 0 cannot add a degenerate reply: it is not decoded
 
 
 def test_roles_of_scorers_with_a_best_possible_value_come_last():

@@ -7,11 +7,12 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import optuna
 import pytest
 import torch
-from test_metrics import batch, make_model, tokenizer  # noqa: F401  (fixtures)
+from test_metrics import EOS, batch, make_model, manual_greedy, tokenizer  # noqa: F401  (fixtures)
 from test_pipeline import full_ablation, make_parts, params_at
 
 import abliterate.metrics
@@ -19,11 +20,12 @@ import abliterate.scorers.base
 from abliterate.callbacks import Pruning
 from abliterate.data import shard_batches
 from abliterate.decode import can_drop_rows
-from abliterate.metrics import generate_responses
-from abliterate.options import DirectionOptions
+from abliterate.metrics import _greedy_generate, generate_responses, greedy_reply_tokens
+from abliterate.options import DirectionOptions, EvalOptions
 from abliterate.pipeline import Pipeline
 from abliterate.plans import TrialPlan
-from abliterate.scorers import KL, MarkerRefusals, ProbeRefusals
+from abliterate.scorers import KL, Degeneration, MarkerRefusals, Observations, ProbeRefusals
+from abliterate.scorers.base import Decode
 
 
 def hf_generate_only(monkeypatch) -> None:
@@ -54,6 +56,58 @@ def test_dropping_finished_rows_gives_generates_tokens(seed, tokenizer, batch, m
                 model, tokenizer, input_ids, attention_mask, max_new_tokens=8, markers=markers
             )
             assert dropped[name] == expected, name
+
+
+def observations(model, tok, input_ids, attention_mask, decode=Decode(), reference=None) -> Observations:
+    module = SimpleNamespace(model=model, tokenizer=tok, eval_options=EvalOptions())
+    rows = {"role": "eval_harmless", "index": torch.arange(len(input_ids))}
+    return Observations(module, {**rows, "input_ids": input_ids, "attention_mask": attention_mask}, reference, decode)
+
+
+def counting_prefills(model) -> list[int]:
+    """Rows of each forward of `model` over more than one position (a decode's prefill) from here on."""
+    calls = []
+
+    def hook(module, args, kwargs):
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        if ids.shape[1] > 1:
+            calls.append(ids.shape[0])
+
+    model.register_forward_pre_hook(hook, with_kwargs=True)
+    return calls
+
+
+def test_one_decode_serves_the_kl_continuation_and_the_replies(tokenizer, batch):  # noqa: F811
+    input_ids, attention_mask = batch
+    model = make_model(2)  # rows that emit eos within 7 tokens, and rows that do not
+    through = manual_greedy(model, input_ids, attention_mask, steps=7)
+    assert any(EOS in row[:6] for row in through.tolist()) and any(EOS not in row for row in through.tolist())
+    # The continuation runs on past eos, as generate() without eos does; the replies stop at eos.
+    assert torch.equal(_greedy_generate(model, input_ids, attention_mask, 7, 0, None), through)
+    replies = greedy_reply_tokens(model, tokenizer, input_ids, attention_mask, 9)
+    calls = counting_prefills(model)
+    obs = observations(model, tokenizer, input_ids, attention_mask, KL(tokens=8).decodes(True) | Decode(steps=9))
+    assert torch.equal(obs.continuation(8), through)
+    assert obs.replies(9) == replies
+    assert calls == [len(input_ids)]  # one decode for both
+
+
+def test_degeneration_decodes_only_the_prompts_it_can_count(tokenizer, batch):  # noqa: F811
+    input_ids, attention_mask = batch
+    original, edited = make_model(4), make_model(9)
+    scorer = Degeneration(max_new_tokens=12, ngram=1, repeats=3)
+    kept = scorer.observe_original(observations(original, tokenizer, input_ids, attention_mask))["degenerate"]
+    assert 0 < int(kept.sum()) < len(kept)  # some prompts the edited model cannot make worse
+    replies = greedy_reply_tokens(edited, tokenizer, input_ids, attention_mask, 12)
+    expected = [bool(scorer._flags([r])[0]) and not was for r, was in zip(replies, kept.tolist(), strict=True)]
+    assert 0 < sum(expected) < len(expected) - int(kept.sum())  # a new degenerate reply, and an open row that is fine
+    calls = counting_prefills(edited)
+    scorer.reset()
+    scorer.update(
+        observations(edited, tokenizer, input_ids, attention_mask, reference={"degeneration.degenerate": kept})
+    )
+    assert scorer.compute() == sum(expected) / len(expected)
+    assert calls == [len(kept) - int(kept.sum())]
 
 
 @pytest.fixture(scope="module")

@@ -57,10 +57,13 @@ def greedy_decode(
     max_new_tokens: int,
     eos_ids: Sequence[int] = (),
     stop: StopTest | None = None,
+    through: int = 0,
 ) -> list[list[int]]:
     """Greedy tokens after each left-padded prompt, up to and including eos, until `stop` says
-    the row is done, or `max_new_tokens`."""
+    the row is done, or `max_new_tokens`. A row runs on past eos (or `stop`) until it has `through`
+    tokens: one decode then serves a fixed-length continuation and the replies cut at eos."""
     eos = set(eos_ids)
+    ended = [False] * input_ids.shape[0]
     position_ids = (attention_mask.long().cumsum(-1) - 1).masked_fill(attention_mask == 0, 0)
     # As in generate(): an all-ones mask is dropped (the attention then takes its causal fast path).
     mask = None if bool((attention_mask == 1).all()) else attention_mask
@@ -78,15 +81,14 @@ def greedy_decode(
             logits_to_keep=1,
         ).logits
         next_tokens = logits[:, -1].to(dtype=torch.float32).argmax(dim=-1)
-        finished = []
         for row, token in zip(live, next_tokens.tolist(), strict=True):
             tokens[row].append(token)
-            finished.append(token in eos)
+            ended[row] = ended[row] or token in eos
         if stop is not None:
-            pending = [j for j, done in enumerate(finished) if not done]
-            for j, done in zip(pending, stop([tokens[live[j]] for j in pending]), strict=True):
-                finished[j] = done
-        keep = [j for j, done in enumerate(finished) if not done]
+            pending = [row for row in live if not ended[row]]
+            for row, done in zip(pending, stop([tokens[row] for row in pending]), strict=True):
+                ended[row] = done
+        keep = [j for j, row in enumerate(live) if not (ended[row] and len(tokens[row]) >= through)]
         if not keep or step == max_new_tokens - 1:
             break
         if len(keep) < len(live):

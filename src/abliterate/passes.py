@@ -13,6 +13,7 @@ from torch import Tensor
 
 from abliterate.data import RESIDUAL_ROLES
 from abliterate.scorers import Observations, Scorer
+from abliterate.scorers.base import Decode
 
 
 @dataclass
@@ -57,6 +58,15 @@ def scorer_roles(scorers: Sequence[Scorer]) -> tuple[str, ...]:
     return tuple(dict.fromkeys([*first, *(s.role for s in scorers)]))
 
 
+def declared_decode(scorers: Sequence[Scorer], role: str, original: bool) -> Decode:
+    """One greedy decode covering what the role's scorers read (a KL continuation, replies)."""
+    decode = Decode()
+    for scorer in scorers:
+        if scorer.role == role:
+            decode = decode | scorer.decodes(original)
+    return decode
+
+
 class Pass:
     roles: tuple[str, ...] = ()
 
@@ -98,7 +108,7 @@ class ReferencePass(Pass):
             scorer.reset()
 
     def step(self, module, batch: dict) -> None:
-        obs = Observations(module, batch)
+        obs = Observations(module, batch, decode=declared_decode(self.scorers, batch["role"], original=True))
         for scorer in self.scorers:
             if scorer.role == batch["role"]:
                 for name, rows in scorer.observe_original(obs).items():
@@ -136,7 +146,9 @@ class TrialPass(Pass):
             self.deferred.append(batch)
 
     def _observe(self, module, batch: dict, scorers: Sequence[Scorer]) -> Observations:
-        obs = Observations(module, batch, self.reference.tensors)
+        obs = Observations(
+            module, batch, self.reference.tensors, declared_decode(scorers, batch["role"], original=False)
+        )
         for scorer in scorers:
             if scorer.role == batch["role"]:
                 scorer.update(obs)

@@ -5,12 +5,14 @@ original (to keep what they compare against, and to report the "before" value). 
 objective is the refusal rate that `study.refusal_target` and `min_kl_under` constrain.
 """
 
+from dataclasses import dataclass
 from typing import Literal
 
 from torch import Tensor, nn
 from torchmetrics.aggregation import SumMetric
 
-from abliterate.metrics import generate_responses, greedy_continuation, greedy_reply_tokens, next_token_logprobs
+from abliterate.decode import eos_token_ids
+from abliterate.metrics import continuation_tensor, cut_at_eos, generate_responses, greedy_tokens, next_token_logprobs
 from abliterate.thinking import ThinkingFormat, Thoughts, detect_thinking, extend, is_packed, pack, template_text, think
 from abliterate.thinking import unpack as unpack_thoughts
 
@@ -26,18 +28,32 @@ def thinking_format(module) -> ThinkingFormat | None:
     return detect_thinking(template, options.think_tags, options.thinking)
 
 
+@dataclass(frozen=True)
+class Decode:
+    """Greedy tokens some scorers of a batch will read: a `through`-token continuation (runs past
+    eos) and replies of up to `steps` tokens (cut at eos). One decode of the widest serves them all."""
+
+    through: int = 0
+    steps: int = 0
+
+    def __or__(self, other: "Decode") -> "Decode":
+        return Decode(max(self.through, other.through), max(self.steps, other.steps, self.through, other.through))
+
+
 class Observations:
     """What one batch shows about the model; each view is computed once, on first use, and shared.
+    `decode`: the greedy tokens its scorers declared (`Scorer.decodes`), decoded once for all of them.
 
     For a thinking model (`thinking_format`) the replies are answers: each prompt's thought is
     generated first (up to `evaluation.think_tokens`, closed by force at the budget), and the
     reply views continue prompt + thought; `thoughts()` holds the thoughts.
     """
 
-    def __init__(self, module, batch: dict, reference: dict[str, Tensor] | None = None):
+    def __init__(self, module, batch: dict, reference: dict[str, Tensor] | None = None, decode: Decode = Decode()):
         self.module = module
         self.batch = batch
         self._reference = reference or {}
+        self._decode = decode
         self._views: dict[str, object] = {}
 
     @property
@@ -51,6 +67,16 @@ class Observations:
     @property
     def index(self) -> Tensor:
         return self.batch["index"]
+
+    def select(self, rows: Tensor) -> "Observations":
+        """The same observations for some of the batch's rows (their padding columns trimmed), for a
+        scorer whose value the other rows cannot change."""
+        rows = rows.to(self.ids.device)
+        mask = self.mask[rows]
+        width = int(mask.sum(-1).max()) if len(rows) else 0
+        batch = {**self.batch, "index": self.index[rows.to(self.index.device)]}
+        batch.update(input_ids=self.ids[rows][:, -width:], attention_mask=mask[:, -width:])
+        return Observations(self.module, batch, self._reference, self._decode)
 
     def reference(self, name: str) -> Tensor:
         """This batch's rows of a tensor the reference pass kept (e.g. "kl.logprobs")."""
@@ -106,13 +132,21 @@ class Observations:
         """The replies if a scorer asked for them, else None."""
         return self._views.get("responses")
 
-    def replies(self, max_new_tokens: int) -> list[list[int]]:
-        """Greedy reply tokens without marker stops, up to eos or `max_new_tokens` (eos not included)."""
+    def _greedy(self, need: Decode) -> list[list[int]]:
+        """Greedy answer tokens covering `need`: the declared decode where it covers it, so a
+        continuation and the replies of the same prompts come from one decode."""
+        if self._decode.through >= need.through and self._decode.steps >= need.steps:
+            need = self._decode
         module = self.module
         return self._view(
-            f"replies{max_new_tokens}",
-            lambda: greedy_reply_tokens(module.model, module.tokenizer, *self.answer_prompts(), max_new_tokens),
+            f"greedy{need.through}/{need.steps}",
+            lambda: greedy_tokens(module.model, module.tokenizer, *self.answer_prompts(), need.steps, need.through),
         )
+
+    def replies(self, max_new_tokens: int) -> list[list[int]]:
+        """Greedy reply tokens without marker stops, up to eos or `max_new_tokens` (eos not included)."""
+        eos = set(eos_token_ids(self.module.model, self.module.tokenizer))
+        return cut_at_eos(self._greedy(Decode(steps=max_new_tokens)), eos, max_new_tokens)
 
     def continuation(self, n_tokens: int) -> Tensor:
         """The first n_tokens - 1 greedy reply tokens; for a thinking model, the thought packed before
@@ -121,8 +155,10 @@ class Observations:
 
     def _continuation(self, n_tokens: int) -> Tensor:
         module = self.module
-        pad = module.tokenizer.pad_token_id
-        answer = greedy_continuation(module.model, *self.answer_prompts(), n_tokens, pad)
+        ids = self.answer_prompts()[0]
+        answer = ids.new_empty((ids.shape[0], 0))
+        if n_tokens > 1:
+            answer = continuation_tensor(self._greedy(Decode(n_tokens - 1, n_tokens - 1)), n_tokens, ids)
         thoughts = self.thoughts()
         if thoughts is None:
             return answer
@@ -183,6 +219,11 @@ class Scorer(nn.Module):
 
     def compute(self) -> float:
         raise NotImplementedError
+
+    def decodes(self, original: bool) -> Decode:
+        """The greedy continuation and replies this scorer reads from its batches' `Observations`
+        (on the original model, or a trial's), so one decode can serve every scorer of a batch."""
+        return Decode()
 
     def bound(self, strategy, total: int) -> float | None:
         """A value the final one can be no better than, from the batches seen so far; None: none known."""

@@ -10,7 +10,7 @@ import torch
 from torch import Tensor
 from torchmetrics.aggregation import SumMetric
 
-from abliterate.scorers.base import Observations, Scorer
+from abliterate.scorers.base import Decode, Observations, Scorer
 
 
 def degenerate(tokens: list[int], limit: int, ngram: int, repeats: int) -> bool:
@@ -63,14 +63,18 @@ class Degeneration(Scorer):
         # smollm2-refusal at 24 tokens, shown as "before" it read as if ablation had cured them.)
         return 0.0
 
+    def decodes(self, original: bool) -> Decode:
+        return Decode(steps=self.max_new_tokens)
+
     def update(self, obs: Observations) -> None:
-        # Plain greedy replies (finished rows leave the batch). Checking the original's replies in one
-        # teacher-forced pass first and generating only where a reply departs was 1.5x slower on
-        # smollm2-refusal's ablated trials, whose replies mostly depart (docs/benchmarks.md).
-        original = obs.reference(f"{self.name}.degenerate").bool().cpu()
-        flags = self._flags(obs.replies(self.max_new_tokens))
-        self.new.update((flags & ~original).sum().float())
-        self.total.update(float(len(flags)))
+        # Only prompts whose original reply did not degenerate can add one, so only they are decoded
+        # (0.2 of smollm2-refusal's at 24 tokens). Plain greedy replies: checking the original's
+        # replies in one teacher-forced pass first and generating only where a reply departs was 1.5x
+        # slower on smollm2-refusal's ablated trials, whose replies mostly depart (docs/benchmarks.md).
+        open_rows = (~obs.reference(f"{self.name}.degenerate").bool()).nonzero().flatten()
+        if len(open_rows):
+            self.new.update(self._flags(obs.select(open_rows).replies(self.max_new_tokens)).sum().float())
+        self.total.update(float(len(obs.ids)))
 
     def compute(self) -> float:
         total = float(self.total.compute())

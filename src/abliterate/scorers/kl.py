@@ -4,7 +4,7 @@ import torch
 from torch import Tensor
 
 from abliterate.metrics import KLDivergence
-from abliterate.scorers.base import Observations, Scorer
+from abliterate.scorers.base import Decode, Observations, Scorer
 
 ROUNDING = 1e-6
 """How far under 0 float rounding may put one prompt's KL (fp32 sums over a vocabulary)."""
@@ -35,6 +35,9 @@ class KL(Scorer):
 
     def original_value(self) -> float:
         return 0.0
+
+    def decodes(self, original: bool) -> Decode:
+        return Decode(self.tokens - 1, self.tokens - 1) if original else Decode()
 
     def update(self, obs: Observations) -> None:
         continuation = obs.reference(f"{self.name}.continuation")
