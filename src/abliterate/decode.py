@@ -102,3 +102,19 @@ def greedy_decode(
         if mask is not None:
             mask = torch.cat([mask, mask.new_ones((mask.shape[0], 1))], dim=-1)
     return tokens
+
+
+def cut_at_eos(rows: list[list[int]], eos_ids, max_new_tokens: int) -> list[list[int]]:
+    """Each row's first `max_new_tokens` tokens, cut before its first eos."""
+    cut = []
+    for row in rows:
+        row = row[:max_new_tokens]
+        cut.append(row[: next((i for i, token in enumerate(row) if token in eos_ids), len(row))])
+    return cut
+
+
+def continuation_tensor(rows: list[list[int]], n_tokens: int, like: Tensor) -> Tensor:
+    """The first `n_tokens - 1` tokens of each row (rows of `greedy_tokens(..., through=n_tokens - 1)`), [B, n_tokens - 1]."""
+    return torch.tensor([row[: n_tokens - 1] for row in rows], dtype=like.dtype, device=like.device).reshape(
+        len(rows), n_tokens - 1
+    )

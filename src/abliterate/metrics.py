@@ -14,7 +14,7 @@ import torchmetrics
 from torch import Tensor
 from transformers import GenerationConfig, StoppingCriteria, StoppingCriteriaList
 
-from abliterate.decode import can_drop_rows, eos_token_ids, greedy_decode
+from abliterate.decode import can_drop_rows, continuation_tensor, cut_at_eos, eos_token_ids, greedy_decode
 
 # --- Refusal markers -------------------------------------------------------------------------
 
@@ -315,28 +315,12 @@ def greedy_tokens(
     return _greedy_generate(model, input_ids, attention_mask, max_new_tokens, tokenizer.pad_token_id, None).tolist()
 
 
-def cut_at_eos(rows: list[list[int]], eos_ids, max_new_tokens: int) -> list[list[int]]:
-    """Each row's first `max_new_tokens` tokens, cut before its first eos."""
-    cut = []
-    for row in rows:
-        row = row[:max_new_tokens]
-        cut.append(row[: next((i for i, token in enumerate(row) if token in eos_ids), len(row))])
-    return cut
-
-
 def greedy_reply_tokens(
     model, tokenizer, input_ids: Tensor, attention_mask: Tensor, max_new_tokens: int
 ) -> list[list[int]]:
     """Greedy reply tokens to left-padded prompts, each cut before its first eos (no marker stops)."""
     rows = greedy_tokens(model, tokenizer, input_ids, attention_mask, max_new_tokens)
     return cut_at_eos(rows, set(eos_token_ids(model, tokenizer)), max_new_tokens)
-
-
-def continuation_tensor(rows: list[list[int]], n_tokens: int, like: Tensor) -> Tensor:
-    """The first `n_tokens - 1` tokens of each row (rows of `greedy_tokens(..., through=n_tokens - 1)`), [B, n_tokens - 1]."""
-    return torch.tensor([row[: n_tokens - 1] for row in rows], dtype=like.dtype, device=like.device).reshape(
-        len(rows), n_tokens - 1
-    )
 
 
 @torch.no_grad()

@@ -11,8 +11,8 @@ from typing import Literal
 from torch import Tensor, nn
 from torchmetrics.aggregation import SumMetric
 
-from abliterate.decode import eos_token_ids
-from abliterate.metrics import continuation_tensor, cut_at_eos, generate_responses, greedy_tokens, next_token_logprobs
+from abliterate.decode import continuation_tensor, cut_at_eos, eos_token_ids
+from abliterate.metrics import generate_responses, greedy_tokens, next_token_logprobs
 from abliterate.thinking import ThinkingFormat, Thoughts, detect_thinking, extend, is_packed, pack, template_text, think
 from abliterate.thinking import unpack as unpack_thoughts
 
