@@ -77,7 +77,8 @@ def counting_prefills(model) -> list[int]:
     return calls
 
 
-def test_one_decode_serves_the_kl_continuation_and_the_replies(tokenizer, batch):  # noqa: F811
+@pytest.mark.parametrize("path", ["drop rows", "generate"])
+def test_one_decode_serves_the_kl_continuation_and_the_replies(path, tokenizer, batch, monkeypatch):  # noqa: F811
     input_ids, attention_mask = batch
     model = make_model(2)  # rows that emit eos within 7 tokens, and rows that do not
     through = manual_greedy(model, input_ids, attention_mask, steps=7)
@@ -85,11 +86,14 @@ def test_one_decode_serves_the_kl_continuation_and_the_replies(tokenizer, batch)
     # The continuation runs on past eos, as generate() without eos does; the replies stop at eos.
     assert torch.equal(_greedy_generate(model, input_ids, attention_mask, 7, 0, None), through)
     replies = greedy_reply_tokens(model, tokenizer, input_ids, attention_mask, 9)
+    if path == "generate":  # a model whose cache rows cannot be dropped (remote code)
+        hf_generate_only(monkeypatch)
     calls = counting_prefills(model)
     obs = observations(model, tokenizer, input_ids, attention_mask, KL(tokens=8).decodes(True) | Decode(steps=9))
     assert torch.equal(obs.continuation(8), through)
     assert obs.replies(9) == replies
     assert calls == [len(input_ids)]  # one decode for both
+    assert greedy_reply_tokens(model, tokenizer, input_ids, attention_mask, 9) == replies
 
 
 def test_degeneration_decodes_only_the_prompts_it_can_count(tokenizer, batch):  # noqa: F811

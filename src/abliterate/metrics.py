@@ -311,8 +311,9 @@ def greedy_tokens(
     eos = eos_token_ids(model, tokenizer)
     if can_drop_rows(model):
         return greedy_decode(model, input_ids, attention_mask, max_new_tokens, eos, through=through)
-    # generate() keeps every row to the end; without eos it runs each one through it.
-    return _greedy_generate(model, input_ids, attention_mask, max_new_tokens, tokenizer.pad_token_id, None).tolist()
+    # generate() keeps finished rows to the end; without eos (through > 0) it runs each one through it.
+    stops = (eos or None) if through == 0 else None
+    return _greedy_generate(model, input_ids, attention_mask, max_new_tokens, tokenizer.pad_token_id, stops).tolist()
 
 
 def greedy_reply_tokens(
