@@ -65,11 +65,12 @@ def keep_settings(trainer, out: Path, module, datamodule, study=None, space=None
         save_run_config(out, resolved_config(out, module, datamodule, study, space))
 
 
-def fail_interrupted_trials(study: optuna.Study, options: StudyOptions) -> None:
-    """With the run dir's lock held, a RUNNING trial of its own study belongs to a process that died."""
+def fail_interrupted_trials(trainer, study: optuna.Study, options: StudyOptions) -> None:
+    """With the run dir's lock held, a RUNNING trial of its own study belongs to a process that died.
+    Rank 0 only: under DDP another rank would see rank 0's first trial running, and fail it."""
     from abliterate.workers import is_worker
 
-    if options.storage is not None or is_worker():
+    if options.storage is not None or is_worker() or not trainer.is_global_zero:
         return
     for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         study.tell(t.number, state=TrialState.FAIL)
@@ -217,7 +218,7 @@ def run(
         reference = prepare(pipe)
         check_refusals_to_remove(pipe, reference, study)
         optuna_study = pipe.open_study(study)
-        fail_interrupted_trials(optuna_study, study)
+        fail_interrupted_trials(trainer, optuna_study, study)
         search_study(pipe, optuna_study, study, space, reference)
         recheck(pipe, optuna_study, space, reference, classifier)
         chosen = report(pipe, optuna_study, study, interactive=interactive)
@@ -293,7 +294,7 @@ def search(
         pipe.check_existing_study(study)
         reference = prepare(pipe)
         optuna_study = pipe.open_study(study)
-        fail_interrupted_trials(optuna_study, study)
+        fail_interrupted_trials(trainer, optuna_study, study)
         search_study(pipe, optuna_study, study, space, reference)
         if not is_worker():  # the coordinator reports once all workers are done
             recheck(pipe, optuna_study, space, reference, classifier)
