@@ -260,6 +260,8 @@ def configure_logging() -> None:
         logging.getLogger(name).setLevel(logging.WARNING)
     for name in ("httpx", "urllib3", "datasets", "filelock", "huggingface_hub"):
         logging.getLogger(name).setLevel(logging.WARNING)
+    if os.environ.get("LOCAL_RANK", "0") != "0":  # DDP starts every rank with this command line: say each step once
+        logging.getLogger("abliterate").setLevel(logging.WARNING)
 
 
 def build_cli(args=None, run: bool = True):

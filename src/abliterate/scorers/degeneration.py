@@ -72,8 +72,8 @@ class Degeneration(Scorer):
         # replies in one teacher-forced pass first and generating only where a reply departs was 1.5x
         # slower on smollm2-refusal's ablated trials, whose replies mostly depart (docs/benchmarks.md).
         open_rows = (~obs.reference(f"{self.name}.degenerate").bool()).nonzero().flatten()
-        if len(open_rows):
-            self.new.update(self._flags(obs.select(open_rows).replies(self.max_new_tokens)).sum().float())
+        new = self._flags(obs.select(open_rows).replies(self.max_new_tokens)).sum().float() if len(open_rows) else 0.0
+        self.new.update(new)
         self.total.update(float(len(obs.ids)))
 
     def compute(self) -> float:
