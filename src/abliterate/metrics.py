@@ -307,13 +307,17 @@ def greedy_tokens(
     """Greedy tokens after left-padded prompts, each row up to its eos (included) or `max_new_tokens`,
     but never fewer than `through` (a row runs on past eos until then). One decode thus serves both a
     `through`-token continuation and replies cut at eos (`Observations`)."""
-    _check_left_padded(attention_mask)
     eos = eos_token_ids(model, tokenizer)
+    return _greedy_rows(model, input_ids, attention_mask, max_new_tokens, tokenizer.pad_token_id, eos, through)
+
+
+def _greedy_rows(model, input_ids, attention_mask, max_new_tokens: int, pad_token_id, eos, through: int):
+    _check_left_padded(attention_mask)
     if can_drop_rows(model):
         return greedy_decode(model, input_ids, attention_mask, max_new_tokens, eos, through=through)
     # generate() keeps finished rows to the end; without eos (through > 0) it runs each one through it.
-    stops = (eos or None) if through == 0 else None
-    return _greedy_generate(model, input_ids, attention_mask, max_new_tokens, tokenizer.pad_token_id, stops).tolist()
+    stops = (list(eos) or None) if through == 0 else None
+    return _greedy_generate(model, input_ids, attention_mask, max_new_tokens, pad_token_id, stops).tolist()
 
 
 def greedy_reply_tokens(
@@ -343,9 +347,8 @@ def greedy_continuation(
     _check_left_padded(attention_mask)
     if n_tokens == 1:
         return input_ids.new_empty((input_ids.shape[0], 0))
-    if can_drop_rows(model):  # no eos: every row runs all n_tokens - 1 steps
-        return continuation_tensor(greedy_decode(model, input_ids, attention_mask, n_tokens - 1), n_tokens, input_ids)
-    return _greedy_generate(model, input_ids, attention_mask, n_tokens - 1, pad_token_id, eos_token_id=None)
+    rows = _greedy_rows(model, input_ids, attention_mask, n_tokens - 1, pad_token_id, (), through=n_tokens - 1)
+    return continuation_tensor(rows, n_tokens, input_ids)
 
 
 @torch.no_grad()
