@@ -202,7 +202,7 @@ def _cli_class():
             self.print_notes()
 
         def print_notes(self) -> None:
-            if os.environ.get("LOCAL_RANK", "0") == "0":  # DDP starts every rank with this command line
+            if is_first_rank():
                 for note in getattr(self, "notes", []):
                     print(note, file=sys.stderr)
 
@@ -260,8 +260,13 @@ def configure_logging() -> None:
         logging.getLogger(name).setLevel(logging.WARNING)
     for name in ("httpx", "urllib3", "datasets", "filelock", "huggingface_hub"):
         logging.getLogger(name).setLevel(logging.WARNING)
-    if os.environ.get("LOCAL_RANK", "0") != "0":  # DDP starts every rank with this command line: say each step once
+    if not is_first_rank():  # say each step once
         logging.getLogger("abliterate").setLevel(logging.WARNING)
+
+
+def is_first_rank() -> bool:
+    """DDP starts every rank with the same command line; notes and progress are said by rank 0 only."""
+    return os.environ.get("LOCAL_RANK", "0") == "0"
 
 
 def build_cli(args=None, run: bool = True):
