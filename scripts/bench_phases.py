@@ -23,7 +23,9 @@ import time
 from pathlib import Path
 
 PHASES = ("residuals", "reference", "search", "reported_values", "export")
-CALLS = ("generate_responses", "greedy_tokens", "next_token_logprobs")
+# The scorers' model calls; greedy_continuation and greedy_reply_tokens are what revisions before 7ded793
+# called (one decode each), so the script times those too.
+CALLS = ("generate_responses", "greedy_tokens", "greedy_continuation", "greedy_reply_tokens", "next_token_logprobs")
 
 
 def main() -> None:
@@ -78,7 +80,8 @@ def main() -> None:
         setattr(owner, name, wrapper)
 
     for name in CALLS:
-        timed(base, name)
+        if hasattr(base, name):
+            timed(base, name)
     for name in PHASES:
         timed(Pipeline, name)
 
