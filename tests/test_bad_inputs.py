@@ -99,6 +99,7 @@ CASES = [
     Case("unknown-flag", lambda c: c.args("run", "--study.bogus", "1"), "bogus"),
     Case("wrong-type", lambda c: c.args("run", "--study.n_trials", "many"), "n_trials"),
     Case("bad-literal", lambda c: c.args("run", "--space.components", "[attn, everything]"), "components"),
+    Case("bad-quantile", lambda c: c.args("run", "--space.winsorize", "[0.99, 1.5]"), "winsorize"),
     Case(
         "broken-yaml",
         lambda c: c.args("run", "--config", str(write(c.tmp / "broken.yaml", "study: [1, 2\n"))),

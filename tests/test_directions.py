@@ -13,6 +13,7 @@ from abliterate.directions import (
     normalize,
     orthogonalize,
     orthonormalize,
+    winsorize,
 )
 
 LAYERS = 3
@@ -344,3 +345,46 @@ def test_contrastive_pca_matches_dense_reference_cuda(case):
             assert_matches_reference(result, ref_dirs, ref_vals)
     out = compute_directions(bad.cuda(), good.cuda(), method="contrastive_pca", k=2, unhelpful=good.cuda() + 1)
     assert out.is_cuda and out.shape == (LAYERS, 2, bad.shape[2])
+
+
+def test_winsorize_clamps_at_the_pooled_magnitude_quantile():
+    gen = torch.Generator().manual_seed(0)
+    bad, good = torch.randn(7, LAYERS, 5, generator=gen), torch.randn(4, LAYERS, 5, generator=gen) * 3
+    clamped = winsorize([bad, good], 0.9)
+    for layer in range(LAYERS):
+        magnitudes = sorted(torch.cat([bad[:, layer], good[:, layer]]).abs().flatten().tolist())
+        bound = magnitudes[math.ceil(0.9 * len(magnitudes)) - 1]  # the k-th smallest, k = ceil(q N)
+        for x, y in zip((bad, good), clamped, strict=True):
+            expected = x[:, layer].clamp(-bound, bound)
+            assert torch.equal(y[:, layer], expected)
+        assert max(float(y[:, layer].abs().max()) for y in clamped) == bound  # some coordinate was clamped to it
+    assert winsorize([bad, good], 1.0)[0] is bad  # 1: untouched
+    for quantile in (0.0, 1.5):
+        with pytest.raises(DirectionError, match="winsorize"):
+            winsorize([bad, good], quantile)
+
+
+def test_winsorize_one_is_bit_identical_to_no_winsorizing():
+    bad, good = planted(20, 12, 16, seed=4)
+    for method, k in (("mean_diff", 1), ("contrastive_pca", 2)):
+        plain = compute_directions(bad, good, method=method, k=k, projected=True, unhelpful=good[:5])
+        same = compute_directions(
+            bad, good, method=method, k=k, projected=True, unhelpful=good[:5], winsorize_quantile=1.0
+        )
+        assert torch.equal(plain, same)
+
+
+def test_winsorize_keeps_a_massive_activation_from_tilting_the_direction():
+    # Refusal shifts dimension 0 by 1; dimension 1 is a massive activation (a few prompts at +-500,
+    # unrelated to the class) that tilts the mean difference by chance.
+    gen = torch.Generator().manual_seed(1)
+    d, n = 32, 40
+    bad, good = torch.randn(n, 1, d, generator=gen) * 0.1, torch.randn(n, 1, d, generator=gen) * 0.1
+    bad[:, 0, 0] += 1.0
+    bad[:3, 0, 1], good[:1, 0, 1] = 500.0, -500.0
+    truth = torch.zeros(d)
+    truth[0] = 1.0
+    plain = compute_directions(bad, good)[0, 0]
+    clamped = compute_directions(bad, good, winsorize_quantile=0.99)[0, 0]
+    assert abs(float(plain @ truth)) < 0.1  # the outliers own the plain direction
+    assert float(clamped @ truth) > 0.95

@@ -125,12 +125,30 @@ def test_sample_plan_takes_projection_from_the_space(choices):
     assert plan.directions.projected is choices[0]
 
 
+def test_winsorize_is_a_parameter_only_when_the_space_offers_a_choice():
+    study = optuna.create_study(directions=["minimize", "minimize"], sampler=optuna.samplers.RandomSampler(seed=1))
+    chosen = set()
+    for _ in range(12):
+        trial = study.ask()
+        plan = sample_plan(trial, SearchSpace(winsorize=[0.99, 1.0]), n_layers=12)
+        study.tell(trial, [0.1, 0.1])
+        assert study.trials[-1].params["winsorize"] == plan.directions.winsorize
+        chosen.add(plan.directions.winsorize)
+    assert chosen == {0.99, 1.0}
+    # A single choice is no parameter, so studies made before the option existed still rebuild.
+    trial = study.ask()
+    plan = sample_plan(trial, SearchSpace(winsorize=[0.995]), n_layers=12)
+    assert plan.directions.winsorize == 0.995 and "winsorize" not in trial.params
+
+
 @pytest.mark.parametrize(
     "kwargs, match",
     [
         ({"max_weight": (1.5, 0.8)}, "max_weight"),
         ({"direction_index": (0.2, 1.2)}, "direction_index"),
         ({"components": []}, "components"),
+        ({"winsorize": [0.99, 1.5]}, "winsorize"),
+        ({"winsorize": []}, "winsorize"),
         ({"k": (0, 3)}, "k"),
     ],
 )

@@ -7,6 +7,7 @@ device of the inputs. Maths and rules are written up in docs/directions.md.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Literal
 
@@ -24,6 +25,7 @@ __all__ = [
     "normalize",
     "orthogonalize",
     "orthonormalize",
+    "winsorize",
 ]
 
 
@@ -284,6 +286,25 @@ def contrastive_pca(
     return ContrastivePCA(directions, top_values.contiguous())
 
 
+def winsorize(residuals: list[Tensor], quantile: float) -> list[Tensor]:
+    """Each tensor ``[n, L, d]`` with every coordinate clamped to ``[-c_l, c_l]``, where ``c_l`` is the
+    ``quantile`` of ``|x|`` over all prompts and coordinates of layer ``l`` in all the tensors pooled.
+
+    A few hidden dimensions carry "massive activations" hundreds of times larger than the rest; they
+    dominate means and covariances without saying anything about refusal. quantile 1 returns the
+    inputs themselves. c_l is the k-th smallest ``|x|``, k = ceil(quantile * count).
+    """
+    if not 0.0 < quantile <= 1.0:
+        raise DirectionError(f"winsorize quantile must be in (0, 1], got {quantile}")
+    if quantile == 1.0:
+        return residuals
+    layers = residuals[0].shape[1]
+    pooled = torch.cat([x.transpose(0, 1).reshape(layers, -1) for x in residuals], dim=1).abs()  # [L, N]
+    k = max(1, math.ceil(quantile * pooled.shape[1]))
+    bound = pooled.kthvalue(k, dim=1).values[None, :, None]  # [1, L, 1]
+    return [torch.maximum(torch.minimum(x, bound), -bound) for x in residuals]
+
+
 # ---- the entry point -----------------------------------------------------------------------
 
 
@@ -296,6 +317,7 @@ def compute_directions(
     alpha: float = 1.0,
     projected: bool = False,
     unhelpful: Tensor | None = None,
+    winsorize_quantile: float = 1.0,
 ) -> Tensor:
     """Refusal directions ``[L, k, d]``, orthonormal per layer, on the inputs' device.
 
@@ -308,6 +330,7 @@ def compute_directions(
         projected: make the mean difference orthogonal to the harmless mean first.
         unhelpful: optional residuals ``[n_u, L, d]`` of raw text; every direction is then
             made orthogonal to ``h = normalize(mean(good) - mean(unhelpful))`` per layer.
+        winsorize_quantile: clamp the residuals first (see :func:`winsorize`); 1 leaves them as they are.
 
     Returns fp32 (fp64 when an input is fp64). Signs follow :func:`contrastive_pca`; after the
     unhelpful orthogonalisation each vector keeps a positive dot with its unorthogonalised self.
@@ -317,6 +340,9 @@ def compute_directions(
     if unhelpful is not None:
         _check_residuals("unhelpful", unhelpful, like=bad)
     dtype = compute_dtype(bad, good)
+    if winsorize_quantile != 1.0:
+        clamped = winsorize([bad, good] + ([unhelpful] if unhelpful is not None else []), winsorize_quantile)
+        bad, good, unhelpful = clamped[0], clamped[1], (clamped[2] if unhelpful is not None else None)
     if method == "mean_diff":
         if k != 1:
             raise DirectionError(

@@ -34,6 +34,7 @@ def card_sections(card: dict) -> list[str]:
     config, model, trial = record.get("config", {}), record.get("model", {}), record.get("trial", {})
     study, prompts = config.get("study") or {}, record.get("prompts", {})
     params = trial.get("params", {})
+    winsorize = params.get("winsorize", ((config.get("space") or {}).get("winsorize") or [1.0])[0])
     counts = {role: p.get("count", "?") for role, p in prompts.items()}
     edited = record.get("edited_tensors")
     names = list(card.get("after", {}))
@@ -44,7 +45,8 @@ def card_sections(card: dict) -> list[str]:
         f"1. Residuals of {counts.get('harmful', '?')} harmful and {counts.get('harmless', '?')} harmless prompts at "
         f"the last prompt token of every layer of `{model.get('id')}` ({model.get('dtype')}).",
         f"2. Refusal directions by {params.get('direction_method', 'mean_diff')}"
-        f"{' (orthogonal to the harmless mean)' if params.get('projected', True) else ''}.",
+        f"{' (orthogonal to the harmless mean)' if params.get('projected', True) else ''}"
+        f"{f', residuals clamped at their {winsorize} magnitude quantile' if winsorize != 1.0 else ''}.",
         f"3. An Optuna search of {study.get('n_trials', '?')} trials (seed {trial.get('seed')}) over the ablation "
         f"parameters, scored by {', '.join(names)} on {counts.get('eval_harmful', '?')} harmful and "
         f"{counts.get('eval_harmless', '?')} harmless held-out prompts; trial {trial.get('number')} chosen by "

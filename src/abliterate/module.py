@@ -221,7 +221,7 @@ class AbliterationModule(L.LightningModule):
 
     def directions_for(self, options: DirectionOptions) -> Tensor:
         """Refusal directions [L, k, d] from the collected residuals, memoised per option set."""
-        key = (options.method, options.k, options.alpha, options.projected)
+        key = (options.method, options.k, options.alpha, options.projected, options.winsorize)
         if key not in self._direction_cache:
             for role in ("harmful", "harmless"):
                 if role not in self.residuals:
@@ -235,6 +235,7 @@ class AbliterationModule(L.LightningModule):
                 alpha=options.alpha,
                 projected=options.projected,
                 unhelpful=self.residuals.get("unhelpful"),
+                winsorize_quantile=options.winsorize,
             )
             log.info("computed %s directions (k=%d) in %.3fs", options.method, options.k, time.perf_counter() - start)
         return self._direction_cache[key]

@@ -57,6 +57,13 @@ class DirectionOptions:
     """contrastive PCA weight of the harmless covariance: C = S_harmful - alpha * S_harmless."""
     projected: bool = True
     """make the mean difference orthogonal to the harmless mean first (keeps the part every prompt shares)."""
+    winsorize: float = 1.0
+    """clamp each layer's residual coordinates at this quantile of their magnitudes (both classes pooled)
+    before the means, so a few massive activations cannot dominate them; 1 (default) leaves them as they are."""
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.winsorize <= 1.0:
+            raise AbliterateError(f"direction.winsorize={self.winsorize}: give a quantile in (0, 1], 1 for off")
 
 
 @dataclass
@@ -150,6 +157,8 @@ class SearchSpace:
     """weight of direction j is decay**j times the kernel weight."""
     norm_preserving: list[bool] = field(default_factory=lambda: [False])
     """choices for rescaling each weight column back to its original norm."""
+    winsorize: list[float] = field(default_factory=lambda: [1.0])
+    """choices for direction.winsorize (residual clamping quantile; 1 is off), e.g. [0.995, 1.0]."""
 
     def __post_init__(self) -> None:
         check_range("direction_index", self.direction_index, 0.0, 1.0)
@@ -160,9 +169,12 @@ class SearchSpace:
         check_range("alpha", self.alpha, 0.0, 100.0)
         check_range("direction_decay", self.direction_decay, 0.0, 1.0)
         check_range("k", self.k, 1, 64)
-        for name in ("direction_scope", "components", "direction_methods", "projected", "norm_preserving"):
+        for name in ("direction_scope", "components", "direction_methods", "projected", "norm_preserving", "winsorize"):
             if not getattr(self, name):
                 raise AbliterateError(f"search space {name} must list at least one choice")
+        for quantile in self.winsorize:
+            if not 0.0 < quantile <= 1.0:
+                raise AbliterateError(f"search space winsorize={self.winsorize}: give quantiles in (0, 1], 1 for off")
 
 
 @dataclass

@@ -32,6 +32,10 @@ def sample_plan(trial: optuna.Trial | FrozenTrial, space: SearchSpace, n_layers:
     else:
         k, alpha, decay = 1, 1.0, 1.0
     projected = trial.suggest_categorical("projected", space.projected)
+    # Only a real choice becomes a parameter: studies made before it existed still rebuild.
+    winsorize = (
+        trial.suggest_categorical("winsorize", space.winsorize) if len(space.winsorize) > 1 else space.winsorize[0]
+    )
     scope = trial.suggest_categorical("direction_scope", space.direction_scope)
     index = None
     if scope == "global":
@@ -48,7 +52,7 @@ def sample_plan(trial: optuna.Trial | FrozenTrial, space: SearchSpace, n_layers:
         components[name] = ComponentKernel(max_weight, position, min_fraction * max_weight, distance)
     norm_preserving = trial.suggest_categorical("norm_preserving", space.norm_preserving)
     return TrialPlan(
-        directions=DirectionOptions(method=method, k=k, alpha=alpha, projected=projected),
+        directions=DirectionOptions(method=method, k=k, alpha=alpha, projected=projected, winsorize=winsorize),
         ablation=AblationParams(
             components=components, direction_index=index, direction_decay=decay, norm_preserving=norm_preserving
         ),
