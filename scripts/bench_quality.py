@@ -43,6 +43,7 @@ import struct
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -107,6 +108,58 @@ def load_lm(path: str):
     from transformers import AutoModelForCausalLM
 
     return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+
+
+@dataclass
+class Inputs:
+    """What every tool and evaluation reads: the model, the exact prompt files, the evaluation sets."""
+
+    tiny: bool
+    model_dir: Path
+    files: dict[str, Path]  # harmful_train (truncated to --train-limit), harmless_train, harmful_test, harmless_test
+    sets: dict[str, list[str]]  # evaluation sets, harmful first
+    harmful_sets: tuple[str, ...]
+    harmless_sets: tuple[str, ...]
+    system_prompt: str | None
+    heretic_system: str
+
+
+def prepare_inputs(args, out: Path) -> Inputs | None:
+    """The organism (built when missing) and the prompt files under OUT/prompts; None without ../shared."""
+    tiny = args.organism == "tiny"
+    if tiny:
+        from abliterate.demo import default_cache_dir
+        from abliterate.organism import build_tiny_organism
+
+        model_dir = Path(args.model) if args.model else build_tiny_organism(default_cache_dir() / "organism")
+        source_dir = model_dir
+        harmful_sets, harmless_sets = ("harmful_test",), ("harmless_test",)
+        system_prompt = None
+        heretic_system = ""  # the tiny template prepends any system text to the user turn
+    else:
+        if not (SHARED / "data").is_dir() or not (SHARED / "organisms/smollm2-refusal/adapter").is_dir():
+            return None
+        model_dir = ensure_smollm2(Path(args.model or "/tmp/smollm2-refusal-merged"))
+        source_dir = SHARED / "data"
+        harmful_sets, harmless_sets = HARMFUL_SETS, HARMLESS_SETS
+        system_prompt = None  # the template's default, which the adapter was trained with
+        heretic_system = SMOL_SYSTEM  # heretic always sends a system prompt: give it the same one
+
+    # The exact prompt files both tools read (train files truncated to --train-limit).
+    prompts_dir = out / "prompts"
+    prompts_dir.mkdir(parents=True, exist_ok=True)
+    files: dict[str, Path] = {}
+    for name in ("harmful_train", "harmless_train", "harmful_test", "harmless_test"):
+        lines = [line for line in (source_dir / f"{name}.txt").read_text(encoding="utf-8").splitlines() if line.strip()]
+        if name.endswith("_train") and args.train_limit:
+            lines = lines[: args.train_limit]
+        files[name] = prompts_dir / f"{name}.txt"
+        files[name].write_text("\n".join(lines) + "\n", encoding="utf-8")
+    sets = {}
+    for name in harmful_sets + harmless_sets:
+        lines = [line for line in (source_dir / f"{name}.txt").read_text(encoding="utf-8").splitlines() if line.strip()]
+        sets[name] = lines[: args.eval_limit] if args.eval_limit else lines
+    return Inputs(tiny, model_dir, files, sets, harmful_sets, harmless_sets, system_prompt, heretic_system)
 
 
 # ---- evaluation (identical for every model) -------------------------------------------------
@@ -274,6 +327,20 @@ class Evaluator:
         del model
         return {"rates": rates, "samples": samples, **kl, "seconds": round(time.perf_counter() - start, 1)}
 
+    def summarize(self, base: dict, evaluation: dict) -> dict:
+        """An evaluation against the original's (`baseline`): rates per set before and after, KL, agreement."""
+        rates, first_harmful = evaluation["rates"], self.harmful[0]
+        return {
+            "refusal_after": rates[first_harmful],
+            "over_refusal_after": self.pooled(rates, self.harmless),
+            "kl_first_token": round(evaluation["kl_first_token"], 5),
+            "kl_n_token": round(evaluation[f"kl_{self.args.kl_n}_token"], 5),
+            "agreement_16": evaluation["agreement_16"],
+            "sets": {n: {"n": len(self.sets[n]), "before": base["rates"][n], "after": rates[n]} for n in self.sets},
+            "eval_s": evaluation["seconds"],
+            "samples": {n: s[:2] for n, s in evaluation["samples"].items() if n in self.harmless},  # no harmful text
+        }
+
     def pooled(self, rates: dict, names: tuple) -> float:
         total = sum(len(self.sets[n]) for n in names)
         return sum(rates[n] * len(self.sets[n]) for n in names) / total
@@ -331,6 +398,7 @@ def run_ours(model_dir: str, files: dict[str, Path], args, out: Path, tiny: bool
     )
     choices = {"false": [False], "true": [True], "both": [False, True]}
     options = {"projected": choices[args.projected], "norm_preserving": choices[args.norm_preserving]}
+    options.update(getattr(args, "space_overrides", {}))  # bench_defaults' levers
     if tiny:  # a 2-layer model: let the search reach every layer (as the demo does)
         space = SearchSpace(
             direction_index=(0.0, 1.0),
@@ -341,7 +409,13 @@ def run_ours(model_dir: str, files: dict[str, Path], args, out: Path, tiny: bool
     else:  # defaults: direction_index 0.2-0.9 of depth, so layer 15 of 30 is reachable
         space = SearchSpace(**options)
     study = StudyOptions(
-        n_trials=args.trials, n_startup_trials=args.startup, seed=args.seed, refusal_target=args.refusal_target
+        **{
+            "n_trials": args.trials,
+            "n_startup_trials": args.startup,
+            "seed": args.seed,
+            "refusal_target": args.refusal_target,
+            **getattr(args, "study_overrides", {}),
+        }
     )
     trainer = AbliterationTrainer(accelerator="cpu", devices=1, enable_progress_bar=False)
 
@@ -568,10 +642,10 @@ def ratio(a, b):
     return round(a / b, 3)
 
 
-def main() -> None:
+def add_run_arguments(parser: argparse.ArgumentParser) -> None:
+    """The model, budget, prompts and lengths every quality benchmark shares (bench_defaults too)."""
     from abliterate.options import EvalOptions
 
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--organism", choices=("tiny", "smollm2-refusal"), default="tiny")
     parser.add_argument(
         "--model",
@@ -596,6 +670,18 @@ def main() -> None:
     )
     parser.add_argument("--search-batch-size", type=int, default=25)
     parser.add_argument("--eval-batch-size", type=int, default=25)
+    parser.add_argument("--refusal-target", type=float, default=0.05)
+
+
+def check_run_arguments(parser: argparse.ArgumentParser, args) -> None:
+    args.startup = args.startup if args.startup is not None else max(1, args.trials // 3)
+    if args.kl_n < 2:
+        parser.error("--kl-n must be >= 2")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_run_arguments(parser)
     parser.add_argument(
         "--projected",
         choices=("false", "true", "both"),
@@ -608,7 +694,6 @@ def main() -> None:
         default="false",
         help="ours: space.norm_preserving choices",
     )
-    parser.add_argument("--refusal-target", type=float, default=0.05)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--heretic", help="heretic executable (a separate venv); runs the peer on the same inputs")
     parser.add_argument(
@@ -620,9 +705,7 @@ def main() -> None:
     parser.add_argument("--heretic-timeout", type=float, default=7200)
     parser.add_argument("--skip-ours", action="store_true", help="only the baseline and the peer")
     args = parser.parse_args()
-    args.startup = args.startup if args.startup is not None else max(1, args.trials // 3)
-    if args.kl_n < 2:
-        parser.error("--kl-n must be >= 2")
+    check_run_arguments(parser, args)
 
     import torch
 
@@ -632,41 +715,14 @@ def main() -> None:
     total_start = time.perf_counter()
     out = Path(args.out or f"/tmp/bench-quality-{args.organism}")
     out.mkdir(parents=True, exist_ok=True)
-    tiny = args.organism == "tiny"
-    if tiny:
-        from abliterate.demo import default_cache_dir
-        from abliterate.organism import build_tiny_organism
-
-        model_dir = Path(args.model) if args.model else build_tiny_organism(default_cache_dir() / "organism")
-        source_dir = model_dir
-        harmful_sets, harmless_sets = ("harmful_test",), ("harmless_test",)
-        system_prompt = None
-        heretic_system = ""  # the tiny template prepends any system text to the user turn
-    else:
-        if not (SHARED / "data").is_dir() or not (SHARED / "organisms/smollm2-refusal/adapter").is_dir():
-            print(f"bench_quality: {SHARED} (data and organisms/smollm2-refusal) is absent; skipping", file=sys.stderr)
-            print(json.dumps({"organism": args.organism, "skipped": f"{SHARED} absent"}))
-            return
-        model_dir = ensure_smollm2(Path(args.model or "/tmp/smollm2-refusal-merged"))
-        source_dir = SHARED / "data"
-        harmful_sets, harmless_sets = HARMFUL_SETS, HARMLESS_SETS
-        system_prompt = None  # the template's default, which the adapter was trained with
-        heretic_system = SMOL_SYSTEM  # heretic always sends a system prompt: give it the same one
-
-    # The exact prompt files both tools read (train files truncated to --train-limit).
-    prompts_dir = out / "prompts"
-    prompts_dir.mkdir(exist_ok=True)
-    files: dict[str, Path] = {}
-    for name in ("harmful_train", "harmless_train", "harmful_test", "harmless_test"):
-        lines = [line for line in (source_dir / f"{name}.txt").read_text(encoding="utf-8").splitlines() if line.strip()]
-        if name.endswith("_train") and args.train_limit:
-            lines = lines[: args.train_limit]
-        files[name] = prompts_dir / f"{name}.txt"
-        files[name].write_text("\n".join(lines) + "\n", encoding="utf-8")
-    sets = {}
-    for name in harmful_sets + harmless_sets:
-        lines = [line for line in (source_dir / f"{name}.txt").read_text(encoding="utf-8").splitlines() if line.strip()]
-        sets[name] = lines[: args.eval_limit] if args.eval_limit else lines
+    inputs = prepare_inputs(args, out)
+    if inputs is None:
+        print(f"bench_quality: {SHARED} (data and organisms/smollm2-refusal) is absent; skipping", file=sys.stderr)
+        print(json.dumps({"organism": args.organism, "skipped": f"{SHARED} absent"}))
+        return
+    tiny, model_dir, files, sets = inputs.tiny, inputs.model_dir, inputs.files, inputs.sets
+    harmful_sets, harmless_sets = inputs.harmful_sets, inputs.harmless_sets
+    system_prompt, heretic_system = inputs.system_prompt, inputs.heretic_system
 
     evaluator = Evaluator(str(model_dir), sets, harmful_sets, harmless_sets, args, system_prompt, out / "cache")
     base = evaluator.baseline()
@@ -692,23 +748,10 @@ def main() -> None:
         "baseline_eval_s": base["seconds"],
     }
 
-    def summarize(evaluation: dict) -> dict:
-        rates = evaluation["rates"]
-        return {
-            "refusal_after": rates[harmful_sets[0]],
-            "over_refusal_after": evaluator.pooled(rates, harmless_sets),
-            "kl_first_token": round(evaluation["kl_first_token"], 5),
-            "kl_n_token": round(evaluation[f"kl_{args.kl_n}_token"], 5),
-            "agreement_16": evaluation["agreement_16"],
-            "sets": {n: {"n": len(sets[n]), "before": base["rates"][n], "after": rates[n]} for n in sets},
-            "eval_s": evaluation["seconds"],
-            "samples": {n: s[:2] for n, s in evaluation["samples"].items() if n in harmless_sets},  # no harmful text
-        }
-
     if not args.skip_ours:
         ours = in_fresh_process(run_ours, str(model_dir), files, args, out, tiny)
         evaluation = evaluator.evaluate(ours["model_dir"])
-        summary = summarize(evaluation)
+        summary = evaluator.summarize(base, evaluation)
         ours["phases_s"]["eval"] = summary["eval_s"]
         result.update(summary)
         result.update(
@@ -740,7 +783,7 @@ def main() -> None:
             else:
                 peer = run_heretic(args.heretic, str(model_dir), files, args, out, heretic_system)
             evaluation = evaluator.evaluate(peer["model_dir"])
-            summary = summarize(evaluation)
+            summary = evaluator.summarize(base, evaluation)
             peer.setdefault("phases_s", {})["eval"] = summary["eval_s"]
             peer.update(summary)
         except Exception as err:  # record why, never fake numbers

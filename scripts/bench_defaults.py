@@ -1,0 +1,263 @@
+"""Defaults from data (issue #14): each search lever on and off, paired over seeds, at equal trial budget.
+
+    OMP_NUM_THREADS=1 python scripts/bench_defaults.py --organism smollm2-refusal --trials 30 \
+        --seeds 101-105 --out /tmp/bench-defaults                    # every lever, 5 seeds (~9 h per lever on 2 cores)
+    OMP_NUM_THREADS=1 python scripts/bench_defaults.py --organism tiny --trials 20 --seeds 1-5
+
+A cell is one (variant, seed): the whole `abliterate run` pipeline (bench_quality.run_ours: fresh study, fresh
+process) followed by bench_quality's evaluation of its export against the original (refusal rates on every harmful
+set, over-refusal, first-token and --kl-n-token KL, agreement_16). The baseline variant is the tool's defaults at
+bench_quality's settings; every other variant changes one setting (VARIANTS). Each cell is written to
+OUT/cells/VARIANT-sSEED.json when it finishes, and a rerun skips the cells it finds, so an interrupted
+benchmark resumes; the export is deleted once evaluated (OUT/runs keeps each study and trials.csv).
+
+The summary gives, per variant, the mean and std over seeds of every metric, and of its difference from the
+baseline on the same seed (paired: the seed fixes the sampler's start). s/trial is only comparable between cells run
+one at a time (--jobs 1) on a quiet machine; --jobs N runs N cells side by side for the quality figures. It is
+written as OUT/summary.json and OUT/table.md; the last stdout line is the summary as one JSON object.
+"""
+
+import argparse
+import json
+import math
+import multiprocessing
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from bench_quality import (  # noqa: E402 (one pipeline and one evaluation for both benchmarks)
+    SHARED,
+    Evaluator,
+    _set_up_process,
+    add_run_arguments,
+    check_run_arguments,
+    prepare_inputs,
+    run_ours,
+)
+
+VARIANTS: dict[str, dict] = {
+    "baseline": {},
+    "contrastive_pca": {"space": {"direction_methods": ["mean_diff", "contrastive_pca"]}},
+    "norm_preserving": {"space": {"norm_preserving": [True]}},
+    "not_projected": {"space": {"projected": [False]}},
+    "winsorize_0.995": {"space": {"winsorize": [0.995]}},
+    "global_only": {"space": {"direction_scope": ["global"]}},
+    "per_layer_only": {"space": {"direction_scope": ["per_layer"]}},
+    "startup_half": {"startup_factor": 0.5},
+    "startup_double": {"startup_factor": 2.0},
+    "no_steer_to_target": {"study": {"steer_to_target": False}},
+}
+"""Each lever against the baseline (one setting changed). Not here yet: directions read from more than the last
+prompt position, which the tool cannot do yet."""
+
+METRICS = (
+    "refusal_harmful_test",
+    "refusal_harmbench_standard",
+    "refusal_jbb_harmful",
+    "over_refusal",
+    "kl_first_token",
+    "kl_n_token",
+    "agreement_16",
+    "seconds_per_trial",
+)
+
+
+def parse_seeds(text: str) -> list[int]:
+    """ "101-105" or "1,3,7"."""
+    seeds: list[int] = []
+    for part in text.split(","):
+        lo, _, hi = part.partition("-")
+        seeds += list(range(int(lo), int(hi or lo) + 1))
+    return seeds
+
+
+def cell_name(variant: str, seed: int) -> str:
+    return f"{variant}-s{seed}"
+
+
+def run_cell(variant: str, seed: int, args, out: str) -> dict:
+    """One cell in this (fresh) process: the pipeline, then the evaluation of its export."""
+    _set_up_process()
+    out_dir = Path(out)
+    inputs = prepare_inputs(args, out_dir)
+    change = VARIANTS[variant]
+    cell_args = argparse.Namespace(**vars(args))
+    cell_args.seed = seed
+    cell_args.startup = max(1, round(args.startup * change.get("startup_factor", 1.0)))
+    cell_args.space_overrides = change.get("space", {})
+    cell_args.study_overrides = change.get("study", {})
+    run_dir = out_dir / "runs" / cell_name(variant, seed)
+    ours = run_ours(str(inputs.model_dir), inputs.files, cell_args, run_dir, inputs.tiny)
+    evaluator = Evaluator(
+        str(inputs.model_dir),
+        inputs.sets,
+        inputs.harmful_sets,
+        inputs.harmless_sets,
+        args,
+        inputs.system_prompt,
+        out_dir / "cache",
+    )
+    base = evaluator.baseline()
+    summary = evaluator.summarize(base, evaluator.evaluate(ours["model_dir"]))
+    shutil.rmtree(ours["model_dir"])  # this cell's own export; its study and trials.csv stay
+    metrics = {f"refusal_{name}": summary["sets"][name]["after"] for name in inputs.harmful_sets}
+    metrics.update(
+        over_refusal=summary["over_refusal_after"],
+        kl_first_token=summary["kl_first_token"],
+        kl_n_token=summary["kl_n_token"],
+        agreement_16=summary["agreement_16"],
+        seconds_per_trial=ours["seconds_per_trial"],
+    )
+    return {
+        "variant": variant,
+        "seed": seed,
+        "change": change,
+        "n_startup_trials": cell_args.startup,
+        "metrics": metrics,
+        "before": {name: summary["sets"][name]["before"] for name in inputs.sets},
+        "selected_trial": (ours["card"] or {}).get("trial"),
+        "trial_states": ours["trial_states"],
+        "start_up_s": ours["start_up_s"],
+        "eval_s": summary["eval_s"],
+    }
+
+
+def _run_and_write(variant: str, seed: int, args, out: str) -> str:
+    result = run_cell(variant, seed, args, out)
+    path = Path(out) / "cells" / f"{cell_name(variant, seed)}.json"
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(result, indent=1))
+    os.replace(tmp, path)  # a cell file is whole or absent
+    return cell_name(variant, seed)
+
+
+def mean_std(values: list[float]) -> dict:
+    n = len(values)
+    mean = sum(values) / n
+    std = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1)) if n > 1 else 0.0
+    return {"mean": mean, "std": std, "n": n}
+
+
+def summarize(cells: list[dict]) -> dict:
+    """Per variant: each metric's mean and std over its seeds, and of its difference from the baseline cell of
+    the same seed (only seeds both have)."""
+    by_variant: dict[str, dict[int, dict]] = {}
+    for cell in cells:
+        by_variant.setdefault(cell["variant"], {})[cell["seed"]] = cell["metrics"]
+    baseline = by_variant.get("baseline", {})
+    summary = {}
+    for variant, seeds in by_variant.items():
+        metrics = [m for m in METRICS if all(m in values for values in seeds.values())]
+        row = {"seeds": sorted(seeds), "metrics": {m: mean_std([v[m] for v in seeds.values()]) for m in metrics}}
+        paired = sorted(set(seeds) & set(baseline))
+        if variant != "baseline" and paired:
+            row["minus_baseline"] = {m: mean_std([seeds[s][m] - baseline[s][m] for s in paired]) for m in metrics}
+        summary[variant] = row
+    return summary
+
+
+def table(summary: dict) -> str:
+    """Markdown: per variant, mean ± std, and the paired difference from the baseline below it."""
+    metrics = [m for m in METRICS if any(m in row["metrics"] for row in summary.values())]
+    lines = [
+        "| variant | seeds | " + " | ".join(metrics) + " |",
+        "|---|---|" + "---|" * len(metrics),
+    ]
+    for variant, row in summary.items():
+        cells = [f"{row['metrics'][m]['mean']:.4g} ± {row['metrics'][m]['std']:.2g}" for m in metrics]
+        lines.append(f"| {variant} | {len(row['seeds'])} | " + " | ".join(cells) + " |")
+        if "minus_baseline" in row:
+            diffs = [
+                f"{row['minus_baseline'][m]['mean']:+.4g} ± {row['minus_baseline'][m]['std']:.2g}" for m in metrics
+            ]
+            lines.append(
+                f"| − baseline, paired | {row['minus_baseline'][metrics[0]]['n']} | " + " | ".join(diffs) + " |"
+            )
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_run_arguments(parser)
+    parser.add_argument("--seeds", default="101-105", help='sampler seeds, "101-105" or "1,3,7" (default 101-105)')
+    parser.add_argument(
+        "--variants", default=",".join(VARIANTS), help=f"comma-separated, of: {', '.join(VARIANTS)} (default all)"
+    )
+    parser.add_argument("--jobs", type=int, default=1, help="cells run side by side (s/trial needs 1)")
+    args = parser.parse_args()
+    check_run_arguments(parser, args)
+    args.projected, args.norm_preserving = "true", "false"  # the tool's defaults; variants override them
+    variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+    unknown = [v for v in variants if v not in VARIANTS]
+    if unknown:
+        parser.error(f"--variants: unknown {', '.join(unknown)}; choose from {', '.join(VARIANTS)}")
+    try:
+        seeds = parse_seeds(args.seeds)
+    except ValueError:
+        parser.error(f'--seeds {args.seeds!r}: give a range such as "101-105" or a list such as "1,3,7"')
+    if args.jobs < 1:
+        parser.error("--jobs must be >= 1")
+
+    _set_up_process()
+    out = Path(args.out or f"/tmp/bench-defaults-{args.organism}")
+    (out / "cells").mkdir(parents=True, exist_ok=True)
+    if args.organism != "tiny" and prepare_inputs(args, out) is None:
+        print(f"bench_defaults: {SHARED} (data and organisms/smollm2-refusal) is absent; skipping", file=sys.stderr)
+        print(json.dumps({"organism": args.organism, "skipped": f"{SHARED} absent"}))
+        return
+    # The original's rates, once, before any cell (cells then read them from OUT/cache).
+    inputs = prepare_inputs(args, out)
+    evaluator = Evaluator(
+        str(inputs.model_dir),
+        inputs.sets,
+        inputs.harmful_sets,
+        inputs.harmless_sets,
+        args,
+        inputs.system_prompt,
+        out / "cache",
+    )
+    before = evaluator.baseline()["rates"]
+    del evaluator
+
+    todo = [(v, s) for s in seeds for v in variants if not (out / "cells" / f"{cell_name(v, s)}.json").is_file()]
+    done = len(seeds) * len(variants) - len(todo)
+    print(f"bench_defaults: {len(todo)} cells to run, {done} already done, {args.jobs} at a time", file=sys.stderr)
+    start = time.perf_counter()
+    # One fresh process per cell (maxtasksperchild=1): a cell never runs in a process another cell warmed up.
+    with multiprocessing.get_context("spawn").Pool(args.jobs, maxtasksperchild=1) as pool:
+        pending = [pool.apply_async(_run_and_write, (v, s, args, str(out))) for v, s in todo]
+        for i, job in enumerate(pending, 1):
+            name = job.get()
+            elapsed = time.perf_counter() - start
+            print(f"bench_defaults: cell {name} done ({i}/{len(todo)}, {elapsed:.0f}s)", file=sys.stderr)
+
+    cells = [json.loads(p.read_text()) for p in sorted((out / "cells").glob("*.json"))]
+    cells = [c for c in cells if c["variant"] in variants and c["seed"] in seeds]
+    summary = summarize(cells)
+    (out / "table.md").write_text(table(summary))
+    result = {
+        "organism": args.organism,
+        "model": str(inputs.model_dir),
+        "trials": args.trials,
+        "n_startup_trials": args.startup,
+        "seeds": seeds,
+        "max_new_tokens": args.max_new_tokens,
+        "kl_n": args.kl_n,
+        "jobs": args.jobs,
+        "cpu": f"{os.cpu_count()} cores",
+        "before": before,
+        "variants": {v: VARIANTS[v] for v in variants},
+        "summary": summary,
+        "wall_s": round(time.perf_counter() - start, 1),
+    }
+    (out / "summary.json").write_text(json.dumps(result, indent=1))
+    print(table(summary), file=sys.stderr)
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,94 @@
+"""scripts/bench_defaults.py: the paired lever table's maths, and one small run on the tiny organism."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import optuna
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "scripts"))
+import bench_defaults  # noqa: E402
+
+
+def cell(variant: str, seed: int, **metrics) -> dict:
+    return {"variant": variant, "seed": seed, "metrics": metrics}
+
+
+def test_seeds_parse_as_ranges_and_lists():
+    assert bench_defaults.parse_seeds("101-105") == [101, 102, 103, 104, 105]
+    assert bench_defaults.parse_seeds("1,3,7-8") == [1, 3, 7, 8]
+
+
+def test_summary_pairs_each_variant_with_the_baseline_of_the_same_seed():
+    cells = [
+        cell("baseline", 1, kl_n_token=0.02, refusal_harmful_test=0.10),
+        cell("baseline", 2, kl_n_token=0.04, refusal_harmful_test=0.00),
+        cell("baseline", 3, kl_n_token=0.03, refusal_harmful_test=0.05),
+        cell("lever", 1, kl_n_token=0.01, refusal_harmful_test=0.10),
+        cell("lever", 2, kl_n_token=0.05, refusal_harmful_test=0.02),  # seed 3 missing: paired on 1 and 2
+    ]
+    summary = bench_defaults.summarize(cells)
+    base = summary["baseline"]["metrics"]["kl_n_token"]
+    assert base["mean"] == pytest.approx(0.03) and base["std"] == pytest.approx(0.01) and base["n"] == 3
+    assert "minus_baseline" not in summary["baseline"]
+    diff = summary["lever"]["minus_baseline"]["kl_n_token"]  # -0.01 and +0.01
+    assert diff["mean"] == pytest.approx(0.0) and diff["std"] == pytest.approx(0.0141421, rel=1e-4) and diff["n"] == 2
+    refusals = summary["lever"]["minus_baseline"]["refusal_harmful_test"]  # 0 and +0.02
+    assert refusals["mean"] == pytest.approx(0.01)
+    table = bench_defaults.table(summary)
+    assert "| lever | 2 |" in table and "| − baseline, paired | 2 |" in table
+
+
+@pytest.mark.slow
+def test_a_small_run_applies_each_lever_writes_every_cell_and_resumes(organism_dir, tmp_path):
+    out = tmp_path / "bench"
+    command = [
+        sys.executable,
+        str(ROOT / "scripts/bench_defaults.py"),
+        "--organism",
+        "tiny",
+        "--model",
+        str(organism_dir),
+        "--trials",
+        "3",
+        "--eval-limit",
+        "8",
+        "--seeds",
+        "1-2",
+        "--variants",
+        "baseline,not_projected,no_steer_to_target",
+        "--jobs",
+        "2",
+        "--out",
+        str(out),
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    cells = {p.stem: json.loads(p.read_text()) for p in (out / "cells").glob("*.json")}
+    assert set(cells) == {f"{v}-s{s}" for v in ("baseline", "not_projected", "no_steer_to_target") for s in (1, 2)}
+    # The summary is the cells' own numbers.
+    for variant in ("baseline", "not_projected"):
+        values = [cells[f"{variant}-s{s}"]["metrics"]["kl_n_token"] for s in (1, 2)]
+        assert result["summary"][variant]["metrics"]["kl_n_token"]["mean"] == pytest.approx(sum(values) / 2, abs=1e-5)
+
+    # Each lever reached the search: the studies' stored choices differ exactly where the variant says.
+    def trials(variant: str) -> list:
+        storage = f"sqlite:///{out / 'runs' / f'{variant}-s1' / 'ours' / 'study.db'}"
+        return optuna.load_study(study_name="abliterate", storage=storage).trials
+
+    assert {t.params["projected"] for t in trials("baseline")} == {True}
+    assert {t.params["projected"] for t in trials("not_projected")} == {False}
+    assert all("constraints:refusal_rate_over_target" in t.system_attrs for t in trials("baseline"))
+    assert not any("constraints:refusal_rate_over_target" in t.system_attrs for t in trials("no_steer_to_target"))
+    assert not (out / "runs" / "baseline-s1" / "ours" / "model").exists()  # evaluated, then removed
+    # A second run finds every cell and runs none.
+    before = {p.name: p.stat().st_mtime_ns for p in (out / "cells").glob("*.json")}
+    again = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
+    assert again.returncode == 0 and "0 cells to run, 6 already done" in again.stderr
+    assert {p.name: p.stat().st_mtime_ns for p in (out / "cells").glob("*.json")} == before
