@@ -1,7 +1,7 @@
 """Defaults from data (issue #14): each search lever on and off, paired over seeds, at equal trial budget.
 
     OMP_NUM_THREADS=1 python scripts/bench_defaults.py --organism smollm2-refusal --trials 30 \
-        --seeds 101-105 --out /tmp/bench-defaults                    # every lever, 5 seeds (~9 h per lever on 2 cores)
+        --seeds 101-105 --out /tmp/bench-defaults   # 10 variants x 5 seeds: 50 cells of ~13 min on one core
     OMP_NUM_THREADS=1 python scripts/bench_defaults.py --organism tiny --trials 20 --seeds 1-5
 
 A cell is one (variant, seed): the whole `abliterate run` pipeline (bench_quality.run_ours: fresh study, fresh
@@ -9,7 +9,8 @@ process) followed by bench_quality's evaluation of its export against the origin
 set, over-refusal, first-token and --kl-n-token KL, agreement_16). The baseline variant is the tool's defaults at
 bench_quality's settings; every other variant changes one setting (VARIANTS). Each cell is written to
 OUT/cells/VARIANT-sSEED.json when it finishes, and a rerun skips the cells it finds, so an interrupted
-benchmark resumes; the export is deleted once evaluated (OUT/runs keeps each study and trials.csv).
+benchmark resumes; the export and the run's caches are deleted once evaluated (OUT/runs keeps each study and
+trials.csv).
 
 The summary gives, per variant, the mean and std over seeds of every metric, and of its difference from the
 baseline on the same seed (paired: the seed fixes the sampler's start). s/trial is only comparable between cells run
@@ -103,7 +104,9 @@ def run_cell(variant: str, seed: int, args, out: str) -> dict:
     )
     base = evaluator.baseline()
     summary = evaluator.summarize(base, evaluator.evaluate(ours["model_dir"]))
-    shutil.rmtree(ours["model_dir"])  # this cell's own export; its study and trials.csv stay
+    # This cell's own export and caches (~0.8 GB on smollm2); its study and trials.csv stay.
+    shutil.rmtree(ours["model_dir"])
+    shutil.rmtree(run_dir / "ours" / "cache", ignore_errors=True)
     metrics = {f"refusal_{name}": summary["sets"][name]["after"] for name in inputs.harmful_sets}
     metrics.update(
         over_refusal=summary["over_refusal_after"],

@@ -154,7 +154,9 @@ def prepare_inputs(args, out: Path) -> Inputs | None:
         if name.endswith("_train") and args.train_limit:
             lines = lines[: args.train_limit]
         files[name] = prompts_dir / f"{name}.txt"
-        files[name].write_text("\n".join(lines) + "\n", encoding="utf-8")
+        tmp = prompts_dir / f".{name}.{os.getpid()}.tmp"  # whole or absent: bench_defaults' cells read it side by side
+        tmp.write_text("\n".join(lines) + "\n", encoding="utf-8")
+        os.replace(tmp, files[name])
     sets = {}
     for name in harmful_sets + harmless_sets:
         lines = [line for line in (source_dir / f"{name}.txt").read_text(encoding="utf-8").splitlines() if line.strip()]
