@@ -1,7 +1,7 @@
 """Defaults from data (issue #14): each search lever on and off, paired over seeds, at equal trial budget.
 
     OMP_NUM_THREADS=1 python scripts/bench_defaults.py --organism smollm2-refusal --trials 30 \
-        --seeds 101-105 --out /tmp/bench-defaults   # 10 variants x 5 seeds: 50 cells of ~13 min on one core
+        --seeds 101-105 --out /tmp/bench-defaults   # 11 variants x 5 seeds: 55 cells of ~13 min on one core
     OMP_NUM_THREADS=1 python scripts/bench_defaults.py --organism tiny --trials 20 --seeds 1-5
 
 A cell is one (variant, seed): the whole `abliterate run` pipeline (bench_quality.run_ours: fresh study, fresh
@@ -46,14 +46,16 @@ VARIANTS: dict[str, dict] = {
     "norm_preserving": {"space": {"norm_preserving": [True]}},
     "not_projected": {"space": {"projected": [False]}},
     "winsorize_0.995": {"space": {"winsorize": [0.995]}},
+    # SmolLM2's template ends a prompt with 5 tokens: <|im_end|>, newline, <|im_start|>, assistant, newline.
+    "positions_5": {"module": {"residual_positions": 5}},
     "global_only": {"space": {"direction_scope": ["global"]}},
     "per_layer_only": {"space": {"direction_scope": ["per_layer"]}},
     "startup_half": {"startup_factor": 0.5},
     "startup_double": {"startup_factor": 2.0},
     "no_steer_to_target": {"study": {"steer_to_target": False}},
 }
-"""Each lever against the baseline (one setting changed). Not here yet: directions read from more than the last
-prompt position, which the tool cannot do yet."""
+"""Each lever against the baseline, one setting changed: a search-space choice, a study option, or how the
+residuals are read (module)."""
 
 METRICS = (
     "refusal_harmful_test",
@@ -91,6 +93,7 @@ def run_cell(variant: str, seed: int, args, out: str) -> dict:
     cell_args.startup = max(1, round(args.startup * change.get("startup_factor", 1.0)))
     cell_args.space_overrides = change.get("space", {})
     cell_args.study_overrides = change.get("study", {})
+    cell_args.module_overrides = change.get("module", {})
     run_dir = out_dir / "runs" / cell_name(variant, seed)
     ours = run_ours(str(inputs.model_dir), inputs.files, cell_args, run_dir, inputs.tiny)
     evaluator = Evaluator(

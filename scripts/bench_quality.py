@@ -388,6 +388,7 @@ def run_ours(model_dir: str, files: dict[str, Path], args, out: Path, tiny: bool
         model_id=model_dir,
         load=LoadOptions(dtypes=["float32"]),
         evaluation=EvalOptions(max_new_tokens=args.max_new_tokens, kl_tokens=args.search_kl_tokens),
+        **getattr(args, "module_overrides", {}),  # bench_defaults' levers
     )
     data = PromptDataModule(
         harmful=PromptSource(str(files["harmful_train"])),

@@ -100,6 +100,7 @@ CASES = [
     Case("wrong-type", lambda c: c.args("run", "--study.n_trials", "many"), "n_trials"),
     Case("bad-literal", lambda c: c.args("run", "--space.components", "[attn, everything]"), "components"),
     Case("bad-quantile", lambda c: c.args("run", "--space.winsorize", "[0.99, 1.5]"), "winsorize"),
+    Case("no-positions", lambda c: c.args("run", "--module.residual_positions", "0"), "residual_positions"),
     Case(
         "broken-yaml",
         lambda c: c.args("run", "--config", str(write(c.tmp / "broken.yaml", "study: [1, 2\n"))),

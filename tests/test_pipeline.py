@@ -16,9 +16,12 @@ from abliterate.prompts import PromptSource, format_chat
 from abliterate.trainer import AbliterationTrainer
 
 
-def make_parts(organism_dir):
+def make_parts(organism_dir, residual_positions: int = 1):
     module = AbliterationModule(
-        model_id=str(organism_dir), load=LoadOptions(dtypes=["float32"]), evaluation=EvalOptions(max_new_tokens=12)
+        model_id=str(organism_dir),
+        load=LoadOptions(dtypes=["float32"]),
+        evaluation=EvalOptions(max_new_tokens=12),
+        residual_positions=residual_positions,
     )
     data = PromptDataModule(
         harmful=PromptSource(f"{organism_dir}/harmful_train.txt"),
@@ -64,6 +67,39 @@ def test_predict_collects_exact_last_token_residuals(organism_dir):
     g = mu_g / mu_g.norm(dim=-1, keepdim=True)
     diff = diff - (diff * g).sum(-1, keepdim=True) * g
     torch.testing.assert_close(module.directions[:, 0], diff / diff.norm(dim=-1, keepdim=True), atol=1e-5, rtol=1e-5)
+
+
+def test_residual_positions_average_the_prompts_last_tokens_and_key_the_cache(organism_dir, tmp_path):
+    module, data, trainer = make_parts(organism_dir)
+    last = Pipeline(trainer, module, data, tmp_path).residuals().tensors["harmful"]
+    module3, data3, trainer3 = make_parts(organism_dir, residual_positions=3)
+    tail = Pipeline(trainer3, module3, data3, tmp_path).residuals().tensors["harmful"]
+    assert len(list((tmp_path / "cache").glob("residuals-*"))) == 2  # its own cache entry, not the 1-token one
+    texts = format_chat(module3.tokenizer, data3.prompts("harmful")[:5])
+    for row, text in enumerate(texts):
+        ids = module3.tokenizer(text, return_tensors="pt", add_special_tokens=False)
+        with torch.no_grad():
+            out = module3.model(**ids, output_hidden_states=True)
+        for layer in range(module3.n_layers - 1):  # the last hidden state is post-norm
+            expected = out.hidden_states[layer + 1][0, -3:].mean(0)
+            torch.testing.assert_close(tail[row, layer], expected, atol=1e-4, rtol=1e-4)
+            torch.testing.assert_close(last[row, layer], out.hidden_states[layer + 1][0, -1], atol=1e-4, rtol=1e-4)
+    assert torch.equal(Pipeline(trainer, module, data, tmp_path).residuals().tensors["harmful"], last)  # a hit
+
+
+def test_residual_positions_leave_out_the_pads_of_short_prompts():
+    from abliterate.module import capture_last_token
+
+    hidden = torch.arange(2 * 4 * 3, dtype=torch.float32).reshape(2, 4, 3)
+    mask = torch.tensor([[0, 0, 1, 1], [1, 1, 1, 1]])  # left-padded: row 0 has two tokens
+    layer = torch.nn.Identity()
+    with capture_last_token([layer], positions=3, attention_mask=mask) as captured:
+        layer(hidden)
+    torch.testing.assert_close(captured[0][0], hidden[0, 2:].mean(0))
+    torch.testing.assert_close(captured[0][1], hidden[1, 1:].mean(0))
+    with capture_last_token([layer]) as captured:
+        layer(hidden)
+    assert torch.equal(captured[0], hidden[:, -1])
 
 
 def writer_projections(model, directions):

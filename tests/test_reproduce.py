@@ -164,6 +164,16 @@ def test_a_tampered_parameter_names_the_tensors_that_differ(exports, tmp_path, c
     assert "NOT reproduced: 2 of 4 edited tensors differ" in out
 
 
+def test_reproduce_reads_the_residuals_where_the_record_says(exports, tmp_path, capsys):
+    assert exports["settings"]["module"]["residual_positions"] == 1
+
+    def change(record):
+        record["config"]["module"]["residual_positions"] = 2
+
+    code, out, _ = reproduce(tampered(exports, tmp_path, change), capsys)
+    assert code == 1 and "directions: differ" in out  # the record's setting was used, not the default
+
+
 def test_a_tampered_hash_and_prompt_set_are_named(exports, tmp_path, capsys):
     name = "model.layers.1.self_attn.o_proj.weight"
 

@@ -34,6 +34,7 @@ def card_sections(card: dict) -> list[str]:
     config, model, trial = record.get("config", {}), record.get("model", {}), record.get("trial", {})
     study, prompts = config.get("study") or {}, record.get("prompts", {})
     params = trial.get("params", {})
+    positions = int((config.get("module") or {}).get("residual_positions", 1))
     winsorize = params.get("winsorize", ((config.get("space") or {}).get("winsorize") or [1.0])[0])
     counts = {role: p.get("count", "?") for role, p in prompts.items()}
     edited = record.get("edited_tensors")
@@ -43,7 +44,8 @@ def card_sections(card: dict) -> list[str]:
         "## How it was made",
         "",
         f"1. Residuals of {counts.get('harmful', '?')} harmful and {counts.get('harmless', '?')} harmless prompts at "
-        f"the last prompt token of every layer of `{model.get('id')}` ({model.get('dtype')}).",
+        f"{f'the last {positions} prompt tokens (averaged)' if positions > 1 else 'the last prompt token'} of every "
+        f"layer of `{model.get('id')}` ({model.get('dtype')}).",
         f"2. Refusal directions by {params.get('direction_method', 'mean_diff')}"
         f"{' (orthogonal to the harmless mean)' if params.get('projected', True) else ''}"
         f"{f', residuals clamped at their {winsorize} magnitude quantile' if winsorize != 1.0 else ''}.",

@@ -35,14 +35,22 @@ log = logging.getLogger("abliterate.module")
 
 
 @contextmanager
-def capture_last_token(layers: Sequence[nn.Module]) -> Iterator[list[Tensor | None]]:
-    """Record each layer's output residual at the last position (fp32); removes only its own hooks."""
+def capture_last_token(
+    layers: Sequence[nn.Module], positions: int = 1, attention_mask: Tensor | None = None
+) -> Iterator[list[Tensor | None]]:
+    """Record each layer's output residual at the last position (fp32), or averaged over the last `positions`
+    (left-padded batches: `attention_mask` leaves out the pads of prompts shorter than that); removes only its
+    own hooks."""
     captured: list[Tensor | None] = [None] * len(layers)
 
     def make_hook(i: int):
         def hook(module, args, output):
             hidden = output[0] if isinstance(output, tuple) else output
-            captured[i] = hidden[:, -1, :].float()
+            if positions == 1:
+                captured[i] = hidden[:, -1, :].float()
+            else:
+                weights = attention_mask[:, -positions:, None].to(torch.float32)
+                captured[i] = (hidden[:, -positions:, :].float() * weights).sum(1) / weights.sum(1)
 
         return hook
 
@@ -65,6 +73,7 @@ class AbliterationModule(L.LightningModule):
         load: LoadOptions = LoadOptions(),
         evaluation: EvalOptions = EvalOptions(),
         scorers: list[Scorer] | None = None,
+        residual_positions: int = 1,
     ):
         """
         Args:
@@ -73,9 +82,15 @@ class AbliterationModule(L.LightningModule):
             evaluation: how replies are generated and refusals and KL measured.
             scorers: the search objectives, first the refusal rate; None: refusals by markers, then KL
                 over `evaluation.kl_tokens` reply tokens, with Degeneration reported (not optimised).
+            residual_positions: directions read each layer's output averaged over the last n prompt tokens;
+                1 (default) reads the last only. More also reads the chat template's tokens before the reply
+                (e.g. the assistant header), where a refusal may be decided.
         """
         super().__init__()
+        if residual_positions < 1:
+            raise AbliterateError(f"module.residual_positions={residual_positions}: give 1 or more prompt tokens")
         self.model_id = model_id
+        self.residual_positions = residual_positions
         self.load_options = load
         self.eval_options = evaluation
         self.markers = list(evaluation.markers) if evaluation.markers else default_markers()
@@ -189,9 +204,11 @@ class AbliterationModule(L.LightningModule):
         if pass_ is self._default_pass:
             self.set_residuals(pass_.result)
 
-    def last_token_residuals(self, batch: dict) -> Tensor:
-        """[batch, layers, hidden]: every layer's output at the last prompt token."""
-        with capture_last_token(decoder_layers(self.model)) as captured:
+    def prompt_end_residuals(self, batch: dict) -> Tensor:
+        """[batch, layers, hidden]: every layer's output at the last prompt token (or the mean over the last
+        `residual_positions`)."""
+        positions, mask = self.residual_positions, batch["attention_mask"]
+        with capture_last_token(decoder_layers(self.model), positions, mask) as captured:
             self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], logits_to_keep=1)
         return torch.stack(captured, dim=1)
 

@@ -84,12 +84,12 @@ class Pass:
 
 
 class ResidualPass(Pass):
-    """Capture every layer's residual at the last prompt token for the direction roles."""
+    """Capture every layer's residual at the end of the prompt for the direction roles."""
 
     roles = RESIDUAL_ROLES
 
     def step(self, module, batch: dict) -> None:
-        self.keep(batch["role"], module.last_token_residuals(batch), batch["index"])
+        self.keep(batch["role"], module.prompt_end_residuals(batch), batch["index"])
 
     def finish(self, module) -> None:
         self.result = Residuals({role: module.gather(parts) for role, parts in self.rows.items()})

@@ -114,6 +114,8 @@ class Pipeline:
             model_stamp(self.module.model_id, self.module.load_options.revision),
             load_key(self.module.load_options),
             self.datamodule.fingerprint_parts(RESIDUAL_ROLES),
+            # Only a non-default value joins the key, so caches made before the option existed are still hits.
+            *([f"positions={self.module.residual_positions}"] if self.module.residual_positions != 1 else []),
         )
 
         def compute():

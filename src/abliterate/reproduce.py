@@ -222,6 +222,11 @@ def load_options(record: dict) -> LoadOptions:
         ) from None
 
 
+def residual_positions(record: dict) -> int:
+    """The recorded module.residual_positions (1 in records made before it existed)."""
+    return int((_section(record, "config", "module") or {}).get("residual_positions", 1))
+
+
 def data_options(record: dict) -> dict:
     """PromptDataModule keyword arguments for the recorded prompts and settings."""
     from abliterate.prompts import PromptSource

@@ -45,6 +45,7 @@ def resolved_config(out: Path, module, datamodule, study=None, space=None) -> di
     config = {
         "model": module.model_id,
         "module": {
+            "residual_positions": module.residual_positions,
             "load": asdict(module.load_options),
             "evaluation": asdict(module.eval_options),
             **({"scorers": scorers} if scorers != implied else {}),

@@ -75,7 +75,11 @@ def chat(
 def reproduce(trainer, module, export_dir: str) -> None:
     """Re-derive an export's edit from its base and reproduce.json (no search) and check it; exit 1 if it differs."""
     record, where = records.load_record(export_dir)
-    model = AbliterationModule(module.model_id or record["model"]["id"], load=records.load_options(record))
+    model = AbliterationModule(
+        module.model_id or record["model"]["id"],
+        load=records.load_options(record),
+        residual_positions=records.residual_positions(record),
+    )
     data = PromptDataModule(**records.data_options(record))
     with phase("residual collection", "nothing was kept"):
         Pipeline(trainer, model, data, None).residuals()  # no run dir: nothing cached is reused
