@@ -96,15 +96,7 @@ def run_cell(variant: str, seed: int, args, out: str) -> dict:
     cell_args.module_overrides = change.get("module", {})
     run_dir = out_dir / "runs" / cell_name(variant, seed)
     ours = run_ours(str(inputs.model_dir), inputs.files, cell_args, run_dir, inputs.tiny)
-    evaluator = Evaluator(
-        str(inputs.model_dir),
-        inputs.sets,
-        inputs.harmful_sets,
-        inputs.harmless_sets,
-        args,
-        inputs.system_prompt,
-        out_dir / "cache",
-    )
+    evaluator = Evaluator.of(inputs, args, out_dir / "cache")
     base = evaluator.baseline()
     summary = evaluator.summarize(base, evaluator.evaluate(ours["model_dir"]))
     # This cell's own export and caches (~0.8 GB on smollm2); its study and trials.csv stay.
@@ -211,23 +203,13 @@ def main() -> None:
     _set_up_process()
     out = Path(args.out or f"/tmp/bench-defaults-{args.organism}")
     (out / "cells").mkdir(parents=True, exist_ok=True)
-    if args.organism != "tiny" and prepare_inputs(args, out) is None:
+    inputs = prepare_inputs(args, out)
+    if inputs is None:
         print(f"bench_defaults: {SHARED} (data and organisms/smollm2-refusal) is absent; skipping", file=sys.stderr)
         print(json.dumps({"organism": args.organism, "skipped": f"{SHARED} absent"}))
         return
     # The original's rates, once, before any cell (cells then read them from OUT/cache).
-    inputs = prepare_inputs(args, out)
-    evaluator = Evaluator(
-        str(inputs.model_dir),
-        inputs.sets,
-        inputs.harmful_sets,
-        inputs.harmless_sets,
-        args,
-        inputs.system_prompt,
-        out / "cache",
-    )
-    before = evaluator.baseline()["rates"]
-    del evaluator
+    before = Evaluator.of(inputs, args, out / "cache").baseline()["rates"]
 
     todo = [(v, s) for s in seeds for v in variants if not (out / "cells" / f"{cell_name(v, s)}.json").is_file()]
     done = len(seeds) * len(variants) - len(todo)

@@ -263,6 +263,12 @@ class Evaluator:
         self.replies = None
         self.cache = cache
 
+    @classmethod
+    def of(cls, inputs: "Inputs", args, cache: Path) -> "Evaluator":
+        """The evaluator of `prepare_inputs`' model and sets."""
+        sets = (inputs.sets, inputs.harmful_sets, inputs.harmless_sets)
+        return cls(str(inputs.model_dir), *sets, args, inputs.system_prompt, cache)
+
     def _original(self):
         if self.original is None:
             self.original = load_lm(self.original_dir)
@@ -723,11 +729,10 @@ def main() -> None:
         print(f"bench_quality: {SHARED} (data and organisms/smollm2-refusal) is absent; skipping", file=sys.stderr)
         print(json.dumps({"organism": args.organism, "skipped": f"{SHARED} absent"}))
         return
-    tiny, model_dir, files, sets = inputs.tiny, inputs.model_dir, inputs.files, inputs.sets
+    tiny, model_dir, files = inputs.tiny, inputs.model_dir, inputs.files
     harmful_sets, harmless_sets = inputs.harmful_sets, inputs.harmless_sets
-    system_prompt, heretic_system = inputs.system_prompt, inputs.heretic_system
 
-    evaluator = Evaluator(str(model_dir), sets, harmful_sets, harmless_sets, args, system_prompt, out / "cache")
+    evaluator = Evaluator.of(inputs, args, out / "cache")
     base = evaluator.baseline()
     log.info("original: %s (%.0fs)", base["rates"], base["seconds"])
 
@@ -784,7 +789,7 @@ def main() -> None:
             if args.heretic_model:
                 peer = {"model_dir": args.heretic_model, "seconds_per_trial": args.compare_seconds_per_trial}
             else:
-                peer = run_heretic(args.heretic, str(model_dir), files, args, out, heretic_system)
+                peer = run_heretic(args.heretic, str(model_dir), files, args, out, inputs.heretic_system)
             evaluation = evaluator.evaluate(peer["model_dir"])
             summary = evaluator.summarize(base, evaluation)
             peer.setdefault("phases_s", {})["eval"] = summary["eval_s"]
