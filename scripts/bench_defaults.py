@@ -15,7 +15,8 @@ trials.csv).
 The summary gives, per variant, the mean and std over seeds of every metric, and of its difference from the
 baseline on the same seed (paired: the seed fixes the sampler's start). s/trial is only comparable between cells run
 one at a time (--jobs 1) on a quiet machine; --jobs N runs N cells side by side for the quality figures. It is
-written as OUT/summary.json and OUT/table.md; the last stdout line is the summary as one JSON object.
+written as OUT/summary.json and OUT/table.md; the last stdout line is the summary as one JSON object. --report
+summarises the cells OUT already holds and runs none (seeds or variants without cells are left out).
 """
 
 import argparse
@@ -186,6 +187,7 @@ def main() -> None:
         "--variants", default=",".join(VARIANTS), help=f"comma-separated, of: {', '.join(VARIANTS)} (default all)"
     )
     parser.add_argument("--jobs", type=int, default=1, help="cells run side by side (s/trial needs 1)")
+    parser.add_argument("--report", action="store_true", help="run no cell: summarise the cells already in OUT")
     args = parser.parse_args()
     check_run_arguments(parser, args)
     args.projected, args.norm_preserving = "true", "false"  # the tool's defaults; variants override them
@@ -213,6 +215,7 @@ def main() -> None:
 
     todo = [(v, s) for s in seeds for v in variants if not (out / "cells" / f"{cell_name(v, s)}.json").is_file()]
     done = len(seeds) * len(variants) - len(todo)
+    todo = [] if args.report else todo
     print(f"bench_defaults: {len(todo)} cells to run, {done} already done, {args.jobs} at a time", file=sys.stderr)
     start = time.perf_counter()
     # One fresh process per cell (maxtasksperchild=1): a cell never runs in a process another cell warmed up.

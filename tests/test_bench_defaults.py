@@ -92,3 +92,10 @@ def test_a_small_run_applies_each_lever_writes_every_cell_and_resumes(organism_d
     again = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
     assert again.returncode == 0 and "0 cells to run, 6 already done" in again.stderr
     assert {p.name: p.stat().st_mtime_ns for p in (out / "cells").glob("*.json")} == before
+    # --report with a seed that has no cells yet runs nothing and summarises what is there.
+    report = subprocess.run(
+        [*command[:-7], "1-3", *command[-6:], "--report"], capture_output=True, text=True, env=env, timeout=600
+    )
+    assert report.returncode == 0 and "0 cells to run, 6 already done" in report.stderr, report.stderr[-2000:]
+    assert json.loads(report.stdout.strip().splitlines()[-1])["summary"]["baseline"]["seeds"] == [1, 2]
+    assert not (out / "cells" / "baseline-s3.json").exists()
