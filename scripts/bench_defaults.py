@@ -9,8 +9,8 @@ process) followed by bench_quality's evaluation of its export against the origin
 set, over-refusal, first-token and --kl-n-token KL, agreement_16). The baseline variant is the tool's defaults at
 bench_quality's settings; every other variant changes one setting (VARIANTS). Each cell is written to
 OUT/cells/VARIANT-sSEED.json when it finishes, and a rerun skips the cells it finds, so an interrupted
-benchmark resumes; the export and the run's caches are deleted once evaluated (OUT/runs keeps each study and
-trials.csv).
+benchmark resumes (Ctrl-C or SIGTERM stops the running cells too). The export and the run's caches are deleted
+once evaluated (OUT/runs keeps each study and trials.csv).
 
 The summary gives, per variant, the mean and std over seeds of every metric, and of its difference from the
 baseline on the same seed (paired: the seed fixes the sampler's start). s/trial is only comparable between cells run
@@ -23,8 +23,10 @@ import argparse
 import json
 import math
 import multiprocessing
+import multiprocessing.connection
 import os
 import shutil
+import signal
 import sys
 import time
 from pathlib import Path
@@ -125,13 +127,43 @@ def run_cell(variant: str, seed: int, args, out: str) -> dict:
     }
 
 
-def _run_and_write(variant: str, seed: int, args, out: str) -> str:
+def _run_and_write(variant: str, seed: int, args, out: str) -> None:
     result = run_cell(variant, seed, args, out)
     path = Path(out) / "cells" / f"{cell_name(variant, seed)}.json"
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(result, indent=1))
     os.replace(tmp, path)  # a cell file is whole or absent
-    return cell_name(variant, seed)
+
+
+def run_cells(todo: list[tuple[str, int]], args, out: Path) -> list[str]:
+    """Each cell in a fresh process of its own, --jobs at a time (a cell never runs where another warmed up);
+    returns the cells that failed (their tracebacks are on stderr). Leaving early (Ctrl-C, SIGTERM) kills the
+    running cells: a cell file is written only by a cell that finished."""
+    context, queue, running, failed = multiprocessing.get_context("spawn"), list(todo), {}, []
+    start = time.perf_counter()
+    try:
+        while queue or running:
+            while queue and len(running) < args.jobs:
+                variant, seed = queue.pop(0)
+                cell = context.Process(target=_run_and_write, args=(variant, seed, args, str(out)))
+                cell.name = cell_name(variant, seed)
+                cell.start()
+                running[cell.sentinel] = cell
+            for sentinel in multiprocessing.connection.wait(list(running)):
+                cell = running.pop(sentinel)
+                cell.join()
+                if cell.exitcode != 0:
+                    failed.append(cell.name)
+                finished = len(todo) - len(queue) - len(running)
+                outcome = "done" if cell.exitcode == 0 else f"FAILED (exit {cell.exitcode})"
+                elapsed = time.perf_counter() - start
+                progress = f"{finished}/{len(todo)}, {elapsed:.0f}s"
+                print(f"bench_defaults: cell {cell.name} {outcome} ({progress})", file=sys.stderr)
+    finally:
+        for cell in running.values():
+            cell.kill()
+            cell.join()
+    return failed
 
 
 def mean_std(values: list[float]) -> dict:
@@ -218,13 +250,8 @@ def main() -> None:
     todo = [] if args.report else todo
     print(f"bench_defaults: {len(todo)} cells to run, {done} already done, {args.jobs} at a time", file=sys.stderr)
     start = time.perf_counter()
-    # One fresh process per cell (maxtasksperchild=1): a cell never runs in a process another cell warmed up.
-    with multiprocessing.get_context("spawn").Pool(args.jobs, maxtasksperchild=1) as pool:
-        pending = [pool.apply_async(_run_and_write, (v, s, args, str(out))) for v, s in todo]
-        for i, job in enumerate(pending, 1):
-            name = job.get()
-            elapsed = time.perf_counter() - start
-            print(f"bench_defaults: cell {name} done ({i}/{len(todo)}, {elapsed:.0f}s)", file=sys.stderr)
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))  # like Ctrl-C: cells are stopped
+    failed = run_cells(todo, args, out)
 
     cells = [json.loads(p.read_text()) for p in sorted((out / "cells").glob("*.json"))]
     cells = [c for c in cells if c["variant"] in variants and c["seed"] in seeds]
@@ -243,11 +270,15 @@ def main() -> None:
         "before": before,
         "variants": {v: VARIANTS[v] for v in variants},
         "summary": summary,
+        "failed_cells": failed,
         "wall_s": round(time.perf_counter() - start, 1),
     }
     (out / "summary.json").write_text(json.dumps(result, indent=1))
     print(table(summary), file=sys.stderr)
     print(json.dumps(result))
+    if failed:
+        print(f"bench_defaults: {len(failed)} cells failed: {', '.join(failed)} (rerun to retry them)", file=sys.stderr)
+        sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -2,8 +2,10 @@
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import optuna
@@ -99,3 +101,32 @@ def test_a_small_run_applies_each_lever_writes_every_cell_and_resumes(organism_d
     assert report.returncode == 0 and "0 cells to run, 6 already done" in report.stderr, report.stderr[-2000:]
     assert json.loads(report.stdout.strip().splitlines()[-1])["summary"]["baseline"]["seeds"] == [1, 2]
     assert not (out / "cells" / "baseline-s3.json").exists()
+
+
+def alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        return False
+    return state != "Z"
+
+
+@pytest.mark.slow
+def test_sigterm_stops_the_running_cells_and_writes_none(organism_dir, tmp_path):
+    out = tmp_path / "bench"
+    command = [sys.executable, str(ROOT / "scripts/bench_defaults.py"), "--organism", "tiny", "--model"]
+    command += [str(organism_dir), "--trials", "2000", "--seeds", "1-2", "--variants", "baseline", "--jobs", "2"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    log = tmp_path / "stderr.txt"
+    with log.open("w") as stderr:
+        bench = subprocess.Popen([*command, "--out", str(out)], stdout=subprocess.PIPE, stderr=stderr, env=env)
+        deadline = time.monotonic() + 300
+        while "abliterate.study: trial" not in log.read_text() and time.monotonic() < deadline:
+            time.sleep(0.5)
+        children = [int(pid) for pid in subprocess.check_output(["ps", "-o", "pid=", "--ppid", str(bench.pid)]).split()]
+        assert len(children) >= 2, log.read_text()[-2000:]  # both cells (and multiprocessing's resource tracker)
+        bench.send_signal(signal.SIGTERM)
+        assert bench.wait(timeout=60) == 128 + signal.SIGTERM
+    time.sleep(1)
+    assert not [pid for pid in children if alive(pid)]  # no cell left running on its own
+    assert not list((out / "cells").glob("*"))  # and none written half-way
