@@ -22,7 +22,7 @@ from abliterate.ablation import AblationParams, ComponentKernel, WeightEditor
 from abliterate.directions import compute_directions
 from abliterate.metrics import KLDivergence, default_markers, generate_responses, is_refusal, next_token_logprobs
 from abliterate.models import decoder_layers, residual_writers
-from abliterate.module import capture_last_token
+from abliterate.module import capture_prompt_end
 from abliterate.prompts import format_chat
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -65,7 +65,7 @@ def main() -> None:
         rows = []
         for i in range(0, len(prompts), 32):
             batch = encode(prompts[i : i + 32])
-            with capture_last_token(decoder_layers(model)) as captured:
+            with capture_prompt_end(decoder_layers(model)) as captured:
                 model(**batch, logits_to_keep=1)
             rows.append(torch.stack(captured, dim=1))
         return torch.cat(rows)

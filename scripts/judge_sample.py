@@ -76,13 +76,13 @@ def readme_edit(model, tokenizer):
     from abliterate.directions import compute_directions
     from abliterate.editing import writers_of
     from abliterate.models import decoder_layers
-    from abliterate.module import capture_last_token
+    from abliterate.module import capture_prompt_end
 
     residuals = {}
     for name in ("harmful_train", "harmless_train"):
         rows = []
         for _, batch in batches(encode(tokenizer, read_prompts(name, N_DIRECTION)), 32, tokenizer.pad_token_id):
-            with torch.no_grad(), capture_last_token(decoder_layers(model)) as captured:
+            with torch.no_grad(), capture_prompt_end(decoder_layers(model)) as captured:
                 model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], logits_to_keep=1)
             rows.append(torch.stack(captured, dim=1))
         residuals[name] = torch.cat(rows)

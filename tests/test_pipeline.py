@@ -88,16 +88,16 @@ def test_residual_positions_average_the_prompts_last_tokens_and_key_the_cache(or
 
 
 def test_residual_positions_leave_out_the_pads_of_short_prompts():
-    from abliterate.module import capture_last_token
+    from abliterate.module import capture_prompt_end
 
     hidden = torch.arange(2 * 4 * 3, dtype=torch.float32).reshape(2, 4, 3)
     mask = torch.tensor([[0, 0, 1, 1], [1, 1, 1, 1]])  # left-padded: row 0 has two tokens
     layer = torch.nn.Identity()
-    with capture_last_token([layer], positions=3, attention_mask=mask) as captured:
+    with capture_prompt_end([layer], positions=3, attention_mask=mask) as captured:
         layer(hidden)
     torch.testing.assert_close(captured[0][0], hidden[0, 2:].mean(0))
     torch.testing.assert_close(captured[0][1], hidden[1, 1:].mean(0))
-    with capture_last_token([layer]) as captured:
+    with capture_prompt_end([layer]) as captured:
         layer(hidden)
     assert torch.equal(captured[0], hidden[:, -1])
 

@@ -35,7 +35,7 @@ log = logging.getLogger("abliterate.module")
 
 
 @contextmanager
-def capture_last_token(
+def capture_prompt_end(
     layers: Sequence[nn.Module], positions: int = 1, attention_mask: Tensor | None = None
 ) -> Iterator[list[Tensor | None]]:
     """Record each layer's output residual at the last position (fp32), or averaged over the last `positions`
@@ -208,7 +208,7 @@ class AbliterationModule(L.LightningModule):
         """[batch, layers, hidden]: every layer's output at the last prompt token (or the mean over the last
         `residual_positions`)."""
         positions, mask = self.residual_positions, batch["attention_mask"]
-        with capture_last_token(decoder_layers(self.model), positions, mask) as captured:
+        with capture_prompt_end(decoder_layers(self.model), positions, mask) as captured:
             self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], logits_to_keep=1)
         return torch.stack(captured, dim=1)
 
