@@ -350,7 +350,7 @@ def test_contrastive_pca_matches_dense_reference_cuda(case):
 def test_winsorize_clamps_at_the_pooled_magnitude_quantile():
     gen = torch.Generator().manual_seed(0)
     bad, good = torch.randn(7, LAYERS, 5, generator=gen), torch.randn(4, LAYERS, 5, generator=gen) * 3
-    clamped = winsorize([bad, good], 0.9)
+    clamped = winsorize(0.9, bad, good)
     for layer in range(LAYERS):
         magnitudes = sorted(torch.cat([bad[:, layer], good[:, layer]]).abs().flatten().tolist())
         bound = magnitudes[math.ceil(0.9 * len(magnitudes)) - 1]  # the k-th smallest, k = ceil(q N)
@@ -358,10 +358,11 @@ def test_winsorize_clamps_at_the_pooled_magnitude_quantile():
             expected = x[:, layer].clamp(-bound, bound)
             assert torch.equal(y[:, layer], expected)
         assert max(float(y[:, layer].abs().max()) for y in clamped) == bound  # some coordinate was clamped to it
-    assert winsorize([bad, good], 1.0)[0] is bad  # 1: untouched
+    assert winsorize(1.0, bad, good)[0] is bad  # 1: untouched
+    assert winsorize(0.9, bad, None, good)[1] is None  # an absent role passes through
     for quantile in (0.0, 1.5):
         with pytest.raises(DirectionError, match="winsorize"):
-            winsorize([bad, good], quantile)
+            winsorize(quantile, bad, good)
 
 
 def test_winsorize_one_is_bit_identical_to_no_winsorizing():

@@ -128,6 +128,17 @@ def test_layer_table_and_projections_on_plain_tensors():
     assert np.all(torch.cdist(coords[:, 0], coords[:, 0]).numpy() <= torch.cdist(pooled, pooled).numpy() + 1e-9)
 
 
+def test_layer_table_reads_the_residuals_the_directions_read():
+    from abliterate.directions import winsorize
+
+    torch.manual_seed(1)
+    bad, good = torch.randn(12, 3, 8, dtype=torch.float64) + 1.0, torch.randn(10, 3, 8, dtype=torch.float64)
+    bad[0, :, 5] = 80.0  # a massive activation
+    clamped = layer_table(bad, good, winsorize=0.9)
+    assert clamped == layer_table(*winsorize(0.9, bad, good))
+    assert clamped != layer_table(bad, good)
+
+
 def test_inspect_without_a_run_dir_study_writes_no_pareto(organism_config, organism_dir, tmp_path, capsys):
     out = tmp_path / "fresh"
     args = ["inspect", "--config", str(organism_config), "--model", str(organism_dir), "--output_dir", str(out)]

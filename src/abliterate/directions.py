@@ -286,9 +286,9 @@ def contrastive_pca(
     return ContrastivePCA(directions, top_values.contiguous())
 
 
-def winsorize(residuals: list[Tensor], quantile: float) -> list[Tensor]:
-    """Each tensor ``[n, L, d]`` with every coordinate clamped to ``[-c_l, c_l]``, where ``c_l`` is the
-    ``quantile`` of ``|x|`` over all prompts and coordinates of layer ``l`` in all the tensors pooled.
+def winsorize(quantile: float, *residuals: Tensor | None) -> tuple[Tensor | None, ...]:
+    """The residuals ``[n, L, d]`` (None passes through) with every coordinate clamped to ``[-c_l, c_l]``, where
+    ``c_l`` is the ``quantile`` of ``|x|`` over all prompts and coordinates of layer ``l`` of all of them pooled.
 
     A few hidden dimensions carry "massive activations" hundreds of times larger than the rest; they
     dominate means and covariances without saying anything about refusal. quantile 1 returns the
@@ -296,13 +296,14 @@ def winsorize(residuals: list[Tensor], quantile: float) -> list[Tensor]:
     """
     if not 0.0 < quantile <= 1.0:
         raise DirectionError(f"winsorize quantile must be in (0, 1], got {quantile}")
-    if quantile == 1.0:
+    present = [x for x in residuals if x is not None]
+    if quantile == 1.0 or not present:
         return residuals
-    layers = residuals[0].shape[1]
-    pooled = torch.cat([x.transpose(0, 1).reshape(layers, -1) for x in residuals], dim=1).abs()  # [L, N]
+    layers = present[0].shape[1]
+    pooled = torch.cat([x.transpose(0, 1).reshape(layers, -1) for x in present], dim=1).abs()  # [L, N]
     k = max(1, math.ceil(quantile * pooled.shape[1]))
     bound = pooled.kthvalue(k, dim=1).values[None, :, None]  # [1, L, 1]
-    return [torch.maximum(torch.minimum(x, bound), -bound) for x in residuals]
+    return tuple(None if x is None else torch.maximum(torch.minimum(x, bound), -bound) for x in residuals)
 
 
 # ---- the entry point -----------------------------------------------------------------------
@@ -340,9 +341,7 @@ def compute_directions(
     if unhelpful is not None:
         _check_residuals("unhelpful", unhelpful, like=bad)
     dtype = compute_dtype(bad, good)
-    if winsorize_quantile != 1.0:
-        clamped = winsorize([bad, good] + ([unhelpful] if unhelpful is not None else []), winsorize_quantile)
-        bad, good, unhelpful = clamped[0], clamped[1], (clamped[2] if unhelpful is not None else None)
+    bad, good, unhelpful = winsorize(winsorize_quantile, bad, good, unhelpful)
     if method == "mean_diff":
         if k != 1:
             raise DirectionError(

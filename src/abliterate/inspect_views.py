@@ -23,6 +23,7 @@ import torch
 from torch import Tensor
 
 from abliterate.directions import compute_directions, contrastive_pca
+from abliterate.directions import winsorize as winsorize_residuals
 from abliterate.rundir import atomic_path
 
 log = logging.getLogger("abliterate.inspect")
@@ -39,10 +40,13 @@ def layer_table(
     alpha: float = 1.0,
     projected: bool = False,
     unhelpful: Tensor | None = None,
+    winsorize: float = 1.0,
 ) -> list[dict[str, float | int | None]]:
-    """One row per layer: the statistics of the module docstring (float64)."""
+    """One row per layer: the statistics of the module docstring (float64), of the residuals the directions
+    read (clamped first when `winsorize` < 1)."""
     bad, good = bad.double(), good.double()
     unhelpful = unhelpful.double() if unhelpful is not None else None
+    bad, good, unhelpful = winsorize_residuals(winsorize, bad, good, unhelpful)
     options = dict(method=method, k=k, alpha=alpha, projected=projected)
     r = compute_directions(bad, good, unhelpful=unhelpful, **options)[:, 0]  # [L, d]
     norms = (bad.mean(0) - good.mean(0)).norm(dim=-1)
