@@ -9,6 +9,7 @@ import logging
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import astuple
 
 import lightning as L
 import torch
@@ -238,7 +239,7 @@ class AbliterationModule(L.LightningModule):
 
     def directions_for(self, options: DirectionOptions) -> Tensor:
         """Refusal directions [L, k, d] from the collected residuals, memoised per option set."""
-        key = (options.method, options.k, options.alpha, options.projected, options.winsorize)
+        key = astuple(options)  # every field: a new direction option cannot be left out of the key
         if key not in self._direction_cache:
             for role in ("harmful", "harmless"):
                 if role not in self.residuals:
