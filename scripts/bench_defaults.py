@@ -99,7 +99,7 @@ def run_cell(variant: str, seed: int, args, out: str) -> dict:
     cell_args.module_overrides = change.get("module", {})
     run_dir = out_dir / "runs" / cell_name(variant, seed)
     ours = run_ours(str(inputs.model_dir), inputs.files, cell_args, run_dir, inputs.tiny)
-    evaluator = Evaluator.of(inputs, args, out_dir / "cache")
+    evaluator = Evaluator(inputs, args, out_dir / "cache")
     base = evaluator.baseline()
     summary = evaluator.summarize(base, evaluator.evaluate(ours["model_dir"]))
     # This cell's own export and caches (~0.8 GB on smollm2); its study and trials.csv stay.
@@ -243,7 +243,7 @@ def main() -> None:
         print(json.dumps({"organism": args.organism, "skipped": f"{SHARED} absent"}))
         return
     # The original's rates, once, before any cell (cells then read them from OUT/cache).
-    before = Evaluator.of(inputs, args, out / "cache").baseline()["rates"]
+    before = Evaluator(inputs, args, out / "cache").baseline()["rates"]
 
     todo = [(v, s) for s in seeds for v in variants if not (out / "cells" / f"{cell_name(v, s)}.json").is_file()]
     done = len(seeds) * len(variants) - len(todo)

@@ -238,36 +238,22 @@ def divergence(original, model, tokenizer, encoded, replies, n: int, batch_size:
 class Evaluator:
     """Evaluates a model dir against the original on the eval sets; the original's rates are cached."""
 
-    def __init__(
-        self,
-        original_dir: str,
-        sets: dict[str, list[str]],
-        harmful: tuple,
-        harmless: tuple,
-        args,
-        system_prompt,
-        cache: Path,
-    ):
+    def __init__(self, inputs: Inputs, args, cache: Path):
+        """`prepare_inputs`' model and evaluation sets, at `args`' lengths; the original's rates cached in `cache`."""
         from transformers import AutoTokenizer
 
         from abliterate.metrics import default_markers
 
-        self.original_dir = original_dir
-        self.tokenizer = AutoTokenizer.from_pretrained(original_dir)
+        self.original_dir = str(inputs.model_dir)
+        self.tokenizer = AutoTokenizer.from_pretrained(self.original_dir)
         self.markers = default_markers()
-        self.sets = sets
-        self.harmful, self.harmless = harmful, harmless
+        self.sets = inputs.sets
+        self.harmful, self.harmless = inputs.harmful_sets, inputs.harmless_sets
         self.args = args
-        self.encoded = {name: encode(self.tokenizer, prompts, system_prompt) for name, prompts in sets.items()}
+        self.encoded = {name: encode(self.tokenizer, texts, inputs.system_prompt) for name, texts in self.sets.items()}
         self.original = None
         self.replies = None
         self.cache = cache
-
-    @classmethod
-    def of(cls, inputs: "Inputs", args, cache: Path) -> "Evaluator":
-        """The evaluator of `prepare_inputs`' model and sets."""
-        sets = (inputs.sets, inputs.harmful_sets, inputs.harmless_sets)
-        return cls(str(inputs.model_dir), *sets, args, inputs.system_prompt, cache)
 
     def _original(self):
         if self.original is None:
@@ -732,7 +718,7 @@ def main() -> None:
     tiny, model_dir, files = inputs.tiny, inputs.model_dir, inputs.files
     harmful_sets, harmless_sets = inputs.harmful_sets, inputs.harmless_sets
 
-    evaluator = Evaluator.of(inputs, args, out / "cache")
+    evaluator = Evaluator(inputs, args, out / "cache")
     base = evaluator.baseline()
     log.info("original: %s (%.0fs)", base["rates"], base["seconds"])
 
