@@ -8,7 +8,10 @@ report (trials.csv, pareto.png, selection), export (the checkpoint written besid
 and exit (after the export, or "nothing new"). The kills are aimed phase by phase, each while its work
 is still ahead (cached residuals are not collected again; the export happens once, so its kills come
 before the report's, which every rerun passes again); when a phase ends before its share is spent, the
-rest go to phases every rerun passes (startup, report, exit). Inside a phase each kill lands at a random
+rest go to phases every rerun passes (startup, report, exit). A kill that overshoots residuals or
+reference before one has landed there removes that phase's cache, so the next run passes through it
+again (a run recomputes a missing cache; the reference pass lasts about 0.1 s, one slice too many
+closes it for good). Inside a phase each kill lands at a random
 moment: a random delay after the line that opens a long phase (startup, trials, exit), or, for the
 short ones (residuals, reference, report: tenths of a second; export: milliseconds), a random slice
 while the run is advanced in 5 ms (export: 1 ms) slices with SIGSTOP/SIGCONT. The phase a kill landed
@@ -48,6 +51,8 @@ PHASES = ("startup", "residuals", "reference", "trials", "report", "export", "ex
 # it says "nothing new"), so it goes before the report, which every later rerun passes through again.
 TARGETS = ("startup", "residuals", "reference", "trials", "export", "report", "exit")
 REQUIRED = ("residuals", "reference", "trials", "export")
+# Phases a run passes once, until their cache is written: a kill that overshoots one closes it for good.
+ONE_SHOT = ("residuals", "reference")
 # Shares of the kills beyond one per phase (trials are the longest phase and the one with most state).
 WEIGHTS = {"startup": 1, "residuals": 2, "reference": 2, "trials": 6, "report": 1, "export": 2, "exit": 1}
 
@@ -248,6 +253,13 @@ def stray_temps(run_dir: Path, export: Path) -> list[str]:
 
 def cached(run_dir: Path, name: str) -> bool:
     return any((run_dir / "cache").glob(f"{name}-*.safetensors"))
+
+
+def reopen(run_dir: Path, phase: str) -> None:
+    """Remove a one-shot phase's cache after a kill overshot it, so a rerun passes through it again."""
+    for path in (run_dir / "cache").glob(f"{phase}-*.safetensors"):
+        path.unlink()
+    log(f"the kill overshot {phase} before any landed there: removed its cache so the next run redoes it")
 
 
 def exported(export: Path) -> bool:
@@ -551,6 +563,8 @@ def soak(
                 killer.trial_kills_left -= 1
             killer.landed(target, phase)
             killer.learn(run)
+            if target in ONE_SHOT and landed[target] == 0 and PHASES.index(phase) > PHASES.index(target):
+                reopen(run_dir, target)
             temps = stray_temps(run_dir, export)
             temps_after_kills.update(temps)
             journals += (run_dir / "study.db-journal").exists()  # killed inside a study write
