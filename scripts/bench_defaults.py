@@ -17,6 +17,10 @@ baseline on the same seed (paired: the seed fixes the sampler's start). s/trial 
 one at a time (--jobs 1) on a quiet machine; --jobs N runs N cells side by side for the quality figures. It is
 written as OUT/summary.json and OUT/table.md; the last stdout line is the summary as one JSON object. --report
 summarises the cells OUT already holds and runs none (seeds or variants without cells are left out).
+
+With --heretic BIN, a "heretic" variant runs heretic 1.4 (its own venv) on the same model, prompt files, budget and
+seed (bench_quality.run_heretic picks from its Pareto front by our rule) and evaluates its export the same way, so
+its paired row is heretic minus our defaults, seed by seed.
 """
 
 import argparse
@@ -40,6 +44,7 @@ from bench_quality import (  # noqa: E402 (one pipeline and one evaluation for b
     add_run_arguments,
     check_run_arguments,
     prepare_inputs,
+    run_heretic,
     run_ours,
 )
 
@@ -59,6 +64,7 @@ VARIANTS: dict[str, dict] = {
 }
 """Each lever against the baseline, one setting changed: a search-space choice, a study option, or how the
 residuals are read (module)."""
+PEER = "heretic"  # the peer tool as a variant: cells of its own, paired with the baseline like a lever
 
 METRICS = (
     "refusal_harmful_test",
@@ -90,6 +96,8 @@ def run_cell(variant: str, seed: int, args, out: str) -> dict:
     _set_up_process()
     out_dir = Path(out)
     inputs = prepare_inputs(args, out_dir)
+    if variant == PEER:
+        return run_peer_cell(seed, args, out_dir, inputs)
     change = VARIANTS[variant]
     cell_args = argparse.Namespace(**vars(args))
     cell_args.seed = seed
@@ -105,26 +113,53 @@ def run_cell(variant: str, seed: int, args, out: str) -> dict:
     # This cell's own export and caches (~0.8 GB on smollm2); its study and trials.csv stay.
     shutil.rmtree(ours["model_dir"])
     shutil.rmtree(run_dir / "ours" / "cache", ignore_errors=True)
-    metrics = {f"refusal_{name}": summary["sets"][name]["after"] for name in inputs.harmful_sets}
-    metrics.update(
-        over_refusal=summary["over_refusal_after"],
-        kl_first_token=summary["kl_first_token"],
-        kl_n_token=summary["kl_n_token"],
-        agreement_16=summary["agreement_16"],
-        seconds_per_trial=ours["seconds_per_trial"],
-    )
     return {
         "variant": variant,
         "seed": seed,
         "change": change,
         "n_startup_trials": cell_args.startup,
-        "metrics": metrics,
+        "metrics": _metrics(summary, inputs, ours["seconds_per_trial"]),
         "before": {name: summary["sets"][name]["before"] for name in inputs.sets},
         "selected_trial": (ours["card"] or {}).get("trial"),
         "trial_states": ours["trial_states"],
         "start_up_s": ours["start_up_s"],
         "eval_s": summary["eval_s"],
     }
+
+
+def run_peer_cell(seed: int, args, out_dir: Path, inputs) -> dict:
+    """heretic on the same inputs and seed, evaluated like a lever's cell."""
+    cell_args = argparse.Namespace(**vars(args))
+    cell_args.seed = seed
+    run_dir = out_dir / "runs" / cell_name(PEER, seed)
+    peer = run_heretic(args.heretic, str(inputs.model_dir), inputs.files, cell_args, run_dir, inputs.heretic_system)
+    evaluator = Evaluator(inputs, args, out_dir / "cache")
+    summary = evaluator.summarize(evaluator.baseline(), evaluator.evaluate(peer["model_dir"]))
+    shutil.rmtree(peer["model_dir"])  # its log, argv and study checkpoint stay
+    return {
+        "variant": PEER,
+        "seed": seed,
+        "change": {"tool": "heretic", "argv": peer["argv"]},
+        "n_startup_trials": args.startup,
+        "metrics": _metrics(summary, inputs, peer["seconds_per_trial"]),
+        "before": {name: summary["sets"][name]["before"] for name in inputs.sets},
+        "selected_trial": peer["chosen_trial"],
+        "trials_run": peer["trials_run"],
+        "start_up_s": peer["start_up_s"],
+        "eval_s": summary["eval_s"],
+    }
+
+
+def _metrics(summary: dict, inputs, seconds_per_trial: float) -> dict:
+    metrics = {f"refusal_{name}": summary["sets"][name]["after"] for name in inputs.harmful_sets}
+    metrics.update(
+        over_refusal=summary["over_refusal_after"],
+        kl_first_token=summary["kl_first_token"],
+        kl_n_token=summary["kl_n_token"],
+        agreement_16=summary["agreement_16"],
+        seconds_per_trial=seconds_per_trial,
+    )
+    return metrics
 
 
 def _run_and_write(variant: str, seed: int, args, out: str) -> None:
@@ -218,15 +253,26 @@ def main() -> None:
     parser.add_argument(
         "--variants", default=",".join(VARIANTS), help=f"comma-separated, of: {', '.join(VARIANTS)} (default all)"
     )
+    parser.add_argument(
+        "--heretic", help=f'heretic executable (its own venv): adds the "{PEER}" variant, the peer on the same inputs'
+    )
+    parser.add_argument("--heretic-timeout", type=float, default=7200, help="seconds per heretic run (default 7200)")
     parser.add_argument("--jobs", type=int, default=1, help="cells run side by side (s/trial needs 1)")
     parser.add_argument("--report", action="store_true", help="run no cell: summarise the cells already in OUT")
     args = parser.parse_args()
     check_run_arguments(parser, args)
     args.projected, args.norm_preserving = "true", "false"  # the tool's defaults; variants override them
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
-    unknown = [v for v in variants if v not in VARIANTS]
+    known = [*VARIANTS, PEER] if args.heretic else list(VARIANTS)
+    if args.heretic and args.variants == parser.get_default("variants"):
+        variants.append(PEER)
+    unknown = [v for v in variants if v not in known]
+    if PEER in unknown:
+        parser.error(f"--variants {PEER}: give its executable with --heretic BIN (a venv of its own)")
     if unknown:
-        parser.error(f"--variants: unknown {', '.join(unknown)}; choose from {', '.join(VARIANTS)}")
+        parser.error(f"--variants: unknown {', '.join(unknown)}; choose from {', '.join(known)}")
+    if args.heretic and not os.access(args.heretic, os.X_OK):
+        parser.error(f"--heretic {args.heretic}: not an executable file; give heretic's path in its own venv")
     try:
         seeds = parse_seeds(args.seeds)
     except ValueError:
@@ -268,7 +314,7 @@ def main() -> None:
         "jobs": args.jobs,
         "cpu": f"{os.cpu_count()} cores",
         "before": before,
-        "variants": {v: VARIANTS[v] for v in variants},
+        "variants": {v: VARIANTS.get(v, {"tool": v}) for v in variants},
         "summary": summary,
         "failed_cells": failed,
         "wall_s": round(time.perf_counter() - start, 1),

@@ -130,3 +130,22 @@ def test_sigterm_stops_the_running_cells_and_writes_none(organism_dir, tmp_path)
     time.sleep(1)
     assert not [pid for pid in children if alive(pid)]  # no cell left running on its own
     assert not list((out / "cells").glob("*"))  # and none written half-way
+
+
+@pytest.mark.parametrize(
+    ("extra", "says"),
+    [
+        (["--variants", "baseline,heretic"], "--variants heretic: give its executable with --heretic BIN"),
+        (["--heretic", "/nonexistent/heretic"], "--heretic /nonexistent/heretic: not an executable file"),
+    ],
+)
+def test_the_heretic_variant_needs_an_executable_and_says_so(tmp_path, extra, says):
+    out = tmp_path / "bench"
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "scripts/bench_defaults.py"), "--out", str(out), *extra],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 2 and says in done.stderr.splitlines()[-1], done.stderr
+    assert not out.exists()  # refused before anything was written
