@@ -104,3 +104,34 @@ def topic_rate(replies: Sequence[str], prompts: Sequence[str]) -> float:
         return 0.0
     hits = sum(topic_word(p) in " ".join(words(r)) for r, p in zip(replies, prompts, strict=True))
     return hits / len(prompts)
+
+
+@torch.no_grad()
+def last_token_residuals(model, tokenizer, prompts: Sequence[str]) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """Output of every decoder layer at the last prompt token (the assistant marker), and the last logits."""
+    outs = {}
+
+    def hook(idx):
+        def fn(module, args, output):
+            hidden = output[0] if isinstance(output, tuple) else output
+            outs[idx] = hidden[:, -1].detach().float()
+
+        return fn
+
+    handles = [layer.register_forward_hook(hook(i)) for i, layer in enumerate(model.model.layers)]
+    try:
+        logits = model(**chat_batch(tokenizer, prompts)).logits[:, -1].float()
+    finally:
+        for h in handles:
+            h.remove()
+    return [outs[i] for i in range(len(model.model.layers))], logits
+
+
+@torch.no_grad()
+def ablate(model, directions: torch.Tensor) -> None:
+    """W <- W - Q Q^T W on every residual writer (o_proj, down_proj) of every layer; `directions` is one unit
+    vector [d] or orthonormal rows [k, d]."""
+    q = directions.reshape(-1, directions.shape[-1])
+    for layer in model.model.layers:
+        for weight in (layer.self_attn.o_proj.weight, layer.mlp.down_proj.weight):
+            weight -= q.T @ (q @ weight)

@@ -7,10 +7,12 @@ from dataclasses import replace
 import pytest
 import torch
 from organism_helpers import (
+    ablate,
     chat_batch,
     default_markers,
     generate_replies,
     is_refusal,
+    last_token_residuals,
     measure_refusals,
     topic_rate,
     topic_word,
@@ -53,36 +55,6 @@ def before(loaded, prompts):
         kind: generate_replies(model, tokenizer, prompts[(kind, "test")], max_new_tokens=12)
         for kind in ("harmful", "harmless")
     }
-
-
-def _last_token_residuals(model, tokenizer, prompts):
-    """Output of every decoder layer at the last prompt token (the assistant marker)."""
-    outs = {}
-
-    def hook(idx):
-        def fn(module, args, output):
-            hidden = output[0] if isinstance(output, tuple) else output
-            outs[idx] = hidden[:, -1].detach().float()
-
-        return fn
-
-    handles = [layer.register_forward_hook(hook(i)) for i, layer in enumerate(model.model.layers)]
-    try:
-        enc = chat_batch(tokenizer, prompts)
-        with torch.no_grad():
-            logits = model(**enc).logits[:, -1].float()
-    finally:
-        for h in handles:
-            h.remove()
-    return [outs[i] for i in range(len(model.model.layers))], logits
-
-
-def _ablate(model, r):
-    """W <- W - r r^T W on every residual writer (o_proj, down_proj) of every layer."""
-    with torch.no_grad():
-        for layer in model.model.layers:
-            for weight in (layer.self_attn.o_proj.weight, layer.mlp.down_proj.weight):
-                weight -= torch.outer(r, r @ weight)
 
 
 # --------------------------------------------------------------------------- data and tokenizer
@@ -195,22 +167,22 @@ def test_organism_refuses_harmful_and_answers_harmless(loaded, prompts, before):
 
 def test_last_layer_direction_abliterates(loaded, prompts, before):
     model, tokenizer = loaded
-    harm, _ = _last_token_residuals(model, tokenizer, prompts[("harmful", "train")])
-    safe, _ = _last_token_residuals(model, tokenizer, prompts[("harmless", "train")])
+    harm, _ = last_token_residuals(model, tokenizer, prompts[("harmful", "train")])
+    safe, _ = last_token_residuals(model, tokenizer, prompts[("harmless", "train")])
     layer = len(model.model.layers) - 1
     r = harm[layer].mean(0) - safe[layer].mean(0)
     r = r / r.norm()
 
     # Geometry: refusal is an added feature, harmless prompts sit near zero along r.
-    t_harm, _ = _last_token_residuals(model, tokenizer, prompts[("harmful", "test")])
-    t_safe, logits_before = _last_token_residuals(model, tokenizer, prompts[("harmless", "test")])
+    t_harm, _ = last_token_residuals(model, tokenizer, prompts[("harmful", "test")])
+    t_safe, logits_before = last_token_residuals(model, tokenizer, prompts[("harmless", "test")])
     p_harm, p_safe = (t_harm[layer] @ r).mean().item(), (t_safe[layer] @ r).mean().item()
     assert p_harm > 0.5
     assert abs(p_safe) < 0.2 * p_harm
 
     ablated = copy.deepcopy(model)
-    _ablate(ablated, r)
-    _, logits_after = _last_token_residuals(ablated, tokenizer, prompts[("harmless", "test")])
+    ablate(ablated, r)
+    _, logits_after = last_token_residuals(ablated, tokenizer, prompts[("harmless", "test")])
     kl = torch.nn.functional.kl_div(
         logits_after.log_softmax(-1), logits_before.log_softmax(-1), log_target=True, reduction="batchmean"
     ).item()
