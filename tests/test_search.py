@@ -80,6 +80,21 @@ def test_select_min_kl_under_falls_back_to_fewest_refusals_with_a_warning(caplog
     assert "no trial reaches" in caplog.text
 
 
+@pytest.mark.parametrize(
+    ("refusals", "methods", "hinted"),
+    [(0.4, ["mean_diff"], True), (0.04, ["mean_diff"], False), (0.4, ["mean_diff", "contrastive_pca"], False)],
+)
+def test_a_pick_above_the_target_names_contrastive_pca_only_when_the_space_lacks_it(caplog, refusals, methods, hinted):
+    from abliterate.verbs import hint_more_directions
+
+    chosen = synthetic_trials([(refusals, 0.01)])[0]
+    with caplog.at_level("WARNING", logger="abliterate"):
+        hint_more_directions(chosen, StudyOptions(refusal_target=0.05), SearchSpace(direction_methods=methods))
+    assert ("configs/examples/contrastive_pca.yaml" in caplog.text) is hinted, caplog.text
+    if hinted:
+        assert f"refusal rate of {refusals:.3f}" in caplog.text
+
+
 def test_select_knee_and_number():
     # a convex front whose knee is (0.1, 0.1)
     trials = synthetic_trials([(1.0, 0.0), (0.1, 0.1), (0.05, 0.6), (0.0, 1.0), (0.5, 0.5)])

@@ -114,7 +114,7 @@ def recheck(pipe: Pipeline, study, space, reference, classifier: ClassifierOptio
         (pipe.run_dir / "classifier_recheck.json").write_text(json.dumps(rows, indent=2))
 
 
-def report(pipe: Pipeline, study: optuna.Study, options: StudyOptions, interactive: bool = False):
+def report(pipe: Pipeline, study: optuna.Study, options: StudyOptions, space: SearchSpace, interactive: bool = False):
     """trials.csv, pareto.png and the log summary; on a terminal, the user may pick another trial."""
     trials = study.get_trials(deepcopy=False)
     chosen = pipe.choose(study, options)
@@ -124,9 +124,23 @@ def report(pipe: Pipeline, study: optuna.Study, options: StudyOptions, interacti
         write_trials_csv(study, pipe.run_dir / "trials.csv")
         plot_pareto(trials, front, chosen, names, pipe.run_dir / "pareto.png")
         log_study(trials, front, chosen, names, options.select)
+        hint_more_directions(chosen, options, space)
         if interactive and sys.stdin.isatty() and sys.stdout.isatty():
             chosen = choose_from_front(trials, front, chosen, names)
     return chosen
+
+
+def hint_more_directions(chosen: optuna.trial.FrozenTrial, options: StudyOptions, space: SearchSpace) -> None:
+    """Refusals left above the target by a mean-difference-only space: name the lever that removed them on the
+    two-styles organism (one mean difference cannot remove a refusal carried by two directions)."""
+    if chosen.values[0] > options.refusal_target and "contrastive_pca" not in space.direction_methods:
+        log.warning(
+            "the pick leaves a refusal rate of %.3f, above study.refusal_target %g: when refusal is carried by more "
+            "than one direction one mean difference cannot remove it; add contrastive PCA to the space (--config "
+            "configs/examples/contrastive_pca.yaml, see docs/benchmarks.md) or run more trials",
+            chosen.values[0],
+            options.refusal_target,
+        )
 
 
 def trial_by_number(study: optuna.Study, number: int) -> optuna.trial.FrozenTrial:
@@ -221,7 +235,7 @@ def run(
         fail_interrupted_trials(trainer, optuna_study, study)
         search_study(pipe, optuna_study, study, space, reference)
         recheck(pipe, optuna_study, space, reference, classifier)
-        chosen = report(pipe, optuna_study, study, interactive=interactive)
+        chosen = report(pipe, optuna_study, study, space, interactive=interactive)
         same = previous is not None and previous.get("format", "merged") == export_format
         if same and previous.get("trial") == chosen.number and not overwrite:
             print(f"nothing new: {target} already holds trial {chosen.number} of this study", file=sys.stderr)
@@ -298,7 +312,7 @@ def search(
         search_study(pipe, optuna_study, study, space, reference)
         if not is_worker():  # the coordinator reports once all workers are done
             recheck(pipe, optuna_study, space, reference, classifier)
-            report(pipe, optuna_study, study)
+            report(pipe, optuna_study, study, space)
     return optuna_study
 
 
@@ -331,7 +345,7 @@ def export(
             pipe.residuals()  # the directions; the reference is only needed for the card's "before"
         reference = pipe.reference()
         if chosen is None:
-            chosen = report(pipe, optuna_study, study, interactive=True)
+            chosen = report(pipe, optuna_study, study, space, interactive=True)
         reported = pipe.reported_values(chosen, space, reference)
         pipe.export(
             pipe.plan_of(chosen, space),
