@@ -39,6 +39,7 @@ FLOORS = {
         "reproduce",
         "thinking",
         "organism_thinking",
+        "organism_two_styles",
         "inspect_views",
         "benchmark",
     },
