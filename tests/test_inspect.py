@@ -147,3 +147,33 @@ def test_inspect_without_a_run_dir_study_writes_no_pareto(organism_config, organ
     written = json.loads(stdout.strip().splitlines()[-1])
     assert "pareto_png" not in written and (out / "inspect" / "layers.csv").is_file()
     assert not (out / "study.db").exists()
+
+
+def test_second_direction_is_large_where_two_directions_carry_the_shift_and_exact():
+    from abliterate.inspect_views import second_direction
+
+    torch.manual_seed(0)
+    d, n = 8, 40
+    e1, e2 = torch.eye(d, dtype=torch.float64)[:2]
+    good = 0.05 * torch.randn(n, 1, d, dtype=torch.float64)
+    noise = 0.05 * torch.randn(n, 1, d, dtype=torch.float64)
+    two = noise + torch.cat([2 * e1.expand(n // 2, 1, d), 2 * e2.expand(n // 2, 1, d)])  # two families
+    one = noise + 2 * e1  # one shift for every prompt
+
+    # Reference: the dense eigenproblem of P C P, C = S_b - S_g, P removing the mean difference.
+    def reference(bad):
+        diff = bad.mean(0)[0] - good.mean(0)[0]
+        r = diff / diff.norm()
+        p = torch.eye(d, dtype=torch.float64) - torch.outer(r, r)
+        c = torch.cov(bad[:, 0].T) - torch.cov(good[:, 0].T)
+        return torch.linalg.eigvalsh(p @ c @ p)[-1] / diff.square().sum()
+
+    for bad in (two, one):
+        assert second_direction(bad, good).tolist() == pytest.approx([float(reference(bad))], rel=1e-9)
+    # Two families at +-sqrt(2) along (e1 - e2)/sqrt(2) around a mean difference of norm sqrt(2): ratio n/(n-1).
+    assert float(second_direction(two, good)[0]) == pytest.approx(n / (n - 1), rel=0.05)
+    assert float(second_direction(one, good)[0]) < 0.01
+    rows = layer_table(two, good)
+    assert rows[0]["second_direction"] == pytest.approx(float(second_direction(two, good)[0]))
+    # Too few prompts for a second direction: the column is empty, the table still written.
+    assert layer_table(two[:1], good[:1])[0]["second_direction"] is None

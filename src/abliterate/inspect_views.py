@@ -9,6 +9,11 @@ from the ``[n, L, d]`` residuals the run cached:
 - ``d_prime``: separation of the projections ``x . r`` of harmful (b) and harmless (g) prompts,
   ``(mu_b - mu_g) / sqrt((var_b + var_g) / 2)``, unbiased variances (one prompt per class: 0 variance).
 - ``cos_prev``: cosine between this layer's direction and the previous layer's (empty for layer 0).
+- ``second_direction``: the largest contrastive-PCA eigenvalue beside the layer's direction (k = 2, the given
+  alpha), over ``||mean(harmful) - mean(harmless)||^2``: the harmful-only variance a second direction would carry,
+  relative to the one the mean difference carries. About 0.5 on both layers of the two-styles organism, whose
+  refusal one mean difference cannot remove; at most 0.05 on the refusal layers of models where one direction
+  carries it (docs/benchmarks.md). Empty when the prompts cannot support a second direction.
 - ``eig_1 ... eig_{k-1}``: the contrastive PCA eigenvalues of the layer, when that method is asked for.
 """
 
@@ -22,13 +27,21 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from abliterate.directions import compute_directions, contrastive_pca
+from abliterate.directions import DirectionError, compute_directions, contrastive_pca
 from abliterate.directions import winsorize as winsorize_residuals
 from abliterate.rundir import atomic_path
 
 log = logging.getLogger("abliterate.inspect")
 
-COLUMNS = ("layer", "mean_diff_norm", "d_prime", "cos_prev", "harmful_proj_mean", "harmless_proj_mean")
+COLUMNS = (
+    "layer",
+    "mean_diff_norm",
+    "d_prime",
+    "cos_prev",
+    "harmful_proj_mean",
+    "harmless_proj_mean",
+    "second_direction",
+)
 
 
 def layer_table(
@@ -54,6 +67,7 @@ def layer_table(
     spread = ((_var(pb) + _var(pg)) / 2).sqrt()
     d_prime = (pb.mean(0) - pg.mean(0)) / spread
     cos = torch.nn.functional.cosine_similarity(r[1:], r[:-1], dim=-1)
+    second = second_direction(bad, good, alpha=alpha, projected=projected)
     eigen = None
     if method == "contrastive_pca" and k > 1:
         eigen = contrastive_pca(bad, good, alpha=alpha, k=k, projected=projected, dtype=torch.float64).eigenvalues
@@ -66,11 +80,22 @@ def layer_table(
             "cos_prev": float(cos[layer - 1]) if layer else None,
             "harmful_proj_mean": float(pb[:, layer].mean()),
             "harmless_proj_mean": float(pg[:, layer].mean()),
+            "second_direction": float(second[layer]) if second is not None else None,
         }
         if eigen is not None:
             row.update({f"eig_{i + 1}": float(v) for i, v in enumerate(eigen[layer])})
         rows.append(row)
     return rows
+
+
+def second_direction(bad: Tensor, good: Tensor, *, alpha: float = 1.0, projected: bool = False) -> Tensor | None:
+    """``[L]``: the top contrastive-PCA eigenvalue beside the first direction over the squared mean difference (the
+    module docstring); None when some layer has no positive one (too few prompts)."""
+    try:
+        spectrum = contrastive_pca(bad, good, alpha=alpha, k=2, projected=projected, dtype=torch.float64)
+    except DirectionError:
+        return None
+    return spectrum.eigenvalues[:, 0] / (bad.mean(0) - good.mean(0)).double().square().sum(-1)
 
 
 def _var(x: Tensor) -> Tensor:
@@ -126,6 +151,8 @@ def plot_layers(rows: list[dict], path: Path) -> bool:
     layers = [r["layer"] for r in rows]
     eig = sorted((c for c in rows[0] if c.startswith("eig_")), key=lambda c: int(c[4:]))
     panels = [("mean_diff_norm", "||mean diff||"), ("d_prime", "d' of projections"), ("cos_prev", "cos(prev layer)")]
+    if rows[0]["second_direction"] is not None:
+        panels.append(("second_direction", "2nd direction / ||mean diff||²"))
     fig, axes = plt.subplots(1, len(panels) + bool(eig), figsize=(3.2 * (len(panels) + bool(eig)), 2.8))
     for ax, (column, title) in zip(axes, panels, strict=False):
         points = [(r["layer"], r[column]) for r in rows if r[column] is not None]
@@ -178,6 +205,17 @@ def write_views(residuals: dict[str, Tensor], out: Path, **options) -> dict[str,
     rows = layer_table(bad, good, unhelpful=residuals.get("unhelpful"), **options)
     written = {"layers_csv": out / "layers.csv"}
     write_table(rows, written["layers_csv"])
+    if rows[0]["second_direction"] is not None:
+        top = max(rows, key=lambda row: row["second_direction"])
+        strongest = max(rows, key=lambda row: row["mean_diff_norm"])
+        log.info(
+            "second direction: %.3f of the mean difference's variance at layer %d (the most), %.3f at layer %d (the "
+            "largest mean difference); about 0.5 where one direction could not remove refusal (docs/benchmarks.md)",
+            top["second_direction"],
+            top["layer"],
+            strongest["second_direction"],
+            strongest["layer"],
+        )
     if plot_layers(rows, out / "layers.png"):
         written["layers_png"] = out / "layers.png"
     if plot_projections(projections_2d(bad, good), bad.shape[0], out / "projections.png"):
