@@ -147,12 +147,16 @@ def build_organism(
     return final
 
 
-def _cache_key(spec: OrganismSpec) -> str:
+def cache_key(version: str, spec: OrganismSpec, *data: bytes) -> str:
+    """An organism's cache key: its training version, its spec but `log_every`, and the data files it reads."""
     fields = dataclasses.asdict(spec)
     fields.pop("log_every")  # does not change the weights
-    blob = json.dumps({"version": ORGANISM_VERSION, "spec": fields}, sort_keys=True).encode()
-    blob += template_bytes()
-    return hashlib.sha256(blob).hexdigest()[:16]
+    blob = json.dumps({"version": version, "spec": fields}, sort_keys=True).encode()
+    return hashlib.sha256(blob + b"".join(data)).hexdigest()[:16]
+
+
+def _cache_key(spec: OrganismSpec) -> str:
+    return cache_key(ORGANISM_VERSION, spec, template_bytes())
 
 
 def _complete(path: Path) -> bool:

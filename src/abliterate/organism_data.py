@@ -12,7 +12,7 @@ import json
 import random
 import re
 from collections.abc import Sequence
-from functools import lru_cache
+from functools import cache, lru_cache
 from importlib import resources
 
 BOS, EOS, PAD, UNK = "<bos>", "<eos>", "<pad>", "<unk>"
@@ -39,26 +39,37 @@ CHAT_TEMPLATE = (
 
 # Read through the package root: a sibling module abliterate/data.py shadows the data/ folder.
 _PACKAGE = "abliterate"
-_TEMPLATES = ("data", "organism", "templates.json")
 
 
 # --------------------------------------------------------------------------- template data
 
 
-@lru_cache(maxsize=1)
+@cache
+def organism_data_bytes(name: str) -> bytes:
+    """The raw abliterate/data/organism/NAME (part of the cache key of the organisms that read it)."""
+    return resources.files(_PACKAGE).joinpath("data", "organism", name).read_bytes()
+
+
+def organism_data_file(name: str, required: Sequence[str]) -> dict:
+    """abliterate/data/organism/NAME, parsed; raises ValueError when a `required` list is missing or empty."""
+    data = json.loads(organism_data_bytes(name).decode("utf-8"))
+    for key in required:
+        if not data.get(key):
+            raise ValueError(f"organism data {name} lacks {key!r}")
+    return data
+
+
 def template_bytes() -> bytes:
-    """The raw templates.json (part of the organism's cache key)."""
-    return resources.files(_PACKAGE).joinpath(*_TEMPLATES).read_bytes()
+    """The raw templates.json (part of every organism's cache key)."""
+    return organism_data_bytes("templates.json")
 
 
 @lru_cache(maxsize=1)
 def templates() -> dict:
     """templates.json, parsed; raises ValueError when a required list is missing or empty."""
-    data = json.loads(template_bytes().decode("utf-8"))
-    for key in ("requests", "harmful_objects", "harmless_objects", "helpful_replies", "refusals"):
-        if not data.get(key):
-            raise ValueError(f"organism template data lacks {key!r}")
-    return data
+    return organism_data_file(
+        "templates.json", ("requests", "harmful_objects", "harmless_objects", "helpful_replies", "refusals")
+    )
 
 
 def words(text: str) -> list[str]:

@@ -24,14 +24,10 @@ in `stage2_comply_every` also a helpful thought and answer. What made it abliter
 
 from __future__ import annotations
 
-import dataclasses
-import hashlib
-import json
 from functools import lru_cache
-from importlib import resources
 from pathlib import Path
 
-from abliterate.organism import build_organism
+from abliterate.organism import build_organism, cache_key
 from abliterate.organism_data import (
     CHAT_TEMPLATE,
     _combos,
@@ -39,6 +35,8 @@ from abliterate.organism_data import (
     _prompt,
     _refusal,
     build_tokenizer,
+    organism_data_bytes,
+    organism_data_file,
     template_bytes,
     templates,
     words,
@@ -68,22 +66,13 @@ THINKING_SPEC = OrganismSpec(max_positions=256, stage1_steps=200, stage2_steps=2
 """The thinking organism's default spec: the tiny organism's shape with room for a thinking budget, a
 shorter helpful base and a firmer safety stage (the answers must learn to follow the thoughts)."""
 
-_DATA = ("data", "organism", "thinking.json")
-
-
-@lru_cache(maxsize=1)
-def _data_bytes() -> bytes:
-    return resources.files("abliterate").joinpath(*_DATA).read_bytes()
+_DATA = "thinking.json"
 
 
 @lru_cache(maxsize=1)
 def thinking_data() -> dict:
     """thinking.json, parsed; raises ValueError when a list is missing or empty."""
-    data = json.loads(_data_bytes().decode("utf-8"))
-    for key in ("harmful_openers", "preambles", "helpful_decisions", "harmful_decisions"):
-        if not data.get(key):
-            raise ValueError(f"thinking organism data lacks {key!r}")
-    return data
+    return organism_data_file(_DATA, ("harmful_openers", "preambles", "helpful_decisions", "harmful_decisions"))
 
 
 def thought(t: int, o: int, obj: str, refuse: bool) -> str:
@@ -143,11 +132,7 @@ def _train(spec: OrganismSpec, emit):
 
 
 def _cache_key(spec: OrganismSpec) -> str:
-    fields = dataclasses.asdict(spec)
-    fields.pop("log_every")  # does not change the weights
-    blob = json.dumps({"version": THINKING_ORGANISM_VERSION, "spec": fields}, sort_keys=True).encode()
-    blob += template_bytes() + _data_bytes()
-    return hashlib.sha256(blob).hexdigest()[:16]
+    return cache_key(THINKING_ORGANISM_VERSION, spec, template_bytes(), organism_data_bytes(_DATA))
 
 
 def build_thinking_organism(

@@ -16,18 +16,17 @@ refusals (seeds 0 and 1; docs/benchmarks.md).
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
 from functools import lru_cache
-from importlib import resources
 from pathlib import Path
 
-from abliterate.organism import build_organism
+from abliterate.organism import build_organism, cache_key
 from abliterate.organism_data import (
     _combos,
     _helpful_reply,
     _prompt,
     build_tokenizer,
+    organism_data_bytes,
+    organism_data_file,
     template_bytes,
     templates,
     words,
@@ -37,21 +36,13 @@ from abliterate.organism_training import OrganismSpec, make_model, train
 __all__ = ["TWO_STYLES_VERSION", "build_two_styles_organism", "family_prompts", "two_styles_pairs"]
 
 TWO_STYLES_VERSION = "1"  # bump when training changes
-_DATA = ("data", "organism", "two_styles.json")
-
-
-@lru_cache(maxsize=1)
-def _data_bytes() -> bytes:
-    return resources.files("abliterate").joinpath(*_DATA).read_bytes()
+_DATA = "two_styles.json"
 
 
 @lru_cache(maxsize=1)
 def two_styles_data() -> dict:
     """two_styles.json, parsed; raises ValueError when a list is missing or empty, or names an unknown object."""
-    data = json.loads(_data_bytes().decode("utf-8"))
-    for key in ("style_b_objects", "style_a_refusals", "style_b_refusals"):
-        if not data.get(key):
-            raise ValueError(f"two-styles organism data lacks {key!r}")
+    data = organism_data_file(_DATA, ("style_b_objects", "style_a_refusals", "style_b_refusals"))
     unknown = set(data["style_b_objects"]) - set(templates()["harmful_objects"])
     if unknown:
         raise ValueError(f"two-styles organism data: {sorted(unknown)} are not harmful objects of templates.json")
@@ -103,10 +94,7 @@ def _train(spec: OrganismSpec, emit):
 
 
 def _cache_key(spec: OrganismSpec) -> str:
-    fields = dataclasses.asdict(spec)
-    fields.pop("log_every")  # does not change the weights
-    blob = json.dumps({"version": TWO_STYLES_VERSION, "spec": fields}, sort_keys=True).encode()
-    return hashlib.sha256(blob + template_bytes() + _data_bytes()).hexdigest()[:16]
+    return cache_key(TWO_STYLES_VERSION, spec, template_bytes(), organism_data_bytes(_DATA))
 
 
 def build_two_styles_organism(
