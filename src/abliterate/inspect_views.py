@@ -9,8 +9,8 @@ from the ``[n, L, d]`` residuals the run cached:
 - ``d_prime``: separation of the projections ``x . r`` of harmful (b) and harmless (g) prompts,
   ``(mu_b - mu_g) / sqrt((var_b + var_g) / 2)``, unbiased variances (one prompt per class: 0 variance).
 - ``cos_prev``: cosine between this layer's direction and the previous layer's (empty for layer 0).
-- ``second_direction``: the largest contrastive-PCA eigenvalue beside the layer's direction (k = 2, the given
-  alpha), over ``||mean(harmful) - mean(harmless)||^2``: the harmful-only variance a second direction would carry,
+- ``second_direction``: the largest contrastive-PCA eigenvalue beside the mean difference (k = 2, the given alpha
+  and projection), over ``||mean(harmful) - mean(harmless)||^2``: the harmful-only variance a second direction would carry,
   relative to the one the mean difference carries. About 0.5 on both layers of the two-styles organism, whose
   refusal one mean difference cannot remove; at most 0.05 on the refusal layers of models where one direction
   carries it (docs/benchmarks.md). Empty when the prompts cannot support a second direction.
@@ -89,13 +89,20 @@ def layer_table(
 
 
 def second_direction(bad: Tensor, good: Tensor, *, alpha: float = 1.0, projected: bool = False) -> Tensor | None:
-    """``[L]``: the top contrastive-PCA eigenvalue beside the first direction over the squared mean difference (the
-    module docstring); None when some layer has no positive one (too few prompts)."""
-    try:
-        spectrum = contrastive_pca(bad, good, alpha=alpha, k=2, projected=projected, dtype=torch.float64)
-    except DirectionError:
-        return None
-    return spectrum.eigenvalues[:, 0] / (bad.mean(0) - good.mean(0)).double().square().sum(-1)
+    """``[L]``: the top contrastive-PCA eigenvalue beside the (projected, if asked) mean difference over the squared
+    mean difference (the module docstring); None when some layer has no positive one (too few prompts). One layer
+    at a time: the factorisation holds a float64 copy of the residuals, too much at once for a large model."""
+    top = []
+    for layer in range(bad.shape[1]):
+        one = slice(layer, layer + 1)
+        try:
+            spectrum = contrastive_pca(
+                bad[:, one], good[:, one], alpha=alpha, k=2, projected=projected, dtype=torch.float64
+            )
+        except DirectionError:
+            return None
+        top.append(spectrum.eigenvalues[0, 0])
+    return torch.stack(top) / (bad.mean(0) - good.mean(0)).double().square().sum(-1)
 
 
 def _var(x: Tensor) -> Tensor:
