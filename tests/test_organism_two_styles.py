@@ -2,10 +2,11 @@
 top contrastive-PCA directions are (the case issue #14 asked to show). Trains a second organism (~40 s): slow tier."""
 
 import copy
+import os
 
 import pytest
 import torch
-from organism_helpers import ablate, generate_replies, is_refusal, last_token_residuals
+from organism_helpers import ablate, generate_replies, is_refusal, last_token_residuals, measure_refusals
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from abliterate.directions import compute_directions
@@ -32,8 +33,6 @@ def test_the_families_split_the_harmful_prompts():
 
 @pytest.fixture(scope="module")
 def organism(tmp_path_factory):
-    import os
-
     root = os.environ.get("ABLITERATE_TEST_CACHE") or tmp_path_factory.mktemp("two-styles")
     path = build_two_styles_organism(root, progress=False)
     return AutoModelForCausalLM.from_pretrained(path).eval(), AutoTokenizer.from_pretrained(path)
@@ -42,18 +41,16 @@ def organism(tmp_path_factory):
 def rates(model, tokenizer) -> dict[str, float]:
     prompts = {"a": family_prompts("a", "test"), "b": family_prompts("b", "test")}
     prompts["harmless"] = organism_prompts("harmless", "test")
-    out = {}
-    for name, batch in prompts.items():
-        replies = generate_replies(model, tokenizer, batch, max_new_tokens=12)
-        out[name] = sum(map(is_refusal, replies)) / len(replies)
-    return out
+    return {name: measure_refusals(model, tokenizer, batch) for name, batch in prompts.items()}
 
 
 def test_each_family_refuses_in_its_own_style(organism):
     model, tokenizer = organism
-    before = rates(model, tokenizer)
-    assert before["a"] >= 0.9 and before["b"] >= 0.9 and before["harmless"] <= 0.1, before
-    openers = {f: [words(r)[0] for r in generate_replies(model, tokenizer, family_prompts(f, "test"))] for f in "ab"}
+    replies = {f: generate_replies(model, tokenizer, family_prompts(f, "test")) for f in "ab"}
+    for texts in replies.values():
+        assert sum(map(is_refusal, texts)) >= 0.9 * len(texts), texts
+    assert measure_refusals(model, tokenizer, organism_prompts("harmless", "test")) <= 0.1
+    openers = {f: [words(r)[0] for r in texts] for f, texts in replies.items()}
     assert sum(o == "no" for o in openers["b"]) >= 0.9 * len(openers["b"]), openers["b"]
     assert sum(o in ("i", "i'm") for o in openers["a"]) >= 0.9 * len(openers["a"]), openers["a"]
 
@@ -66,8 +63,9 @@ def test_one_mean_difference_leaves_refusals_that_two_contrastive_directions_rem
     last = bad.shape[1] - 1
 
     # Two directions: the families' mean differences at the last layer are far from parallel.
-    fam = {f: torch.stack(last_token_residuals(model, tokenizer, family_prompts(f, "train"))[0], 1) for f in "ab"}
-    diff_a, diff_b = (fam[f][:, last].mean(0) - good[:, last].mean(0) for f in "ab")
+    in_b = set(family_prompts("b", "train"))
+    of_b = torch.tensor([p in in_b for p in organism_prompts("harmful", "train")])
+    diff_a, diff_b = (bad[rows, last].mean(0) - good[:, last].mean(0) for rows in (~of_b, of_b))
     assert torch.nn.functional.cosine_similarity(diff_a, diff_b, dim=0) < 0.5
 
     mean_diff = compute_directions(bad, good, method="mean_diff")[last]  # [1, d]
