@@ -481,6 +481,7 @@ def run_ours(model_dir: str, files: dict[str, Path], args, out: Path, tiny: bool
 
 
 # ---- heretic (run only, under a pseudo-terminal) --------------------------------------------
+_HERETIC_TRIAL = re.compile(r"Running trial (\d+) of (\d+)")
 _ANSI = re.compile(r"\x1b\[[0-9;?]*[ -/]*[@-~]|\x1b[()][0-9A-B]|\x1b[=>]|\r")
 
 
@@ -500,6 +501,7 @@ class Terminal:
         os.close(slave)
         self.buf = ""
         self.log = log_path.open("w", encoding="utf-8")
+        self.start = time.perf_counter()
 
     def _read(self, timeout: float) -> bool | None:
         ready, _, _ = select.select([self.master], [], [], timeout)
@@ -514,6 +516,8 @@ class Terminal:
         text = _ANSI.sub("", data.decode("utf-8", "replace"))
         self.log.write(text)
         self.log.flush()
+        for number, total in _HERETIC_TRIAL.findall(text):  # its own progress goes to the pty: show it on stderr
+            log.info("heretic: trial %s of %s (%.0fs)", number, total, time.perf_counter() - self.start)
         self.buf += text
         return True
 
