@@ -10,9 +10,11 @@ A cell is one (variant, seed): the whole `abliterate run` pipeline (bench_qualit
 process) followed by bench_quality's evaluation of its export against the original (refusal rates on every harmful
 set, over-refusal, first-token and --kl-n-token KL, agreement_16). The baseline variant is the tool's defaults at
 bench_quality's settings; every other variant changes one setting (VARIANTS). Each cell is written to
-OUT/cells/VARIANT-sSEED.json when it finishes, and a rerun skips the cells it finds, so an interrupted
-benchmark resumes (Ctrl-C or SIGTERM stops the running cells too). The export and the run's caches are deleted
-once evaluated (OUT/runs keeps each study and trials.csv).
+OUT/cells/VARIANT-sSEED-DIGEST.json when it finishes, DIGEST naming everything the cell ran with (the arguments,
+and every option of our run, the tool's defaults included), and a rerun skips the cells it finds, so an
+interrupted benchmark resumes (Ctrl-C or SIGTERM stops the running cells too), and a changed default makes new
+cells. The export and the run's caches are deleted once evaluated (OUT/runs/VARIANT-sSEED-DIGEST keeps each study
+and trials.csv).
 
 The summary gives, per variant, the mean and std over seeds of every metric, and of its difference from the
 baseline on the same seed (paired: the seed fixes the sampler's start). s/trial is only comparable between cells run
@@ -26,6 +28,8 @@ its paired row is heretic minus our defaults, seed by seed.
 """
 
 import argparse
+import hashlib
+import inspect
 import json
 import math
 import multiprocessing
@@ -35,6 +39,7 @@ import shutil
 import signal
 import sys
 import time
+from dataclasses import asdict, is_dataclass
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -45,6 +50,7 @@ from bench_quality import (  # noqa: E402 (one pipeline and one evaluation for b
     _set_up_process,
     add_run_arguments,
     check_run_arguments,
+    our_options,
     prepare_inputs,
     run_heretic,
     run_ours,
@@ -63,9 +69,12 @@ VARIANTS: dict[str, dict] = {
     "startup_half": {"startup_factor": 0.5},
     "startup_double": {"startup_factor": 2.0},
     "no_steer_to_target": {"study": {"steer_to_target": False}},
+    # Two settings: winsorising shifted the whole front to lower KL on seeds 101-104, and a lower target spends
+    # part of that on fewer refusals (picks under 0.05 refused more of HarmBench and JBB than of the search's set).
+    "winsorize_target_0.02": {"space": {"winsorize": [0.995]}, "study": {"refusal_target": 0.02}},
 }
-"""Each lever against the baseline, one setting changed: a search-space choice, a study option, or how the
-residuals are read (module)."""
+"""Each lever against the baseline, one setting changed (a search-space choice, a study option, or how the
+residuals are read (module)), and candidate defaults that change more than one."""
 PEER = "heretic"  # the peer tool as a variant: cells of its own, paired with the baseline like a lever
 
 METRICS = (
@@ -91,17 +100,24 @@ def parse_seeds(text: str) -> list[int]:
     return seeds
 
 
-def cell_name(variant: str, seed: int) -> str:
-    return f"{variant}-s{seed}"
+CELL_ARGUMENTS = (
+    "organism",
+    "trials",
+    "startup",
+    "train_limit",
+    "eval_limit",
+    "max_new_tokens",
+    "kl_n",
+    "search_kl_tokens",
+    "search_batch_size",
+    "eval_batch_size",
+    "refusal_target",
+)
+"""The arguments a cell's numbers depend on (besides the seed, the model and, for our cells, the options)."""
 
 
-def run_cell(variant: str, seed: int, args, out: str) -> dict:
-    """One cell in this (fresh) process: the pipeline, then the evaluation of its export."""
-    _set_up_process()
-    out_dir = Path(out)
-    inputs = prepare_inputs(args, out_dir)
-    if variant == PEER:
-        return run_peer_cell(seed, args, out_dir, inputs)
+def variant_args(variant: str, seed: int, args) -> argparse.Namespace:
+    """The benchmark's arguments with one variant's change applied, as run_ours reads them."""
     change = VARIANTS[variant]
     cell_args = argparse.Namespace(**vars(args))
     cell_args.seed = seed
@@ -109,7 +125,49 @@ def run_cell(variant: str, seed: int, args, out: str) -> dict:
     cell_args.space_overrides = change.get("space", {})
     cell_args.study_overrides = change.get("study", {})
     cell_args.module_overrides = change.get("module", {})
-    run_dir = out_dir / "runs" / cell_name(variant, seed)
+    return cell_args
+
+
+def cell_settings(variant: str, seed: int, args, inputs) -> dict:
+    """Everything a cell's numbers depend on but the code, as JSON values: the benchmark's arguments and, for our
+    cells, every option the run resolves to, the tool's defaults included."""
+    settings = {"model": str(inputs.model_dir), "seed": seed, **{name: getattr(args, name) for name in CELL_ARGUMENTS}}
+    if variant == PEER:
+        return {**settings, "tool": PEER}
+    from abliterate.module import AbliterationModule
+
+    options = our_options(variant_args(variant, seed, args), inputs.tiny)
+    module = {
+        name: parameter.default
+        for name, parameter in inspect.signature(AbliterationModule.__init__).parameters.items()
+        if name not in ("self", "model_id")
+    }
+    module.update(options["module"])
+    settings.update(module=module, space=options["space"], study=options["study"])
+    return json.loads(json.dumps(settings, default=_plain))
+
+
+def cell_name(variant: str, seed: int, settings: dict) -> str:
+    """VARIANT-sSEED-DIGEST, DIGEST naming the cell's settings: a changed default or argument makes new cells
+    (files and run dirs) instead of reusing cells that ran with something else, which stay where they are."""
+    digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:10]
+    return f"{variant}-s{seed}-{digest}"
+
+
+def _plain(value):
+    return asdict(value) if is_dataclass(value) else str(value)
+
+
+def run_cell(variant: str, seed: int, args, out: str, name: str) -> dict:
+    """One cell in this (fresh) process: the pipeline, then the evaluation of its export."""
+    _set_up_process()
+    out_dir = Path(out)
+    inputs = prepare_inputs(args, out_dir)
+    if variant == PEER:
+        return run_peer_cell(seed, args, out_dir, inputs, name)
+    change = VARIANTS[variant]
+    cell_args = variant_args(variant, seed, args)
+    run_dir = out_dir / "runs" / name
     ours = run_ours(str(inputs.model_dir), inputs.files, cell_args, run_dir, inputs.tiny)
     evaluator = Evaluator(inputs, args, out_dir / "cache")
     base = evaluator.baseline()
@@ -131,11 +189,11 @@ def run_cell(variant: str, seed: int, args, out: str) -> dict:
     }
 
 
-def run_peer_cell(seed: int, args, out_dir: Path, inputs) -> dict:
+def run_peer_cell(seed: int, args, out_dir: Path, inputs, name: str) -> dict:
     """heretic on the same inputs and seed, evaluated like a lever's cell."""
     cell_args = argparse.Namespace(**vars(args))
     cell_args.seed = seed
-    run_dir = out_dir / "runs" / cell_name(PEER, seed)
+    run_dir = out_dir / "runs" / name
     peer = run_heretic(args.heretic, str(inputs.model_dir), inputs.files, cell_args, run_dir, inputs.heretic_system)
     evaluator = Evaluator(inputs, args, out_dir / "cache")
     summary = evaluator.summarize(evaluator.baseline(), evaluator.evaluate(peer["model_dir"]))
@@ -166,15 +224,15 @@ def _metrics(summary: dict, inputs, seconds_per_trial: float) -> dict:
     return metrics
 
 
-def _run_and_write(variant: str, seed: int, args, out: str) -> None:
-    result = run_cell(variant, seed, args, out)
-    path = Path(out) / "cells" / f"{cell_name(variant, seed)}.json"
+def _run_and_write(variant: str, seed: int, args, out: str, name: str, settings: dict) -> None:
+    result = {**run_cell(variant, seed, args, out, name), "settings": settings}
+    path = Path(out) / "cells" / f"{name}.json"
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(result, indent=1))
     os.replace(tmp, path)  # a cell file is whole or absent
 
 
-def run_cells(todo: list[tuple[str, int]], args, out: Path) -> list[str]:
+def run_cells(todo: list[tuple[str, int, str, dict]], args, out: Path) -> list[str]:
     """Each cell in a fresh process of its own, --jobs at a time (a cell never runs where another warmed up);
     returns the cells that failed (their tracebacks are on stderr). Leaving early (Ctrl-C, SIGTERM) kills the
     running cells: a cell file is written only by a cell that finished."""
@@ -183,9 +241,9 @@ def run_cells(todo: list[tuple[str, int]], args, out: Path) -> list[str]:
     try:
         while queue or running:
             while queue and len(running) < args.jobs:
-                variant, seed = queue.pop(0)
-                cell = context.Process(target=_run_and_write, args=(variant, seed, args, str(out)))
-                cell.name = cell_name(variant, seed)
+                variant, seed, name, settings = queue.pop(0)
+                cell = context.Process(target=_run_and_write, args=(variant, seed, args, str(out), name, settings))
+                cell.name = name
                 cell.start()
                 running[cell.sentinel] = cell
             for sentinel in multiprocessing.connection.wait(list(running)):
@@ -295,16 +353,20 @@ def main() -> None:
     # The original's rates, once, before any cell (cells then read them from OUT/cache).
     before = Evaluator(inputs, args, out / "cache").baseline()["rates"]
 
-    todo = [(v, s) for s in seeds for v in variants if not (out / "cells" / f"{cell_name(v, s)}.json").is_file()]
-    done = len(seeds) * len(variants) - len(todo)
+    settings = {(v, s): cell_settings(v, s, args, inputs) for s in seeds for v in variants}
+    names = {cell: cell_name(*cell, settings[cell]) for cell in settings}
+    paths = [out / "cells" / f"{name}.json" for name in names.values()]
+    todo = [
+        (v, s, name, settings[v, s]) for (v, s), name in names.items() if not (out / "cells" / f"{name}.json").is_file()
+    ]
+    done = len(paths) - len(todo)
     todo = [] if args.report else todo
     print(f"bench_defaults: {len(todo)} cells to run, {done} already done, {args.jobs} at a time", file=sys.stderr)
     start = time.perf_counter()
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))  # like Ctrl-C: cells are stopped
     failed = run_cells(todo, args, out)
 
-    cells = [json.loads(p.read_text()) for p in sorted((out / "cells").glob("*.json"))]
-    cells = [c for c in cells if c["variant"] in variants and c["seed"] in seeds]
+    cells = [json.loads(path.read_text()) for path in paths if path.is_file()]
     summary = summarize(cells)
     (out / "table.md").write_text(table(summary))
     result = {

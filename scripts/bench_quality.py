@@ -378,30 +378,15 @@ def in_fresh_process(fn, *args):
         return pool.apply(_call_set_up, (fn, *args))
 
 
-def run_ours(model_dir: str, files: dict[str, Path], args, out: Path, tiny: bool) -> dict:
-    import optuna
-
-    from abliterate.data import PromptDataModule
-    from abliterate.module import AbliterationModule
+def our_options(args, tiny: bool) -> dict:
+    """What `run_ours` runs with: the module's keyword arguments, the search space and the study options."""
     from abliterate.options import EvalOptions, LoadOptions, SearchSpace, StudyOptions
-    from abliterate.prompts import PromptSource
-    from abliterate.trainer import AbliterationTrainer
 
-    module = AbliterationModule(
-        model_id=model_dir,
-        load=LoadOptions(dtypes=["float32"]),
-        evaluation=EvalOptions(max_new_tokens=args.max_new_tokens, kl_tokens=args.search_kl_tokens),
+    module = {
+        "load": LoadOptions(dtypes=["float32"]),
+        "evaluation": EvalOptions(max_new_tokens=args.max_new_tokens, kl_tokens=args.search_kl_tokens),
         **getattr(args, "module_overrides", {}),  # bench_defaults' levers
-    )
-    data = PromptDataModule(
-        harmful=PromptSource(str(files["harmful_train"])),
-        harmless=PromptSource(str(files["harmless_train"])),
-        eval_harmful=PromptSource(str(files["harmful_test"])),
-        eval_harmless=PromptSource(str(files["harmless_test"])),
-        system_prompt=None,  # the template's default system prompt
-        batch_size=32,
-        eval_batch_size=args.search_batch_size,
-    )
+    }
     choices = {"false": [False], "true": [True], "both": [False, True]}
     options = {"projected": choices[args.projected], "norm_preserving": choices[args.norm_preserving]}
     options.update(getattr(args, "space_overrides", {}))  # bench_defaults' levers
@@ -422,6 +407,29 @@ def run_ours(model_dir: str, files: dict[str, Path], args, out: Path, tiny: bool
             "refusal_target": args.refusal_target,
             **getattr(args, "study_overrides", {}),
         }
+    )
+    return {"module": module, "space": space, "study": study}
+
+
+def run_ours(model_dir: str, files: dict[str, Path], args, out: Path, tiny: bool) -> dict:
+    import optuna
+
+    from abliterate.data import PromptDataModule
+    from abliterate.module import AbliterationModule
+    from abliterate.prompts import PromptSource
+    from abliterate.trainer import AbliterationTrainer
+
+    options = our_options(args, tiny)
+    space, study = options["space"], options["study"]
+    module = AbliterationModule(model_id=model_dir, **options["module"])
+    data = PromptDataModule(
+        harmful=PromptSource(str(files["harmful_train"])),
+        harmless=PromptSource(str(files["harmless_train"])),
+        eval_harmful=PromptSource(str(files["harmful_test"])),
+        eval_harmless=PromptSource(str(files["harmless_test"])),
+        system_prompt=None,  # the template's default system prompt
+        batch_size=32,
+        eval_batch_size=args.search_batch_size,
     )
     trainer = AbliterationTrainer(accelerator="cpu", devices=1, enable_progress_bar=False)
 

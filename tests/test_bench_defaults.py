@@ -1,5 +1,6 @@
 """scripts/bench_defaults.py: the paired lever table's maths, and one small run on the tiny organism."""
 
+import argparse
 import json
 import os
 import signal
@@ -7,6 +8,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import optuna
 import pytest
@@ -14,6 +16,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts"))
 import bench_defaults  # noqa: E402
+import bench_quality  # noqa: E402
 
 
 def cell(variant: str, seed: int, **metrics) -> dict:
@@ -45,6 +48,48 @@ def test_summary_pairs_each_variant_with_the_baseline_of_the_same_seed():
     assert "| lever | 2 |" in table and "| − baseline, paired | 2 |" in table
 
 
+def bench_arguments(*argv: str) -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    bench_quality.add_run_arguments(parser)
+    args = parser.parse_args(["--organism", "smollm2-refusal", *argv])
+    bench_quality.check_run_arguments(parser, args)
+    args.projected, args.norm_preserving = "true", "false"
+    return args
+
+
+def test_a_cell_is_named_by_everything_it_runs_with(monkeypatch):
+    inputs = SimpleNamespace(model_dir=Path("/models/organism"), tiny=False)
+
+    def name(variant: str, seed: int = 101, args: argparse.Namespace | None = None) -> str:
+        settings = bench_defaults.cell_settings(variant, seed, args or bench_arguments(), inputs)
+        return bench_defaults.cell_name(variant, seed, settings)
+
+    base = name("baseline")
+    assert base == name("baseline") and base.startswith("baseline-s101-") and len(base) == len("baseline-s101-") + 10
+    digests = {name(v)[-10:] for v in bench_defaults.VARIANTS} | {name("baseline", 102)[-10:]}
+    assert len(digests) == len(bench_defaults.VARIANTS) + 1  # every lever and seed is a settings change
+    # Each lever is in the settings as the run resolves it, beside the tool's other defaults.
+    settings = bench_defaults.cell_settings("winsorize_0.995", 101, bench_arguments(), inputs)
+    assert settings["space"]["winsorize"] == [0.995] and settings["space"]["projected"] == [True]
+    assert (
+        bench_defaults.cell_settings("startup_half", 101, bench_arguments(), inputs)["study"]["n_startup_trials"] == 5
+    )
+    assert settings["module"]["residual_positions"] == 1 and settings["module"]["evaluation"]["max_new_tokens"] == 24
+    # Another argument, or another default of the tool, names other cells.
+    assert name("baseline", args=bench_arguments("--max-new-tokens", "32")) != base
+    from abliterate.module import AbliterationModule
+
+    init = AbliterationModule.__init__
+    monkeypatch.setattr(init, "__defaults__", (*init.__defaults__[:-1], 2))  # residual_positions: 1 -> 2
+    assert name("baseline") != base
+    monkeypatch.undo()
+    assert name("baseline") == base
+    # heretic's cells depend on the arguments, not on our options.
+    monkeypatch.setattr(init, "__defaults__", (*init.__defaults__[:-1], 2))
+    peer = bench_defaults.cell_settings(bench_defaults.PEER, 101, bench_arguments(), inputs)
+    assert "space" not in peer and peer["trials"] == 30 and peer["model"] == "/models/organism"
+
+
 @pytest.mark.slow
 def test_a_small_run_applies_each_lever_writes_every_cell_and_resumes(organism_dir, tmp_path):
     out = tmp_path / "bench"
@@ -72,23 +117,30 @@ def test_a_small_run_applies_each_lever_writes_every_cell_and_resumes(organism_d
     done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads(done.stdout.strip().splitlines()[-1])
-    cells = {p.stem: json.loads(p.read_text()) for p in (out / "cells").glob("*.json")}
-    assert set(cells) == {f"{v}-s{s}" for v in ("baseline", "not_projected", "no_steer_to_target") for s in (1, 2)}
+    cells = {}
+    for path in (out / "cells").glob("*.json"):
+        cell = json.loads(path.read_text())
+        assert path.stem == bench_defaults.cell_name(cell["variant"], cell["seed"], cell["settings"])
+        cells[cell["variant"], cell["seed"]] = cell
+    assert set(cells) == {(v, s) for v in ("baseline", "not_projected", "no_steer_to_target") for s in (1, 2)}
     # The summary is the cells' own numbers.
     for variant in ("baseline", "not_projected"):
-        values = [cells[f"{variant}-s{s}"]["metrics"]["kl_n_token"] for s in (1, 2)]
+        values = [cells[variant, s]["metrics"]["kl_n_token"] for s in (1, 2)]
         assert result["summary"][variant]["metrics"]["kl_n_token"]["mean"] == pytest.approx(sum(values) / 2, abs=1e-5)
+
+    def run_dir(variant: str) -> Path:
+        return out / "runs" / bench_defaults.cell_name(variant, 1, cells[variant, 1]["settings"]) / "ours"
 
     # Each lever reached the search: the studies' stored choices differ exactly where the variant says.
     def trials(variant: str) -> list:
-        storage = f"sqlite:///{out / 'runs' / f'{variant}-s1' / 'ours' / 'study.db'}"
+        storage = f"sqlite:///{run_dir(variant) / 'study.db'}"
         return optuna.load_study(study_name="abliterate", storage=storage).trials
 
     assert {t.params["projected"] for t in trials("baseline")} == {True}
     assert {t.params["projected"] for t in trials("not_projected")} == {False}
     assert all("constraints:refusal_rate_over_target" in t.system_attrs for t in trials("baseline"))
     assert not any("constraints:refusal_rate_over_target" in t.system_attrs for t in trials("no_steer_to_target"))
-    assert not (out / "runs" / "baseline-s1" / "ours" / "model").exists()  # evaluated, then removed
+    assert not (run_dir("baseline") / "model").exists()  # evaluated, then removed
     # A second run finds every cell and runs none.
     before = {p.name: p.stat().st_mtime_ns for p in (out / "cells").glob("*.json")}
     again = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
@@ -100,7 +152,7 @@ def test_a_small_run_applies_each_lever_writes_every_cell_and_resumes(organism_d
     )
     assert report.returncode == 0 and "0 cells to run, 6 already done" in report.stderr, report.stderr[-2000:]
     assert json.loads(report.stdout.strip().splitlines()[-1])["summary"]["baseline"]["seeds"] == [1, 2]
-    assert not (out / "cells" / "baseline-s3.json").exists()
+    assert not list((out / "cells").glob("baseline-s3-*"))
 
 
 def alive(pid: int) -> bool:
