@@ -12,8 +12,9 @@ set, over-refusal, first-token and --kl-n-token KL, agreement_16). The baseline 
 bench_quality's settings; every other variant changes one setting (VARIANTS). Each cell is written to
 OUT/cells/VARIANT-sSEED-DIGEST.json when it finishes, DIGEST naming everything the cell ran with (the arguments,
 and every option of our run, the tool's defaults included), and a rerun skips the cells it finds, so an
-interrupted benchmark resumes (Ctrl-C or SIGTERM stops the running cells too), and a changed default makes new
-cells. The export and the run's caches are deleted once evaluated (OUT/runs/VARIANT-sSEED-DIGEST keeps each study
+interrupted benchmark resumes (Ctrl-C or SIGTERM stops the running cells too), a changed default makes new
+cells, and a cell that ran the same settings under another variant's name is reused (a lever made the default:
+its cells are the baseline's). The export and the run's caches are deleted once evaluated (OUT/runs/VARIANT-sSEED-DIGEST keeps each study
 and trials.csv).
 
 The summary gives, per variant, the mean and std over seeds of every metric, and of its difference from the
@@ -152,6 +153,18 @@ def cell_name(variant: str, seed: int, settings: dict) -> str:
     (files and run dirs) instead of reusing cells that ran with something else, which stay where they are."""
     digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:10]
     return f"{variant}-s{seed}-{digest}"
+
+
+def find_cell(out: Path, variant: str, seed: int, settings: dict) -> Path:
+    """The cell file for these settings: its own name, else a cell that ran the same settings under another
+    variant (when a lever becomes a default, its cells are the new baseline's)."""
+    own = out / "cells" / f"{cell_name(variant, seed, settings)}.json"
+    same = sorted((out / "cells").glob(f"*-s{seed}-{digest_of(own)}.json"))
+    return own if own.is_file() or not same else same[0]
+
+
+def digest_of(path: Path) -> str:
+    return path.stem.rsplit("-", 1)[1]
 
 
 def _plain(value):
@@ -354,19 +367,21 @@ def main() -> None:
     before = Evaluator(inputs, args, out / "cache").baseline()["rates"]
 
     settings = {(v, s): cell_settings(v, s, args, inputs) for s in seeds for v in variants}
-    names = {cell: cell_name(*cell, settings[cell]) for cell in settings}
-    paths = [out / "cells" / f"{name}.json" for name in names.values()]
-    todo = [
-        (v, s, name, settings[v, s]) for (v, s), name in names.items() if not (out / "cells" / f"{name}.json").is_file()
-    ]
-    done = len(paths) - len(todo)
+    paths = {cell: find_cell(out, *cell, settings[cell]) for cell in settings}
+    todo, digests = [], set()
+    for (v, s), path in paths.items():
+        if not path.is_file() and digest_of(path) not in digests:  # one run for variants that resolve alike
+            todo.append((v, s, path.stem, settings[v, s]))
+            digests.add(digest_of(path))
+    done = sum(path.is_file() for path in paths.values())
     todo = [] if args.report else todo
     print(f"bench_defaults: {len(todo)} cells to run, {done} already done, {args.jobs} at a time", file=sys.stderr)
     start = time.perf_counter()
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))  # like Ctrl-C: cells are stopped
     failed = run_cells(todo, args, out)
 
-    cells = [json.loads(path.read_text()) for path in paths if path.is_file()]
+    paths = {cell: find_cell(out, *cell, settings[cell]) for cell in settings}  # and those this run wrote
+    cells = [{**json.loads(path.read_text()), "variant": v} for (v, s), path in paths.items() if path.is_file()]
     summary = summarize(cells)
     (out / "table.md").write_text(table(summary))
     result = {

@@ -90,6 +90,18 @@ def test_a_cell_is_named_by_everything_it_runs_with(monkeypatch):
     assert "space" not in peer and peer["trials"] == 30 and peer["model"] == "/models/organism"
 
 
+def test_a_cell_that_ran_the_same_settings_under_another_variant_is_found(tmp_path):
+    (tmp_path / "cells").mkdir()
+    settings = {"seed": 101, "space": {"winsorize": [0.995]}}
+    lever = tmp_path / "cells" / f"{bench_defaults.cell_name('winsorize_0.995', 101, settings)}.json"
+    lever.write_text("{}")
+    # The lever's cell is the baseline's once the lever is the default; other settings or seeds are new cells.
+    assert bench_defaults.find_cell(tmp_path, "baseline", 101, settings) == lever
+    other = bench_defaults.find_cell(tmp_path, "baseline", 101, {**settings, "space": {"winsorize": [1.0]}})
+    assert not other.exists() and other.name.startswith("baseline-s101-")
+    assert not bench_defaults.find_cell(tmp_path, "baseline", 102, {**settings, "seed": 102}).exists()
+
+
 @pytest.mark.slow
 def test_a_small_run_applies_each_lever_writes_every_cell_and_resumes(organism_dir, tmp_path):
     out = tmp_path / "bench"
