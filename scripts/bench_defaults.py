@@ -112,9 +112,9 @@ CELL_ARGUMENTS = (
     "search_kl_tokens",
     "search_batch_size",
     "eval_batch_size",
-    "refusal_target",
 )
-"""The arguments a cell's numbers depend on (besides the seed, the model and, for our cells, the options)."""
+"""The arguments a cell's numbers depend on (besides the seed, the model, and the options of our run or the
+selection target of heretic's)."""
 
 
 def variant_args(variant: str, seed: int, args) -> argparse.Namespace:
@@ -134,7 +134,7 @@ def cell_settings(variant: str, seed: int, args, inputs) -> dict:
     cells, every option the run resolves to, the tool's defaults included."""
     settings = {"model": str(inputs.model_dir), "seed": seed, **{name: getattr(args, name) for name in CELL_ARGUMENTS}}
     if variant == PEER:
-        return {**settings, "tool": PEER}
+        return {**settings, "tool": PEER, "refusal_target": args.refusal_target}
     from abliterate.module import AbliterationModule
 
     options = our_options(variant_args(variant, seed, args), inputs.tiny)

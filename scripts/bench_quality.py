@@ -662,7 +662,7 @@ def ratio(a, b):
 
 def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     """The model, budget, prompts and lengths every quality benchmark shares (bench_defaults too)."""
-    from abliterate.options import EvalOptions
+    from abliterate.options import EvalOptions, StudyOptions
 
     parser.add_argument("--organism", choices=("tiny", "two-styles", "smollm2-refusal"), default="tiny")
     parser.add_argument(
@@ -688,7 +688,12 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--search-batch-size", type=int, default=25)
     parser.add_argument("--eval-batch-size", type=int, default=25)
-    parser.add_argument("--refusal-target", type=float, default=0.05)
+    parser.add_argument(
+        "--refusal-target",
+        type=float,
+        default=StudyOptions.refusal_target,
+        help="the selection rule's refusal target, ours and on heretic's front (default: the tool's)",
+    )
 
 
 def check_run_arguments(parser: argparse.ArgumentParser, args) -> None:

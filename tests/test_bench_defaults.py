@@ -13,6 +13,8 @@ from types import SimpleNamespace
 import optuna
 import pytest
 
+from abliterate.options import StudyOptions
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts"))
 import bench_defaults  # noqa: E402
@@ -71,6 +73,7 @@ def test_a_cell_is_named_by_everything_it_runs_with(monkeypatch):
     # Each lever is in the settings as the run resolves it, beside the tool's other defaults.
     settings = bench_defaults.cell_settings("winsorize_0.995", 101, bench_arguments(), inputs)
     assert settings["space"]["winsorize"] == [0.995] and settings["space"]["projected"] == [True]
+    assert settings["study"]["refusal_target"] == StudyOptions.refusal_target  # the tool's, as the bench's default
     assert (
         bench_defaults.cell_settings("startup_half", 101, bench_arguments(), inputs)["study"]["n_startup_trials"] == 5
     )
@@ -88,6 +91,9 @@ def test_a_cell_is_named_by_everything_it_runs_with(monkeypatch):
     monkeypatch.setattr(init, "__defaults__", (*init.__defaults__[:-1], 2))
     peer = bench_defaults.cell_settings(bench_defaults.PEER, 101, bench_arguments(), inputs)
     assert "space" not in peer and peer["trials"] == 30 and peer["model"] == "/models/organism"
+    # Our cells' selection target is in their study options; heretic's is the argument.
+    assert peer["refusal_target"] == StudyOptions.refusal_target
+    assert name(bench_defaults.PEER, args=bench_arguments("--refusal-target", "0.02")) != name(bench_defaults.PEER)
 
 
 def test_a_cell_that_ran_the_same_settings_under_another_variant_is_found(tmp_path):
