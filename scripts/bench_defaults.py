@@ -1,7 +1,7 @@
 """Defaults from data (issue #14): each search lever on and off, paired over seeds, at equal trial budget.
 
     OMP_NUM_THREADS=1 python scripts/bench_defaults.py --organism smollm2-refusal --trials 30 \
-        --seeds 101-105 --out /tmp/bench-defaults   # 11 variants x 5 seeds: 55 cells of ~13 min on one core
+        --seeds 101-105 --out /tmp/bench-defaults   # 13 variants x 5 seeds: 65 cells of ~13 min on one core
     OMP_NUM_THREADS=1 python scripts/bench_defaults.py --organism tiny --trials 20 --seeds 1-5
     OMP_NUM_THREADS=1 python scripts/bench_defaults.py --organism two-styles --trials 20 --seeds 1-5 \
         --train-limit 0 --variants baseline,contrastive_pca   # where one direction is not enough
@@ -14,8 +14,8 @@ OUT/cells/VARIANT-sSEED-DIGEST.json when it finishes, DIGEST naming everything t
 and every option of our run, the tool's defaults included), and a rerun skips the cells it finds, so an
 interrupted benchmark resumes (Ctrl-C or SIGTERM stops the running cells too), a changed default makes new
 cells, and a cell that ran the same settings under another variant's name is reused (a lever made the default:
-its cells are the baseline's). The export and the run's caches are deleted once evaluated (OUT/runs/VARIANT-sSEED-DIGEST keeps each study
-and trials.csv).
+its cells are the baseline's). The export and the run's caches are deleted once evaluated
+(OUT/runs/VARIANT-sSEED-DIGEST keeps each study and trials.csv).
 
 The summary gives, per variant, the mean and std over seeds of every metric, and of its difference from the
 baseline on the same seed (paired: the seed fixes the sampler's start). s/trial is only comparable between cells run
@@ -62,7 +62,7 @@ VARIANTS: dict[str, dict] = {
     "contrastive_pca": {"space": {"direction_methods": ["mean_diff", "contrastive_pca"]}},
     "norm_preserving": {"space": {"norm_preserving": [True]}},
     "not_projected": {"space": {"projected": [False]}},
-    "winsorize_0.995": {"space": {"winsorize": [0.995]}},
+    "no_winsorize": {"space": {"winsorize": [1.0]}},
     # SmolLM2's template ends a prompt with 5 tokens: <|im_end|>, newline, <|im_start|>, assistant, newline.
     "positions_5": {"module": {"residual_positions": 5}},
     "global_only": {"space": {"direction_scope": ["global"]}},
@@ -70,9 +70,10 @@ VARIANTS: dict[str, dict] = {
     "startup_half": {"startup_factor": 0.5},
     "startup_double": {"startup_factor": 2.0},
     "no_steer_to_target": {"study": {"steer_to_target": False}},
-    # Two settings: winsorising shifted the whole front to lower KL on seeds 101-104, and a lower target spends
-    # part of that on fewer refusals (picks under 0.05 refused more of HarmBench and JBB than of the search's set).
-    "winsorize_target_0.02": {"space": {"winsorize": [0.995]}, "study": {"refusal_target": 0.02}},
+    "refusal_target_0.05": {"study": {"refusal_target": 0.05}},
+    # The defaults before #14's table (winsorising on its own lowered KL but cost JBB refusals; with the lower
+    # target it beat them on every mean, docs/benchmarks.md).
+    "previous_defaults": {"space": {"winsorize": [1.0]}, "study": {"refusal_target": 0.05}},
 }
 """Each lever against the baseline, one setting changed (a search-space choice, a study option, or how the
 residuals are read (module)), and candidate defaults that change more than one."""

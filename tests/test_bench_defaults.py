@@ -71,8 +71,8 @@ def test_a_cell_is_named_by_everything_it_runs_with(monkeypatch):
     digests = {name(v)[-10:] for v in bench_defaults.VARIANTS} | {name("baseline", 102)[-10:]}
     assert len(digests) == len(bench_defaults.VARIANTS) + 1  # every lever and seed is a settings change
     # Each lever is in the settings as the run resolves it, beside the tool's other defaults.
-    settings = bench_defaults.cell_settings("winsorize_0.995", 101, bench_arguments(), inputs)
-    assert settings["space"]["winsorize"] == [0.995] and settings["space"]["projected"] == [True]
+    settings = bench_defaults.cell_settings("no_winsorize", 101, bench_arguments(), inputs)
+    assert settings["space"]["winsorize"] == [1.0] and settings["space"]["projected"] == [True]
     assert settings["study"]["refusal_target"] == StudyOptions.refusal_target  # the tool's, as the bench's default
     assert (
         bench_defaults.cell_settings("startup_half", 101, bench_arguments(), inputs)["study"]["n_startup_trials"] == 5
@@ -93,7 +93,7 @@ def test_a_cell_is_named_by_everything_it_runs_with(monkeypatch):
     assert "space" not in peer and peer["trials"] == 30 and peer["model"] == "/models/organism"
     # Our cells' selection target is in their study options; heretic's is the argument.
     assert peer["refusal_target"] == StudyOptions.refusal_target
-    assert name(bench_defaults.PEER, args=bench_arguments("--refusal-target", "0.02")) != name(bench_defaults.PEER)
+    assert name(bench_defaults.PEER, args=bench_arguments("--refusal-target", "0.5")) != name(bench_defaults.PEER)
 
 
 def test_a_cell_that_ran_the_same_settings_under_another_variant_is_found(tmp_path):

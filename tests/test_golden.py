@@ -39,6 +39,11 @@ def golden_record(organism_dir: Path, organism_config: Path, out: Path) -> dict:
         "10",
         "--study.seed",
         "0",
+        # the defaults it was recorded with (winsorising and the 0.02 target came later, measured)
+        "--space.winsorize",
+        "[1.0]",
+        "--study.refusal_target",
+        "0.05",
     ]
     main([*args, "--output_dir", str(out)])
     study = optuna.load_study(study_name="abliterate", storage=f"sqlite:///{out / 'study.db'}")

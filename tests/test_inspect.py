@@ -9,7 +9,9 @@ import torch
 from helpers import run_cli
 from safetensors.torch import load_file
 
+from abliterate.directions import winsorize
 from abliterate.inspect_views import layer_table, projections_2d
+from abliterate.options import DirectionOptions
 
 
 @pytest.fixture(scope="module")
@@ -58,7 +60,8 @@ def test_inspect_writes_the_views_recomputed_from_the_cache(inspected, capsys, m
     assert sorted(p.name for p in (out / "cache").iterdir()) == before
 
     residuals = _cached(out)
-    bad, good = residuals["harmful"].double(), residuals["harmless"].double()
+    # inspect reads the residuals as the run's directions do: clamped first (direction.winsorize's default)
+    bad, good = winsorize(DirectionOptions.winsorize, residuals["harmful"].double(), residuals["harmless"].double())
     n_layers = bad.shape[1]
     rows = _rows(out / "inspect" / "layers.csv")
     assert len(rows) == n_layers and [int(r["layer"]) for r in rows] == list(range(n_layers))
@@ -101,7 +104,7 @@ def test_inspect_with_contrastive_pca_adds_the_eigenvalue_spectrum(inspected, ca
     assert code == 0, err
     rows = _rows(out / "inspect" / "layers.csv")
     residuals = _cached(out)
-    bad, good = residuals["harmful"].double(), residuals["harmless"].double()
+    bad, good = winsorize(DirectionOptions.winsorize, residuals["harmful"].double(), residuals["harmless"].double())
     spectrum = contrastive_pca(bad, good, k=3, projected=True, dtype=torch.float64).eigenvalues
     assert len(rows) == bad.shape[1]
     for layer, row in enumerate(rows):

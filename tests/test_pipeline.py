@@ -7,6 +7,7 @@ from transformers import AutoModelForCausalLM
 
 from abliterate.ablation import AblationParams, ComponentKernel
 from abliterate.data import PromptDataModule
+from abliterate.directions import winsorize
 from abliterate.models import residual_writers
 from abliterate.module import AbliterationModule
 from abliterate.options import DirectionOptions, EvalOptions, LoadOptions
@@ -59,10 +60,11 @@ def test_predict_collects_exact_last_token_residuals(organism_dir):
         for layer in range(n_layers - 1):
             torch.testing.assert_close(harmful[row, layer], out.hidden_states[layer + 1][0, -1], atol=1e-4, rtol=1e-4)
 
-    # The direction (default: projected) is the unit mean difference with its component along the
-    # unit harmless mean removed, renormalised.
-    mu_g = module.residuals["harmless"].mean(0)
-    diff = module.residuals["harmful"].mean(0) - mu_g
+    # The direction (default: projected, winsorised) is the unit mean difference of the clamped residuals with
+    # its component along the unit harmless mean removed, renormalised.
+    bad, good = winsorize(DirectionOptions.winsorize, module.residuals["harmful"], module.residuals["harmless"])
+    mu_g = good.mean(0)
+    diff = bad.mean(0) - mu_g
     diff = diff / diff.norm(dim=-1, keepdim=True)
     g = mu_g / mu_g.norm(dim=-1, keepdim=True)
     diff = diff - (diff * g).sum(-1, keepdim=True) * g
@@ -241,6 +243,12 @@ def test_unhelpful_role_streams_and_orthogonalises(organism_dir, tmp_path):
     data.sources["unhelpful"] = PromptSource(str(raw), split="train", streaming=True, limit=16)
     trainer.predict(module, datamodule=data, return_predictions=False)
     assert module.residuals["unhelpful"].shape[0] == 16  # only the requested rows
-    h = normalize(module.residuals["harmless"].mean(0) - module.residuals["unhelpful"].mean(0))
+    good, unhelpful = winsorize(
+        DirectionOptions.winsorize,
+        module.residuals["harmful"],
+        module.residuals["harmless"],
+        module.residuals["unhelpful"],
+    )[1:]
+    h = normalize(good.mean(0) - unhelpful.mean(0))  # of the clamped residuals, as the default direction reads them
     cos = (module.directions[:, 0] * h).sum(-1)
     assert cos.abs().max() < 1e-5

@@ -57,9 +57,10 @@ class DirectionOptions:
     """contrastive PCA weight of the harmless covariance: C = S_harmful - alpha * S_harmless."""
     projected: bool = True
     """make the mean difference orthogonal to the harmless mean first (keeps the part every prompt shares)."""
-    winsorize: float = 1.0
+    winsorize: float = 0.995
     """clamp each layer's residual coordinates at this quantile of their magnitudes (both classes pooled)
-    before the means, so a few massive activations cannot dominate them; 1 (default) leaves them as they are."""
+    before the means, so a few massive activations cannot dominate them; 1 leaves them as they are. 0.995
+    lowered the picks' 16-token KL on every seed of docs/benchmarks.md's lever table."""
 
     def __post_init__(self) -> None:
         if not 0.0 < self.winsorize <= 1.0:
@@ -157,7 +158,7 @@ class SearchSpace:
     """weight of direction j is decay**j times the kernel weight."""
     norm_preserving: list[bool] = field(default_factory=lambda: [False])
     """choices for rescaling each weight column back to its original norm."""
-    winsorize: list[float] = field(default_factory=lambda: [1.0])
+    winsorize: list[float] = field(default_factory=lambda: [DirectionOptions.winsorize])
     """choices for direction.winsorize (residual clamping quantile; 1 is off), e.g. [0.995, 1.0]."""
 
     def __post_init__(self) -> None:
@@ -193,8 +194,9 @@ class StudyOptions:
     """study name inside the storage."""
     prune: bool = True
     """stop a trial early once its (KL, refusals so far) is dominated by a completed trial."""
-    refusal_target: float = 0.05
-    """min_kl_under picks the lowest KL among trials with refusal rate at or below this."""
+    refusal_target: float = 0.02
+    """min_kl_under picks the lowest KL among trials with refusal rate at or below this (on the search's
+    prompts; picks refused about 0.01 more of prompts the search never saw, see docs/benchmarks.md)."""
     steer_to_target: bool = True
     """tell the sampler that trials above refusal_target are infeasible (an Optuna constraint), so
     TPE refines the low-KL trials under the target instead of the low-KL trials that do nothing."""
