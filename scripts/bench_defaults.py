@@ -72,11 +72,11 @@ VARIANTS: dict[str, dict] = {
     "no_steer_to_target": {"study": {"steer_to_target": False}},
     "refusal_target_0.05": {"study": {"refusal_target": 0.05}},
     # The defaults before #14's table (winsorising on its own lowered KL but cost JBB refusals; with the lower
-    # target it beat them on every mean, docs/benchmarks.md).
+    # target the picks refused less on every set at the same KL16, docs/benchmarks.md).
     "previous_defaults": {"space": {"winsorize": [1.0]}, "study": {"refusal_target": 0.05}},
 }
 """Each lever against the baseline, one setting changed (a search-space choice, a study option, or how the
-residuals are read (module)), and candidate defaults that change more than one."""
+residuals are read (module)), and the previous defaults (two settings)."""
 PEER = "heretic"  # the peer tool as a variant: cells of its own, paired with the baseline like a lever
 
 METRICS = (
