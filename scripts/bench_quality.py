@@ -70,6 +70,7 @@ def ensure_smollm2(target: Path, organism: str = "smollm2-refusal") -> Path:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     try:
+        import gguf  # noqa: F401 (transformers' GGUF loader needs it, and says so only mid-load)
         from peft import PeftModel
     except ImportError as err:
         raise SystemExit("building the smollm2 organism needs peft and gguf: pip install gguf peft") from err
