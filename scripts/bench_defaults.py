@@ -14,14 +14,15 @@ OUT/cells/VARIANT-sSEED-DIGEST.json when it finishes, DIGEST naming everything t
 and every option of our run, the tool's defaults included), and a rerun skips the cells it finds, so an
 interrupted benchmark resumes (Ctrl-C or SIGTERM stops the running cells too), a changed default makes new
 cells, and a cell that ran the same settings under another variant's name is reused (a lever made the default:
-its cells are the baseline's). The export and the run's caches are deleted once evaluated
-(OUT/runs/VARIANT-sSEED-DIGEST keeps each study and trials.csv).
+its cells are the baseline's). Cells are also found in --kept (default scripts/data/bench_defaults_cells, the
+committed cells behind docs/benchmarks.md), read only: copy new cells there to keep them. The export and the
+run's caches are deleted once evaluated (OUT/runs/VARIANT-sSEED-DIGEST keeps each study and trials.csv).
 
 The summary gives, per variant, the mean and std over seeds of every metric, and of its difference from the
 baseline on the same seed (paired: the seed fixes the sampler's start). s/trial is only comparable between cells run
 one at a time (--jobs 1) on a quiet machine; --jobs N runs N cells side by side for the quality figures. It is
 written as OUT/summary.json and OUT/table.md; the last stdout line is the summary as one JSON object. --report
-summarises the cells OUT already holds and runs none (seeds or variants without cells are left out).
+summarises the cells OUT and --kept already hold and runs none (seeds or variants without cells are left out).
 
 With --heretic BIN, a "heretic" variant runs heretic 1.4 (its own venv) on the same model, prompt files, budget and
 seed (bench_quality.run_heretic picks from its Pareto front by our rule) and evaluates its export the same way, so
@@ -77,6 +78,9 @@ VARIANTS: dict[str, dict] = {
 }
 """Each lever against the baseline, one setting changed (a search-space choice, a study option, or how the
 residuals are read (module)), and the previous defaults (two settings)."""
+KEPT = HERE / "data" / "bench_defaults_cells"
+"""Cells of the figures in docs/benchmarks.md, committed: a later run (another machine, another session) reuses
+them instead of running them again, and --report rebuilds the tables from them."""
 PEER = "heretic"  # the peer tool as a variant: cells of its own, paired with the baseline like a lever
 
 METRICS = (
@@ -156,12 +160,17 @@ def cell_name(variant: str, seed: int, settings: dict) -> str:
     return f"{variant}-s{seed}-{digest}"
 
 
-def find_cell(out: Path, variant: str, seed: int, settings: dict) -> Path:
-    """The cell file for these settings: its own name, else a cell that ran the same settings under another
-    variant (when a lever becomes a default, its cells are the new baseline's)."""
-    own = out / "cells" / f"{cell_name(variant, seed, settings)}.json"
-    same = sorted((out / "cells").glob(f"*-s{seed}-{digest_of(own)}.json"))
-    return own if own.is_file() or not same else same[0]
+def find_cell(cell_dirs: list[Path], variant: str, seed: int, settings: dict) -> Path:
+    """The cell file for these settings in the first of cell_dirs that has one (OUT/cells, then the kept cells):
+    its own name, else a cell that ran the same settings under another variant (when a lever becomes a default,
+    its cells are the new baseline's). Where none has it, its path in cell_dirs[0], to be written."""
+    name = cell_name(variant, seed, settings)
+    for cells in cell_dirs:
+        own = cells / f"{name}.json"
+        same = sorted(cells.glob(f"*-s{seed}-{digest_of(own)}.json"))
+        if own.is_file() or same:
+            return own if own.is_file() else same[0]
+    return cell_dirs[0] / f"{name}.json"
 
 
 def digest_of(path: Path) -> str:
@@ -335,6 +344,11 @@ def main() -> None:
     parser.add_argument("--heretic-timeout", type=float, default=7200, help="seconds per heretic run (default 7200)")
     parser.add_argument("--jobs", type=int, default=1, help="cells run side by side (s/trial needs 1)")
     parser.add_argument("--report", action="store_true", help="run no cell: summarise the cells already in OUT")
+    parser.add_argument(
+        "--kept",
+        default=str(KEPT),
+        help=f"cells kept from earlier runs, read and never written, reused like OUT's ('' for none; default {KEPT})",
+    )
     args = parser.parse_args()
     check_run_arguments(parser, args)
     args.projected, args.norm_preserving = "true", "false"  # the tool's defaults; variants override them
@@ -368,20 +382,26 @@ def main() -> None:
     before = Evaluator(inputs, args, out / "cache").baseline()["rates"]
 
     settings = {(v, s): cell_settings(v, s, args, inputs) for s in seeds for v in variants}
-    paths = {cell: find_cell(out, *cell, settings[cell]) for cell in settings}
+    cell_dirs = [out / "cells", *([Path(args.kept)] if args.kept else [])]
+    paths = {cell: find_cell(cell_dirs, *cell, settings[cell]) for cell in settings}
     todo, digests = [], set()
     for (v, s), path in paths.items():
         if not path.is_file() and digest_of(path) not in digests:  # one run for variants that resolve alike
             todo.append((v, s, path.stem, settings[v, s]))
             digests.add(digest_of(path))
     done = sum(path.is_file() for path in paths.values())
+    kept = sum(path.is_file() and path.parent != out / "cells" for path in paths.values())
     todo = [] if args.report else todo
-    print(f"bench_defaults: {len(todo)} cells to run, {done} already done, {args.jobs} at a time", file=sys.stderr)
+    print(
+        f"bench_defaults: {len(todo)} cells to run, {done} already done ({kept} of them kept in {args.kept}), "
+        f"{args.jobs} at a time",
+        file=sys.stderr,
+    )
     start = time.perf_counter()
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))  # like Ctrl-C: cells are stopped
     failed = run_cells(todo, args, out)
 
-    paths = {cell: find_cell(out, *cell, settings[cell]) for cell in settings}  # and those this run wrote
+    paths = {cell: find_cell(cell_dirs, *cell, settings[cell]) for cell in settings}  # and those this run wrote
     cells = [{**json.loads(path.read_text()), "variant": v} for (v, s), path in paths.items() if path.is_file()]
     summary = summarize(cells)
     (out / "table.md").write_text(table(summary))

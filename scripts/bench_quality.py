@@ -275,6 +275,7 @@ class Evaluator:
     def rates(self, model) -> tuple[dict, dict]:
         rates, samples = {}, {}
         for name in self.sets:
+            start = time.perf_counter()
             rate, responses = refusal_rate(
                 model,
                 self.tokenizer,
@@ -285,6 +286,8 @@ class Evaluator:
             )
             rates[name] = rate
             samples[name] = responses[:3]
+            seconds = time.perf_counter() - start
+            log.info("evaluated %s: %d prompts, refusals %.3f (%.0f s)", name, len(self.sets[name]), rate, seconds)
         return rates, samples
 
     def baseline(self) -> dict:
@@ -316,6 +319,7 @@ class Evaluator:
         start = time.perf_counter()
         model = load_lm(model_dir)
         rates, samples = self.rates(model)
+        kl_start = time.perf_counter()
         original = self._original()
         if self.replies is None:
             self.replies = reference_replies(
@@ -331,6 +335,8 @@ class Evaluator:
             self.args.eval_batch_size,
         )
         del model
+        kl_seconds = time.perf_counter() - kl_start
+        log.info("evaluated KL on %s: %d prompts (%.0f s)", self.harmless[0], len(self.replies), kl_seconds)
         return {"rates": rates, "samples": samples, **kl, "seconds": round(time.perf_counter() - start, 1)}
 
     def summarize(self, base: dict, evaluation: dict) -> dict:

@@ -97,15 +97,30 @@ def test_a_cell_is_named_by_everything_it_runs_with(monkeypatch):
 
 
 def test_a_cell_that_ran_the_same_settings_under_another_variant_is_found(tmp_path):
-    (tmp_path / "cells").mkdir()
+    cells = tmp_path / "cells"
+    cells.mkdir()
     settings = {"seed": 101, "space": {"winsorize": [0.995]}}
-    lever = tmp_path / "cells" / f"{bench_defaults.cell_name('winsorize_0.995', 101, settings)}.json"
+    lever = cells / f"{bench_defaults.cell_name('winsorize_0.995', 101, settings)}.json"
     lever.write_text("{}")
     # The lever's cell is the baseline's once the lever is the default; other settings or seeds are new cells.
-    assert bench_defaults.find_cell(tmp_path, "baseline", 101, settings) == lever
-    other = bench_defaults.find_cell(tmp_path, "baseline", 101, {**settings, "space": {"winsorize": [1.0]}})
-    assert not other.exists() and other.name.startswith("baseline-s101-")
-    assert not bench_defaults.find_cell(tmp_path, "baseline", 102, {**settings, "seed": 102}).exists()
+    assert bench_defaults.find_cell([cells], "baseline", 101, settings) == lever
+    other = bench_defaults.find_cell([cells], "baseline", 101, {**settings, "space": {"winsorize": [1.0]}})
+    assert not other.exists() and other.name.startswith("baseline-s101-") and other.parent == cells
+    assert not bench_defaults.find_cell([cells], "baseline", 102, {**settings, "seed": 102}).exists()
+
+
+def test_kept_cells_are_found_after_the_run_s_own_and_new_cells_go_to_the_run(tmp_path):
+    out, kept = tmp_path / "out", tmp_path / "kept"
+    out.mkdir(), kept.mkdir()
+    settings = {"seed": 101, "space": {"winsorize": [0.995]}}
+    name = f"{bench_defaults.cell_name('baseline', 101, settings)}.json"
+    (kept / name).write_text("{}")
+    assert bench_defaults.find_cell([out, kept], "baseline", 101, settings) == kept / name
+    (out / name).write_text("{}")  # the run's own cell comes first
+    assert bench_defaults.find_cell([out, kept], "baseline", 101, settings) == out / name
+    # A cell in neither is written to the run's dir, never to the kept one.
+    missing = bench_defaults.find_cell([out, kept], "baseline", 102, {**settings, "seed": 102})
+    assert missing.parent == out and not missing.exists()
 
 
 @pytest.mark.slow
@@ -130,6 +145,8 @@ def test_a_small_run_applies_each_lever_writes_every_cell_and_resumes(organism_d
         "2",
         "--out",
         str(out),
+        "--kept",
+        "",
     ]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
@@ -162,15 +179,19 @@ def test_a_small_run_applies_each_lever_writes_every_cell_and_resumes(organism_d
     # A second run finds every cell and runs none.
     before = {p.name: p.stat().st_mtime_ns for p in (out / "cells").glob("*.json")}
     again = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
-    assert again.returncode == 0 and "0 cells to run, 6 already done" in again.stderr
+    assert again.returncode == 0 and "0 cells to run, 6 already done (0 of them kept" in again.stderr
     assert {p.name: p.stat().st_mtime_ns for p in (out / "cells").glob("*.json")} == before
-    # --report with a seed that has no cells yet runs nothing and summarises what is there.
-    report = subprocess.run(
-        [*command[:-7], "1-3", *command[-6:], "--report"], capture_output=True, text=True, env=env, timeout=600
-    )
-    assert report.returncode == 0 and "0 cells to run, 6 already done" in report.stderr, report.stderr[-2000:]
-    assert json.loads(report.stdout.strip().splitlines()[-1])["summary"]["baseline"]["seeds"] == [1, 2]
-    assert not list((out / "cells").glob("baseline-s3-*"))
+    # --report elsewhere, with these cells kept and a seed that has none yet: it runs nothing, summarises the kept
+    # cells, and writes no cell anywhere.
+    report_out = tmp_path / "report"
+    report_command = [*command[:-3], str(report_out), "--kept", str(out / "cells"), "--report"]
+    report_command[report_command.index("--seeds") + 1] = "1-3"
+    report = subprocess.run(report_command, capture_output=True, text=True, env=env, timeout=600)
+    assert report.returncode == 0, report.stderr[-2000:]
+    assert "0 cells to run, 6 already done (6 of them kept" in report.stderr, report.stderr[-2000:]
+    report_summary = json.loads(report.stdout.strip().splitlines()[-1])["summary"]
+    assert report_summary == result["summary"]
+    assert not list((report_out / "cells").glob("*")) and {p.name for p in (out / "cells").glob("*")} == set(before)
 
 
 def alive(pid: int) -> bool:
