@@ -26,7 +26,9 @@ summarises the cells OUT and --kept already hold and runs none (seeds or variant
 
 With --heretic BIN, a "heretic" variant runs heretic 1.4 (its own venv) on the same model, prompt files, budget and
 seed (bench_quality.run_heretic picks from its Pareto front by our rule) and evaluates its export the same way, so
-its paired row is heretic minus our defaults, seed by seed.
+its paired row is heretic minus our defaults, seed by seed. A heretic_at_T variant (e.g. heretic_at_0.05) is
+heretic's pick at selection target T from that same search: heretic re-exports it from its stored results, no
+trial runs again, so each seed's heretic front is evaluated at more than one point for the price of evaluations.
 """
 
 import argparse
@@ -54,6 +56,7 @@ from bench_quality import (  # noqa: E402 (one pipeline and one evaluation for b
     check_run_arguments,
     our_options,
     prepare_inputs,
+    repick_heretic,
     run_heretic,
     run_ours,
 )
@@ -82,6 +85,8 @@ KEPT = HERE / "data" / "bench_defaults_cells"
 """Cells of the figures in docs/benchmarks.md, committed: a later run (another machine, another session) reuses
 them instead of running them again, and --report rebuilds the tables from them."""
 PEER = "heretic"  # the peer tool as a variant: cells of its own, paired with the baseline like a lever
+REPICK = f"{PEER}_at_"
+"""heretic_at_T: another pick, at selection target T, from the heretic cell's own search (re-exported, not re-run)."""
 
 METRICS = (
     "refusal_harmful_test",
@@ -140,6 +145,8 @@ def cell_settings(variant: str, seed: int, args, inputs) -> dict:
     settings = {"model": str(inputs.model_dir), "seed": seed, **{name: getattr(args, name) for name in CELL_ARGUMENTS}}
     if variant == PEER:
         return {**settings, "tool": PEER, "refusal_target": args.refusal_target}
+    if variant.startswith(REPICK):
+        return {**cell_settings(PEER, seed, args, inputs), "repick_target": float(variant[len(REPICK) :])}
     from abliterate.module import AbliterationModule
 
     options = our_options(variant_args(variant, seed, args), inputs.tiny)
@@ -181,13 +188,15 @@ def _plain(value):
     return asdict(value) if is_dataclass(value) else str(value)
 
 
-def run_cell(variant: str, seed: int, args, out: str, name: str) -> dict:
+def run_cell(variant: str, seed: int, args, out: str, name: str, settings: dict | None = None) -> dict:
     """One cell in this (fresh) process: the pipeline, then the evaluation of its export."""
     _set_up_process()
     out_dir = Path(out)
     inputs = prepare_inputs(args, out_dir)
     if variant == PEER:
         return run_peer_cell(seed, args, out_dir, inputs, name)
+    if variant.startswith(REPICK):
+        return run_repick_cell(variant, seed, args, out_dir, inputs, settings)
     change = VARIANTS[variant]
     cell_args = variant_args(variant, seed, args)
     run_dir = out_dir / "runs" / name
@@ -229,8 +238,38 @@ def run_peer_cell(seed: int, args, out_dir: Path, inputs, name: str) -> dict:
         "metrics": _metrics(summary, inputs, peer["seconds_per_trial"]),
         "before": {name: summary["sets"][name]["before"] for name in inputs.sets},
         "selected_trial": peer["chosen_trial"],
+        "search_refusal": peer["chosen_search_refusal"],
+        "pareto_front": peer["pareto_front"],
         "trials_run": peer["trials_run"],
         "start_up_s": peer["start_up_s"],
+        "eval_s": summary["eval_s"],
+    }
+
+
+def run_repick_cell(variant: str, seed: int, args, out_dir: Path, inputs, settings: dict) -> dict:
+    """heretic_at_T: the pick at target T from the same seed's heretic search (its run dir in OUT/runs), saved by
+    heretic from its stored results and evaluated like any cell. No trial runs, so it has no s/trial."""
+    target = settings["repick_target"]
+    source = cell_name(PEER, seed, {name: value for name, value in settings.items() if name != "repick_target"})
+    work = out_dir / "runs" / source / "heretic"
+    if not (work / "argv.json").is_file() or not (out_dir / "cells" / f"{source}.json").is_file():
+        raise RuntimeError(f"{variant} seed {seed}: no finished heretic cell {source} in {out_dir} to pick from")
+    peer = repick_heretic(work, target, args.heretic_timeout)
+    evaluator = Evaluator(inputs, args, out_dir / "cache")
+    summary = evaluator.summarize(evaluator.baseline(), evaluator.evaluate(peer["model_dir"]))
+    shutil.rmtree(peer["model_dir"])
+    metrics = _metrics(summary, inputs, math.nan)
+    del metrics["seconds_per_trial"]
+    return {
+        "variant": variant,
+        "seed": seed,
+        "change": {"tool": "heretic", "picked_from": source, "refusal_target": target},
+        "n_startup_trials": args.startup,
+        "metrics": metrics,
+        "before": {name: summary["sets"][name]["before"] for name in inputs.sets},
+        "selected_trial": peer["chosen_trial"],
+        "search_refusal": peer["chosen_search_refusal"],
+        "pareto_front": peer["pareto_front"],
         "eval_s": summary["eval_s"],
     }
 
@@ -248,7 +287,7 @@ def _metrics(summary: dict, inputs, seconds_per_trial: float) -> dict:
 
 
 def _run_and_write(variant: str, seed: int, args, out: str, name: str, settings: dict) -> None:
-    result = {**run_cell(variant, seed, args, out, name), "settings": settings}
+    result = {**run_cell(variant, seed, args, out, name, settings), "settings": settings}
     path = Path(out) / "cells" / f"{name}.json"
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(result, indent=1))
@@ -311,6 +350,46 @@ def summarize(cells: list[dict]) -> dict:
     return summary
 
 
+HARMFUL_SETS = ("refusal_harmful_test", "refusal_harmbench_standard", "refusal_jbb_harmful")
+
+
+def equal_refusal(cells: list[dict]) -> dict:
+    """Our defaults against heretic at the same refusal rate, seed by seed: heretic's 16-token KL at the baseline
+    cell's refusal rate (the mean over HARMFUL_SETS), linear between the two of heretic's evaluated picks (its
+    cell and its heretic_at_T repicks, dominated ones left out) that bracket it; None where none do. Picks by one rule land at different
+    refusal rates for the two tools (they count refusals differently while searching); this compares the fronts."""
+    by_seed: dict[int, dict[str, dict]] = {}
+    for cell in cells:
+        by_seed.setdefault(cell["seed"], {})[cell["variant"]] = cell["metrics"]
+
+    def refusal(metrics: dict) -> float:
+        return sum(metrics[name] for name in HARMFUL_SETS) / len(HARMFUL_SETS)
+
+    seeds = {}
+    for seed, variants in sorted(by_seed.items()):
+        points = sorted((refusal(m), m["kl_n_token"]) for v, m in variants.items() if v == PEER or v.startswith(REPICK))
+        peer = [p for i, p in enumerate(points) if all(p[1] < q[1] for q in points[:i])]  # its front: undominated
+        if "baseline" not in variants or not peer:
+            continue
+        ours = variants["baseline"]
+        at, peer_kl = refusal(ours), None
+        for (r0, kl0), (r1, kl1) in zip(peer, peer[1:], strict=False):
+            if r0 <= at <= r1:
+                peer_kl = kl0 if r1 == r0 else kl0 + (kl1 - kl0) * (at - r0) / (r1 - r0)
+                break
+        if len(peer) == 1 and peer[0][0] == at:
+            peer_kl = peer[0][1]
+        seeds[seed] = {
+            "refusal": at,
+            "kl_n_token": ours["kl_n_token"],
+            "peer_points": peer,
+            "peer_kl_n_token": peer_kl,
+            "ratio": ours["kl_n_token"] / peer_kl if peer_kl else None,
+        }
+    ratios = [row["ratio"] for row in seeds.values() if row["ratio"] is not None]
+    return {"seeds": seeds, "ratio": mean_std(ratios) if ratios else None}
+
+
 def table(summary: dict) -> str:
     """Markdown: per variant, mean ± std, and the paired difference from the baseline below it."""
     metrics = [m for m in METRICS if any(m in row["metrics"] for row in summary.values())]
@@ -319,16 +398,25 @@ def table(summary: dict) -> str:
         "|---|---|" + "---|" * len(metrics),
     ]
     for variant, row in summary.items():
-        cells = [f"{row['metrics'][m]['mean']:.4g} ± {row['metrics'][m]['std']:.2g}" for m in metrics]
+        cells = [_mean_std(row["metrics"], m, "{mean:.4g} ± {std:.2g}") for m in metrics]
         lines.append(f"| {variant} | {len(row['seeds'])} | " + " | ".join(cells) + " |")
         if "minus_baseline" in row:
-            diffs = [
-                f"{row['minus_baseline'][m]['mean']:+.4g} ± {row['minus_baseline'][m]['std']:.2g}" for m in metrics
-            ]
+            diffs = [_mean_std(row["minus_baseline"], m, "{mean:+.4g} ± {std:.2g}") for m in metrics]
             lines.append(
                 f"| − baseline, paired | {row['minus_baseline'][metrics[0]]['n']} | " + " | ".join(diffs) + " |"
             )
     return "\n".join(lines) + "\n"
+
+
+def _is_repick(variant: str) -> bool:
+    try:
+        return variant.startswith(REPICK) and 0.0 <= float(variant[len(REPICK) :]) <= 1.0
+    except ValueError:
+        return False
+
+
+def _mean_std(stats: dict, metric: str, form: str) -> str:
+    return form.format(**stats[metric]) if metric in stats else "—"  # a repick cell has no s/trial
 
 
 def main() -> None:
@@ -356,11 +444,15 @@ def main() -> None:
     known = [*VARIANTS, PEER] if args.heretic else list(VARIANTS)
     if args.heretic and args.variants == parser.get_default("variants"):
         variants.append(PEER)
-    unknown = [v for v in variants if v not in known]
-    if PEER in unknown:
-        parser.error(f"--variants {PEER}: give its executable with --heretic BIN (a venv of its own)")
+    unknown = [v for v in variants if v not in known and not (args.heretic and _is_repick(v))]
+    needs_peer = [v for v in unknown if v == PEER or _is_repick(v)]
+    if needs_peer:
+        parser.error(f"--variants {needs_peer[0]}: give its executable with --heretic BIN (a venv of its own)")
     if unknown:
-        parser.error(f"--variants: unknown {', '.join(unknown)}; choose from {', '.join(known)}")
+        parser.error(
+            f"--variants: unknown {', '.join(unknown)}; choose from {', '.join(known)}"
+            + (f", or {REPICK}T for heretic's pick at selection target T" if args.heretic else "")
+        )
     if args.heretic and not os.access(args.heretic, os.X_OK):
         parser.error(f"--heretic {args.heretic}: not an executable file; give heretic's path in its own venv")
     try:
@@ -399,7 +491,9 @@ def main() -> None:
     )
     start = time.perf_counter()
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))  # like Ctrl-C: cells are stopped
-    failed = run_cells(todo, args, out)
+    # Repicks read their heretic cell's search, so they run once every other cell is done.
+    failed = run_cells([cell for cell in todo if not _is_repick(cell[0])], args, out)
+    failed += run_cells([cell for cell in todo if _is_repick(cell[0])], args, out)
 
     paths = {cell: find_cell(cell_dirs, *cell, settings[cell]) for cell in settings}  # and those this run wrote
     cells = [{**json.loads(path.read_text()), "variant": v} for (v, s), path in paths.items() if path.is_file()]
@@ -418,6 +512,7 @@ def main() -> None:
         "before": before,
         "variants": {v: VARIANTS.get(v, {"tool": v}) for v in variants},
         "summary": summary,
+        "equal_refusal": equal_refusal(cells),
         "failed_cells": failed,
         "wall_s": round(time.perf_counter() - start, 1),
     }

@@ -604,10 +604,8 @@ def run_heretic(
     ]  # fmt: skip
     if system_prompt is not None:
         argv += ["--system-prompt", system_prompt]
-    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", HF_HUB_OFFLINE="1", TERM="xterm")
-    env.pop("VIRTUAL_ENV", None)
     (work / "argv.json").write_text(json.dumps(argv, indent=1))
-    term = Terminal(argv, env, work, work / "heretic.log")
+    term = Terminal(argv, _heretic_env(), work, work / "heretic.log")
     times: dict[str, float] = {"start": time.perf_counter()}
     try:
         budget = args.heretic_timeout
@@ -616,22 +614,8 @@ def run_heretic(
         term.expect(r"Optimization finished", budget)
         times["search_done"] = time.perf_counter()
         _, menu = term.expect(r"Exit program", 300)
-        term.settle(1.0)
-        choices = [(int(n), int(r) / int(t), float(kl)) for n, r, t, kl in _CHOICE.findall(menu)]
-        if not choices:
-            raise RuntimeError(f"heretic: no Pareto trials in its menu: {menu[-1500:]!r}")
-        # our selection rule (select_trial min_kl_under) on heretic's own front
-        under = [c for c in choices if c[1] <= args.refusal_target]
-        pick = min(under, key=lambda c: (c[2], c[0])) if under else min(choices, key=lambda c: (c[1], c[2], c[0]))
         times["select"] = time.perf_counter()
-        term.send(["\x1b[B"] * choices.index(pick) + ["\r"])
-        term.expect(r"(?s)What do you want to do with the decensored model\?.*Return to the trial selection menu", 600)
-        term.settle(1.0)
-        term.send("\r")  # the first entry: save to a local folder
-        term.expect(r"Path to the folder:", 120)
-        term.settle(1.0)
-        term.send(str(target) + "\r")
-        term.expect(r"Model saved to", 1200)
+        choices, pick = _save_pick(term, menu, args.refusal_target, target)
         times["saved"] = time.perf_counter()
     finally:
         term.close()
@@ -655,6 +639,59 @@ def run_heretic(
         "start_up_s": round(times["first_trial"] - times["start"], 1),
         "seconds_per_trial": round((times["search_done"] - times["first_trial"]) / args.trials, 2),
         "argv": argv,
+    }
+
+
+def _heretic_env() -> dict:
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", HF_HUB_OFFLINE="1", TERM="xterm")
+    env.pop("VIRTUAL_ENV", None)
+    return env
+
+
+def _save_pick(term: Terminal, menu: str, refusal_target: float, target: Path) -> tuple[list, tuple]:
+    """From heretic's trial menu (`menu`, the text up to it), pick by our rule and save that trial to `target`;
+    returns heretic's Pareto front [(trial, refusals, kl)] and the pick."""
+    term.settle(1.0)
+    choices = [(int(n), int(r) / int(t), float(kl)) for n, r, t, kl in _CHOICE.findall(menu)]
+    if not choices:
+        raise RuntimeError(f"heretic: no Pareto trials in its menu: {menu[-1500:]!r}")
+    # our selection rule (select_trial min_kl_under) on heretic's own front
+    under = [c for c in choices if c[1] <= refusal_target]
+    pick = min(under, key=lambda c: (c[2], c[0])) if under else min(choices, key=lambda c: (c[1], c[2], c[0]))
+    term.send(["\x1b[B"] * choices.index(pick) + ["\r"])
+    term.expect(r"(?s)What do you want to do with the decensored model\?.*Return to the trial selection menu", 600)
+    term.settle(1.0)
+    term.send("\r")  # the first entry: save to a local folder
+    term.expect(r"Path to the folder:", 120)
+    term.settle(1.0)
+    term.send(str(target) + "\r")
+    term.expect(r"Model saved to", 1200)
+    return choices, pick
+
+
+def repick_heretic(work: Path, refusal_target: float, timeout: float) -> dict:
+    """Another trial of a finished run_heretic search (its argv.json and checkpoint in `work`), picked by our rule
+    at `refusal_target` and saved to work/model-at-TARGET: heretic reloads the model and shows the stored front,
+    it runs no trial."""
+    argv = json.loads((work / "argv.json").read_text())
+    target = work / f"model-at-{refusal_target}"
+    shutil.rmtree(target, ignore_errors=True)
+    term = Terminal(argv, _heretic_env(), work, work / f"repick-{refusal_target}.log")
+    try:
+        term.expect(r"How would you like to proceed\?", timeout)
+        term.settle(1.0)
+        term.send("\r")  # the first entry: show the results from the previous run
+        _, menu = term.expect(r"Pareto optimal(?s:.*)Exit program", timeout)
+        choices, pick = _save_pick(term, menu, refusal_target, target)
+    finally:
+        term.close()
+    if re.search(r"Running trial \d+ of", (work / f"repick-{refusal_target}.log").read_text(errors="replace")):
+        raise RuntimeError(f"heretic ran trials when asked to show {work}'s stored results")
+    return {
+        "model_dir": str(target),
+        "chosen_trial": pick[0],
+        "chosen_search_refusal": pick[1],
+        "pareto_front": choices,
     }
 
 

@@ -59,6 +59,29 @@ def bench_arguments(*argv: str) -> argparse.Namespace:
     return args
 
 
+def test_equal_refusal_reads_heretics_kl_at_our_refusal_rate_between_its_picks():
+    def cell(variant: str, seed: int, refusals: tuple, kl: float) -> dict:
+        metrics = dict(zip(bench_defaults.HARMFUL_SETS, refusals, strict=True))
+        return {"variant": variant, "seed": seed, "metrics": {**metrics, "kl_n_token": kl}}
+
+    cells = [
+        cell("baseline", 1, (0.01, 0.03, 0.02), 0.02),  # mean refusal 0.02
+        cell("heretic", 1, (0.0, 0.0, 0.0), 0.03),
+        cell("heretic_at_0.05", 1, (0.03, 0.04, 0.05), 0.02),  # mean 0.04
+        cell("heretic_at_0.1", 1, (0.03, 0.03, 0.03), 0.035),  # dominated by heretic's cell: not on its front
+        cell("baseline", 2, (0.0, 0.0, 0.0), 0.01),  # below every heretic pick: no reading
+        cell("heretic", 2, (0.01, 0.01, 0.01), 0.03),
+        cell("contrastive_pca", 3, (0.0, 0.0, 0.0), 0.01),  # no baseline or heretic: left out
+    ]
+    result = bench_defaults.equal_refusal(cells)
+    assert set(result["seeds"]) == {1, 2}
+    one = result["seeds"][1]
+    assert one["refusal"] == pytest.approx(0.02) and one["peer_kl_n_token"] == pytest.approx(0.025)
+    assert one["ratio"] == pytest.approx(0.02 / 0.025)
+    assert result["seeds"][2]["peer_kl_n_token"] is None and result["seeds"][2]["ratio"] is None
+    assert result["ratio"]["n"] == 1 and result["ratio"]["mean"] == pytest.approx(0.8)
+
+
 def test_a_cell_is_named_by_everything_it_runs_with(monkeypatch):
     inputs = SimpleNamespace(model_dir=Path("/models/organism"), tiny=False)
 
@@ -94,6 +117,10 @@ def test_a_cell_is_named_by_everything_it_runs_with(monkeypatch):
     # Our cells' selection target is in their study options; heretic's is the argument.
     assert peer["refusal_target"] == StudyOptions.refusal_target
     assert name(bench_defaults.PEER, args=bench_arguments("--refusal-target", "0.5")) != name(bench_defaults.PEER)
+    # A repick is heretic's cell plus the target it picks at.
+    repick = bench_defaults.cell_settings("heretic_at_0.05", 101, bench_arguments(), inputs)
+    assert repick == {**peer, "repick_target": 0.05}
+    assert len({name(bench_defaults.PEER), name("heretic_at_0.05"), name("heretic_at_0.1")}) == 3
 
 
 def test_a_cell_that_ran_the_same_settings_under_another_variant_is_found(tmp_path):
@@ -228,6 +255,8 @@ def test_sigterm_stops_the_running_cells_and_writes_none(organism_dir, tmp_path)
     [
         (["--variants", "baseline,heretic"], "--variants heretic: give its executable with --heretic BIN"),
         (["--heretic", "/nonexistent/heretic"], "--heretic /nonexistent/heretic: not an executable file"),
+        (["--variants", "heretic_at_0.05"], "--variants heretic_at_0.05: give its executable with --heretic BIN"),
+        (["--heretic", sys.executable, "--variants", "heretic_at_high"], "unknown heretic_at_high; choose from"),
     ],
 )
 def test_the_heretic_variant_needs_an_executable_and_says_so(tmp_path, extra, says):
