@@ -354,10 +354,13 @@ HARMFUL_SETS = ("refusal_harmful_test", "refusal_harmbench_standard", "refusal_j
 
 
 def equal_refusal(cells: list[dict]) -> dict:
-    """Our defaults against heretic at the same refusal rate, seed by seed: heretic's 16-token KL at the baseline
-    cell's refusal rate (the mean over HARMFUL_SETS), linear between the two of heretic's evaluated picks (its
-    cell and its heretic_at_T repicks, dominated ones left out) that bracket it; None where none do. Picks by one rule land at different
-    refusal rates for the two tools (they count refusals differently while searching); this compares the fronts."""
+    """Our defaults against heretic's front, seed by seed, on refusals (the mean over HARMFUL_SETS) and KL16.
+    Picks by one rule land at different refusal rates for the two tools (they count refusals differently while
+    searching), so this reads heretic's evaluated picks (its cell and its heretic_at_T repicks) as a front:
+    - peer_kl_n_token: heretic's KL16 at our refusal rate, linear between the two undominated picks that
+      bracket it (None where none do), and ratio, ours over it;
+    - peer_dominates: one of heretic's picks refuses no more than ours at no more KL16 (and is not equal);
+    - ours_dominates: ours refuses no more than some pick of heretic's at no more KL16 (and is not equal)."""
     by_seed: dict[int, dict[str, dict]] = {}
     for cell in cells:
         by_seed.setdefault(cell["seed"], {})[cell["variant"]] = cell["metrics"]
@@ -365,26 +368,29 @@ def equal_refusal(cells: list[dict]) -> dict:
     def refusal(metrics: dict) -> float:
         return sum(metrics[name] for name in HARMFUL_SETS) / len(HARMFUL_SETS)
 
+    def dominates(a: tuple, b: tuple) -> bool:
+        return a[0] <= b[0] and a[1] <= b[1] and a != b
+
     seeds = {}
     for seed, variants in sorted(by_seed.items()):
         points = sorted((refusal(m), m["kl_n_token"]) for v, m in variants.items() if v == PEER or v.startswith(REPICK))
-        peer = [p for i, p in enumerate(points) if all(p[1] < q[1] for q in points[:i])]  # its front: undominated
-        if "baseline" not in variants or not peer:
+        front = [p for i, p in enumerate(points) if all(p[1] < q[1] for q in points[:i])]
+        if "baseline" not in variants or not front:
             continue
-        ours = variants["baseline"]
-        at, peer_kl = refusal(ours), None
-        for (r0, kl0), (r1, kl1) in zip(peer, peer[1:], strict=False):
-            if r0 <= at <= r1:
-                peer_kl = kl0 if r1 == r0 else kl0 + (kl1 - kl0) * (at - r0) / (r1 - r0)
+        ours = (refusal(variants["baseline"]), variants["baseline"]["kl_n_token"])
+        peer_kl = front[0][1] if len(front) == 1 and front[0][0] == ours[0] else None
+        for (r0, kl0), (r1, kl1) in zip(front, front[1:], strict=False):
+            if r0 <= ours[0] <= r1:
+                peer_kl = kl0 + (kl1 - kl0) * (ours[0] - r0) / (r1 - r0)
                 break
-        if len(peer) == 1 and peer[0][0] == at:
-            peer_kl = peer[0][1]
         seeds[seed] = {
-            "refusal": at,
-            "kl_n_token": ours["kl_n_token"],
-            "peer_points": peer,
+            "refusal": ours[0],
+            "kl_n_token": ours[1],
+            "peer_points": points,
             "peer_kl_n_token": peer_kl,
-            "ratio": ours["kl_n_token"] / peer_kl if peer_kl else None,
+            "ratio": ours[1] / peer_kl if peer_kl else None,
+            "peer_dominates": any(dominates(p, ours) for p in points),
+            "ours_dominates": any(dominates(ours, p) for p in points),
         }
     ratios = [row["ratio"] for row in seeds.values() if row["ratio"] is not None]
     return {"seeds": seeds, "ratio": mean_std(ratios) if ratios else None}

@@ -72,14 +72,21 @@ def test_equal_refusal_reads_heretics_kl_at_our_refusal_rate_between_its_picks()
         cell("baseline", 2, (0.0, 0.0, 0.0), 0.01),  # below every heretic pick: no reading
         cell("heretic", 2, (0.01, 0.01, 0.01), 0.03),
         cell("contrastive_pca", 3, (0.0, 0.0, 0.0), 0.01),  # no baseline or heretic: left out
+        cell("baseline", 4, (0.03, 0.03, 0.03), 0.02),
+        cell("heretic", 4, (0.01, 0.01, 0.01), 0.019),  # fewer refusals at less KL16
     ]
     result = bench_defaults.equal_refusal(cells)
-    assert set(result["seeds"]) == {1, 2}
+    assert set(result["seeds"]) == {1, 2, 4}
     one = result["seeds"][1]
     assert one["refusal"] == pytest.approx(0.02) and one["peer_kl_n_token"] == pytest.approx(0.025)
     assert one["ratio"] == pytest.approx(0.02 / 0.025)
     assert result["seeds"][2]["peer_kl_n_token"] is None and result["seeds"][2]["ratio"] is None
-    assert result["ratio"]["n"] == 1 and result["ratio"]["mean"] == pytest.approx(0.8)
+    # Seed 1: ours refuses less than heretic's 0.05 pick at the same KL16; its other picks refuse less at more.
+    assert one["ours_dominates"] and not one["peer_dominates"]
+    assert result["seeds"][4]["peer_dominates"] and not result["seeds"][4]["ours_dominates"]
+    # Seed 2: ours refuses less at less KL than heretic's only pick.
+    assert result["seeds"][2]["ours_dominates"] and not result["seeds"][2]["peer_dominates"]
+    assert result["ratio"]["n"] == 1 and result["ratio"]["mean"] == pytest.approx(0.8)  # seed 4: unbracketed
 
 
 def test_a_cell_is_named_by_everything_it_runs_with(monkeypatch):
