@@ -188,7 +188,7 @@ def _plain(value):
     return asdict(value) if is_dataclass(value) else str(value)
 
 
-def run_cell(variant: str, seed: int, args, out: str, name: str, settings: dict | None = None) -> dict:
+def run_cell(variant: str, seed: int, args, out: str, name: str, settings: dict) -> dict:
     """One cell in this (fresh) process: the pipeline, then the evaluation of its export."""
     _set_up_process()
     out_dir = Path(out)
@@ -258,14 +258,12 @@ def run_repick_cell(variant: str, seed: int, args, out_dir: Path, inputs, settin
     evaluator = Evaluator(inputs, args, out_dir / "cache")
     summary = evaluator.summarize(evaluator.baseline(), evaluator.evaluate(peer["model_dir"]))
     shutil.rmtree(peer["model_dir"])
-    metrics = _metrics(summary, inputs, math.nan)
-    del metrics["seconds_per_trial"]
     return {
         "variant": variant,
         "seed": seed,
         "change": {"tool": "heretic", "picked_from": source, "refusal_target": target},
         "n_startup_trials": args.startup,
-        "metrics": metrics,
+        "metrics": _metrics(summary, inputs, None),
         "before": {name: summary["sets"][name]["before"] for name in inputs.sets},
         "selected_trial": peer["chosen_trial"],
         "search_refusal": peer["chosen_search_refusal"],
@@ -274,16 +272,15 @@ def run_repick_cell(variant: str, seed: int, args, out_dir: Path, inputs, settin
     }
 
 
-def _metrics(summary: dict, inputs, seconds_per_trial: float) -> dict:
+def _metrics(summary: dict, inputs, seconds_per_trial: float | None) -> dict:
     metrics = {f"refusal_{name}": summary["sets"][name]["after"] for name in inputs.harmful_sets}
     metrics.update(
         over_refusal=summary["over_refusal_after"],
         kl_first_token=summary["kl_first_token"],
         kl_n_token=summary["kl_n_token"],
         agreement_16=summary["agreement_16"],
-        seconds_per_trial=seconds_per_trial,
     )
-    return metrics
+    return metrics if seconds_per_trial is None else {**metrics, "seconds_per_trial": seconds_per_trial}
 
 
 def _run_and_write(variant: str, seed: int, args, out: str, name: str, settings: dict) -> None:
