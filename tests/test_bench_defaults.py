@@ -86,7 +86,16 @@ def test_equal_refusal_reads_heretics_kl_at_our_refusal_rate_between_its_picks()
     assert result["seeds"][4]["peer_dominates"] and not result["seeds"][4]["ours_dominates"]
     # Seed 2: ours refuses less at less KL than heretic's only pick.
     assert result["seeds"][2]["ours_dominates"] and not result["seeds"][2]["peer_dominates"]
-    assert result["ratio"]["n"] == 1 and result["ratio"]["mean"] == pytest.approx(0.8)  # seed 4: unbracketed
+    assert result["ratio"]["n"] == 1 and result["ratio"]["mean"] == pytest.approx(0.8)  # seeds 2, 4: unbracketed
+
+
+def test_a_repick_without_its_heretic_cell_says_which_cell_it_needs(tmp_path):
+    inputs = SimpleNamespace(model_dir=Path("/models/organism"), tiny=False)
+    settings = bench_defaults.cell_settings("heretic_at_0.05", 101, bench_arguments(), inputs)
+    peer = bench_defaults.cell_settings(bench_defaults.PEER, 101, bench_arguments(), inputs)
+    source = bench_defaults.cell_name(bench_defaults.PEER, 101, peer)
+    with pytest.raises(RuntimeError, match=f"no finished heretic cell {source} in "):
+        bench_defaults.run_repick_cell("heretic_at_0.05", 101, bench_arguments(), tmp_path, inputs, settings)
 
 
 def test_a_cell_is_named_by_everything_it_runs_with(monkeypatch):
