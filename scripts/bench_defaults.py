@@ -473,9 +473,6 @@ def main() -> None:
         print(f"bench_defaults: {SHARED} (data and organisms/smollm2-refusal) is absent; skipping", file=sys.stderr)
         print(json.dumps({"organism": args.organism, "skipped": f"{SHARED} absent"}))
         return
-    # The original's rates, once, before any cell (cells then read them from OUT/cache).
-    before = Evaluator(inputs, args, out / "cache").baseline()["rates"]
-
     settings = {(v, s): cell_settings(v, s, args, inputs) for s in seeds for v in variants}
     cell_dirs = [out / "cells", *([Path(args.kept)] if args.kept else [])]
     paths = {cell: find_cell(cell_dirs, *cell, settings[cell]) for cell in settings}
@@ -487,6 +484,8 @@ def main() -> None:
     done = sum(path.is_file() for path in paths.values())
     kept = sum(path.is_file() and path.parent != out / "cells" for path in paths.values())
     todo = [] if args.report else todo
+    # The original's rates, once, before any cell (cells then read them from OUT/cache); every cell keeps them.
+    before = Evaluator(inputs, args, out / "cache").baseline()["rates"] if todo else None
     print(
         f"bench_defaults: {len(todo)} cells to run, {done} already done ({kept} of them kept in {args.kept}), "
         f"{args.jobs} at a time",
@@ -500,6 +499,7 @@ def main() -> None:
 
     paths = {cell: find_cell(cell_dirs, *cell, settings[cell]) for cell in settings}  # and those this run wrote
     cells = [{**json.loads(path.read_text()), "variant": v} for (v, s), path in paths.items() if path.is_file()]
+    before = before or (cells[0]["before"] if cells else None)
     summary = summarize(cells)
     (out / "table.md").write_text(table(summary))
     result = {
