@@ -49,6 +49,7 @@ class KL(Scorer):
     def bound(self, strategy, total: int) -> float:
         # A prompt's KL is >= 0, so the KL summed so far over all prompts bounds the mean from below.
         # Float rounding can leave an identical distribution's KL a hair under 0: allow that per prompt.
+        # In float32 like compute(), so that once every prompt is seen the bound is the final value to the bit.
         so_far = torch.stack([self.kl.sum.detach().float(), self.kl.count.detach().float()])
-        kl_sum, seen = strategy.reduce(so_far, reduce_op="sum").tolist()
-        return (kl_sum - ROUNDING * (total - seen)) / total
+        kl_sum, seen = strategy.reduce(so_far, reduce_op="sum")
+        return ((kl_sum - ROUNDING * (total - seen)) / total).item()
