@@ -396,3 +396,44 @@ def test_pruning_with_three_objectives_is_sound():
         bound = (final[0] * rng.random(), final[1], final[2])  # refusals so far can only grow
         if prunable(bound, completed):
             assert any(strictly_dominates(c, final) for c in completed)
+
+
+def test_an_interrupt_swallowed_by_a_finalizer_still_stops_the_search_at_the_next_trial():
+    """The CLI's handler raises KeyboardInterrupt and sets INTERRUPT_REQUESTED; a raise inside a finalizer
+    (Python prints 'Exception ignored' and goes on) must not let the search run to the end."""
+    import gc
+    from types import SimpleNamespace
+
+    from abliterate import study as search
+    from abliterate.cli import _terminate
+    from abliterate.errors import INTERRUPT_REQUESTED
+    from abliterate.scorers import KL, MarkerRefusals
+
+    class InterruptedWhenCollected:
+        def __del__(self):
+            _terminate(signal.SIGINT, None)  # what the handler does when the signal lands in a finalizer
+
+    def evaluate(trial, plan, completed):
+        if trial.number == 1:
+            InterruptedWhenCollected()  # collected at once: its KeyboardInterrupt is swallowed
+            gc.collect()
+        return {"refusals": 0.5, "kl": 0.01}
+
+    ranks = SimpleNamespace(world_size=1, is_global_zero=True)
+    study = optuna.create_study(directions=["minimize", "minimize"], sampler=optuna.samplers.RandomSampler(seed=0))
+    INTERRUPT_REQUESTED.clear()
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            search.run_search(
+                ranks,
+                study,
+                StudyOptions(n_trials=5, prune=False),
+                SearchSpace(),
+                4,
+                [MarkerRefusals(), KL()],
+                evaluate,
+            )
+    finally:
+        INTERRUPT_REQUESTED.clear()
+    # Trial 1 finished (the interrupt was swallowed inside it), then the search stopped before asking trial 2.
+    assert [t.state for t in study.trials] == [TrialState.COMPLETE, TrialState.COMPLETE]

@@ -30,7 +30,7 @@ from abliterate.cli_errors import (
     config_args,
     read_config,
 )
-from abliterate.errors import AbliterateError, Interrupted, chain, explain
+from abliterate.errors import INTERRUPT_REQUESTED, AbliterateError, Interrupted, chain, explain
 from abliterate.runconfig import CONFIG_FILE, with_run_config
 
 
@@ -280,7 +280,9 @@ _RUN_CONFIG: list[str | None] = [None]  # OUTPUT_DIR/config.yaml when main() rea
 
 
 def _terminate(signum, frame):
-    raise KeyboardInterrupt  # SIGTERM ends a run like Ctrl-C: the running trial is marked, the resume hint printed
+    # SIGTERM ends a run like Ctrl-C: the running trial is marked, the resume hint printed.
+    INTERRUPT_REQUESTED.set()  # in case the KeyboardInterrupt lands where Python swallows it
+    raise KeyboardInterrupt
 
 
 def main(args=None) -> None:
@@ -304,8 +306,11 @@ def main(args=None) -> None:
         _RUN_CONFIG[0] = argv[2] if argv[1:2] == ["--config"] and argv[2].endswith(CONFIG_FILE) else None
         configure_logging()
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+        INTERRUPT_REQUESTED.clear()
         if threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGTERM, _terminate)
+            if signal.getsignal(signal.SIGINT) is signal.default_int_handler:  # not where SIGINT is ignored (nohup)
+                signal.signal(signal.SIGINT, _terminate)
         build_cli(argv)
     except AbliterateError as err:
         print(f"error: {' '.join(str(err).split())}", file=sys.stderr)

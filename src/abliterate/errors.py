@@ -1,5 +1,7 @@
 """One error type for bad user input: the CLI prints it as one line and exits non-zero."""
 
+import threading
+
 
 class AbliterateError(Exception):
     """A problem the user can fix. The message is one line and names the fix."""
@@ -13,6 +15,12 @@ def first_line(error: BaseException) -> str:
 
 class Interrupted(Exception):
     """Ctrl-C or SIGTERM during a phase, with what was kept and how to resume (exit code 130)."""
+
+
+INTERRUPT_REQUESTED = threading.Event()
+"""Set by the CLI's SIGINT/SIGTERM handler beside the KeyboardInterrupt it raises. Python swallows an exception
+raised where it cannot propagate (a finalizer run by the garbage collector), so the search also checks this
+between trials: a Ctrl-C is never lost."""
 
 
 def explain(error: BaseException) -> str | None:

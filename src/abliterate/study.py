@@ -17,7 +17,7 @@ import optuna
 import sqlalchemy
 from optuna.trial import TrialState
 
-from abliterate.errors import AbliterateError
+from abliterate.errors import INTERRUPT_REQUESTED, AbliterateError
 from abliterate.options import SearchSpace, StudyOptions
 from abliterate.pareto import Point, minimised
 from abliterate.plans import TrialPlan, sample_plan
@@ -152,6 +152,8 @@ def run_search(
     while True:
         plan, trial = None, None
         try:
+            if INTERRUPT_REQUESTED.is_set():  # an interrupt whose KeyboardInterrupt was swallowed
+                raise KeyboardInterrupt
             if ranks.is_global_zero and options.storage is not None:
                 fail_stale_trials(study, options.stale_after)
                 _wait_for_other_nodes(study, options)
