@@ -1,4 +1,4 @@
-"""One error type for bad user input: the CLI prints it as one line and exits non-zero."""
+"""Errors and interrupts: bad user input becomes one line and a non-zero exit; Ctrl-C or SIGTERM, a resume hint."""
 
 import threading
 
