@@ -163,18 +163,21 @@ def cell_settings(variant: str, seed: int, args, inputs) -> dict:
 def cell_name(variant: str, seed: int, settings: dict) -> str:
     """VARIANT-sSEED-DIGEST, DIGEST naming the cell's settings: a changed default or argument makes new cells
     (files and run dirs) instead of reusing cells that ran with something else, which stay where they are."""
-    digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:10]
-    return f"{variant}-s{seed}-{digest}"
+    return f"{variant}-s{seed}-{settings_digest(settings)}"
+
+
+def settings_digest(settings: dict) -> str:
+    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:10]
 
 
 def find_cell(cell_dirs: list[Path], variant: str, seed: int, settings: dict) -> Path:
     """The cell file for these settings in the first of cell_dirs that has one (OUT/cells, then the kept cells):
     its own name, else a cell that ran the same settings under another variant (when a lever becomes a default,
     its cells are the new baseline's). Where none has it, its path in cell_dirs[0], to be written."""
-    name = cell_name(variant, seed, settings)
+    name, digest = cell_name(variant, seed, settings), settings_digest(settings)
     for cells in cell_dirs:
         own = cells / f"{name}.json"
-        same = sorted(cells.glob(f"*-s{seed}-{digest_of(own)}.json"))
+        same = sorted(cells.glob(f"*-s{seed}-{digest}.json"))
         if own.is_file() or same:
             return own if own.is_file() else same[0]
     return cell_dirs[0] / f"{name}.json"
