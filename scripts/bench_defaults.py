@@ -467,6 +467,8 @@ def main() -> None:
         parser.error(f'--seeds {args.seeds!r}: give a range such as "101-105" or a list such as "1,3,7"')
     if args.jobs < 1:
         parser.error("--jobs must be >= 1")
+    if args.kept and not Path(args.kept).is_dir():
+        parser.error(f"--kept {args.kept}: not a folder; give the folder of kept cells, or '' for none")
 
     _set_up_process()
     out = Path(args.out or f"/tmp/bench-defaults-{args.organism}")

@@ -273,6 +273,7 @@ def test_sigterm_stops_the_running_cells_and_writes_none(organism_dir, tmp_path)
         (["--heretic", "/nonexistent/heretic"], "--heretic /nonexistent/heretic: not an executable file"),
         (["--variants", "heretic_at_0.05"], "--variants heretic_at_0.05: give its executable with --heretic BIN"),
         (["--heretic", sys.executable, "--variants", "heretic_at_high"], "unknown heretic_at_high; choose from"),
+        (["--kept", "/nonexistent/cells"], "--kept /nonexistent/cells: not a folder"),
     ],
 )
 def test_the_heretic_variant_needs_an_executable_and_says_so(tmp_path, extra, says):
