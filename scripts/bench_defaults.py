@@ -55,6 +55,7 @@ from bench_quality import (  # noqa: E402 (one pipeline and one evaluation for b
     add_run_arguments,
     check_run_arguments,
     our_options,
+    pick_by_our_rule,
     prepare_inputs,
     repick_heretic,
     run_heretic,
@@ -251,9 +252,30 @@ def run_peer_cell(seed: int, args, out_dir: Path, inputs, name: str) -> dict:
 
 def run_repick_cell(variant: str, seed: int, args, out_dir: Path, inputs, settings: dict) -> dict:
     """heretic_at_T: the pick at target T from the same seed's heretic search (its run dir in OUT/runs), saved by
-    heretic from its stored results and evaluated like any cell. No trial runs, so it has no s/trial."""
+    heretic from its stored results and evaluated like any cell. No trial runs, so it has no s/trial. A pick that
+    is a trial of that search already evaluated (by the heretic cell or another repick) reuses its numbers."""
     target = settings["repick_target"]
     source = cell_name(PEER, seed, {name: value for name, value in settings.items() if name != "repick_target"})
+    found = [cells / f"{source}.json" for cells in cell_dirs_of(args, out_dir) if (cells / f"{source}.json").is_file()]
+    if found:
+        front = json.loads(found[0].read_text())["pareto_front"]
+        pick = pick_by_our_rule([tuple(c) for c in front], target)
+        same = evaluated_trial(cell_dirs_of(args, out_dir), seed, source, pick[0])
+        if same is not None:
+            name, cell = same
+            return {
+                "variant": variant,
+                "seed": seed,
+                "change": {"tool": "heretic", "picked_from": source, "refusal_target": target},
+                "n_startup_trials": args.startup,
+                "metrics": {k: v for k, v in cell["metrics"].items() if k != "seconds_per_trial"},
+                "before": cell["before"],
+                "selected_trial": pick[0],
+                "search_refusal": pick[1],
+                "pareto_front": front,
+                "eval_s": 0.0,
+                "same_trial_as": name,
+            }
     work = out_dir / "runs" / source / "heretic"
     if not (work / "argv.json").is_file() or not (out_dir / "cells" / f"{source}.json").is_file():
         raise RuntimeError(f"{variant} seed {seed}: no finished heretic cell {source} in {out_dir} to pick from")
@@ -273,6 +295,23 @@ def run_repick_cell(variant: str, seed: int, args, out_dir: Path, inputs, settin
         "pareto_front": peer["pareto_front"],
         "eval_s": summary["eval_s"],
     }
+
+
+def evaluated_trial(cell_dirs: list[Path], seed: int, source: str, trial: int) -> tuple[str, dict] | None:
+    """(name, cell) of a finished cell that evaluated `trial` of heretic cell `source`'s search: that cell or a
+    repick from it."""
+    for cells in cell_dirs:
+        for path in sorted(cells.glob(f"*-s{seed}-*.json")):
+            cell = json.loads(path.read_text())
+            from_source = path.stem == source or cell.get("change", {}).get("picked_from") == source
+            if from_source and cell.get("selected_trial") == trial:
+                return path.stem, cell
+    return None
+
+
+def cell_dirs_of(args, out: Path) -> list[Path]:
+    """Where cells are looked for: OUT/cells (written), then --kept (read only)."""
+    return [out / "cells", *([Path(args.kept)] if args.kept else [])]
 
 
 def _metrics(summary: dict, inputs, seconds_per_trial: float | None) -> dict:
@@ -479,7 +518,7 @@ def main() -> None:
         print(json.dumps({"organism": args.organism, "skipped": f"{SHARED} absent"}))
         return
     settings = {(v, s): cell_settings(v, s, args, inputs) for s in seeds for v in variants}
-    cell_dirs = [out / "cells", *([Path(args.kept)] if args.kept else [])]
+    cell_dirs = cell_dirs_of(args, out)
     paths = {cell: find_cell(cell_dirs, *cell, settings[cell]) for cell in settings}
     todo, digests = [], set()
     for (v, s), path in paths.items():

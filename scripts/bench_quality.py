@@ -648,6 +648,12 @@ def _heretic_env() -> dict:
     return env
 
 
+def pick_by_our_rule(choices: list[tuple[int, float, float]], refusal_target: float) -> tuple[int, float, float]:
+    """Our selection rule (select_trial min_kl_under) on heretic's front [(trial, refusals, kl)]."""
+    under = [c for c in choices if c[1] <= refusal_target]
+    return min(under, key=lambda c: (c[2], c[0])) if under else min(choices, key=lambda c: (c[1], c[2], c[0]))
+
+
 def _save_pick(term: Terminal, menu: str, refusal_target: float, target: Path) -> tuple[list, tuple]:
     """From heretic's trial menu (`menu`, the text up to it), pick by our rule and save that trial to `target`;
     returns heretic's Pareto front [(trial, refusals, kl)] and the pick."""
@@ -655,9 +661,7 @@ def _save_pick(term: Terminal, menu: str, refusal_target: float, target: Path) -
     choices = [(int(n), int(r) / int(t), float(kl)) for n, r, t, kl in _CHOICE.findall(menu)]
     if not choices:
         raise RuntimeError(f"heretic: no Pareto trials in its menu: {menu[-1500:]!r}")
-    # our selection rule (select_trial min_kl_under) on heretic's own front
-    under = [c for c in choices if c[1] <= refusal_target]
-    pick = min(under, key=lambda c: (c[2], c[0])) if under else min(choices, key=lambda c: (c[1], c[2], c[0]))
+    pick = pick_by_our_rule(choices, refusal_target)
     term.send(["\x1b[B"] * choices.index(pick) + ["\r"])
     term.expect(r"(?s)What do you want to do with the decensored model\?.*Return to the trial selection menu", 600)
     term.settle(1.0)

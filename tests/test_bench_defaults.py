@@ -94,8 +94,44 @@ def test_a_repick_without_its_heretic_cell_says_which_cell_it_needs(tmp_path):
     settings = bench_defaults.cell_settings("heretic_at_0.05", 101, bench_arguments(), inputs)
     peer = bench_defaults.cell_settings(bench_defaults.PEER, 101, bench_arguments(), inputs)
     source = bench_defaults.cell_name(bench_defaults.PEER, 101, peer)
+    args = bench_arguments()
+    args.kept = ""
     with pytest.raises(RuntimeError, match=f"no finished heretic cell {source} in "):
-        bench_defaults.run_repick_cell("heretic_at_0.05", 101, bench_arguments(), tmp_path, inputs, settings)
+        bench_defaults.run_repick_cell("heretic_at_0.05", 101, args, tmp_path, inputs, settings)
+
+
+def test_a_repick_landing_on_an_evaluated_trial_reuses_its_numbers_without_running_heretic(tmp_path, monkeypatch):
+    inputs = SimpleNamespace(model_dir=Path("/models/organism"), tiny=False)
+    args = bench_arguments()
+    args.kept = str(tmp_path / "kept")
+    peer = bench_defaults.cell_settings(bench_defaults.PEER, 101, args, inputs)
+    source = bench_defaults.cell_name(bench_defaults.PEER, 101, peer)
+    front = [[3, 0.0, 0.05], [7, 0.04, 0.03], [9, 0.12, 0.01]]  # heretic's menu: (trial, its count, KL)
+    metrics = {"refusal_harmful_test": 0.05, "kl_n_token": 0.02, "seconds_per_trial": 40.0}
+    (tmp_path / "kept").mkdir()
+    (tmp_path / "kept" / f"{source}.json").write_text(  # the heretic cell, kept: picked trial 3 at 0.02
+        json.dumps(
+            {"selected_trial": 3, "pareto_front": front, "metrics": {**metrics, "kl_n_token": 0.04}, "before": {}}
+        )
+    )
+    (tmp_path / "cells").mkdir()
+    (tmp_path / "cells" / "heretic_at_0.05-s101-0123456789.json").write_text(
+        json.dumps({"change": {"picked_from": source}, "selected_trial": 7, "metrics": metrics, "before": {"x": 1}})
+    )
+    (tmp_path / "cells" / "heretic_at_0.05-s101-other.json").write_text(  # another search's trial 9
+        json.dumps({"change": {"picked_from": "heretic-s101-other"}, "selected_trial": 9, "metrics": {}, "before": {}})
+    )
+    monkeypatch.setattr(bench_defaults, "repick_heretic", lambda *a: pytest.fail("heretic ran"))
+    at = {t: bench_defaults.cell_settings(f"heretic_at_{t}", 101, args, inputs) for t in ("0.01", "0.1")}
+    cell = bench_defaults.run_repick_cell("heretic_at_0.1", 101, args, tmp_path, inputs, at["0.1"])
+    assert (cell["selected_trial"], cell["same_trial_as"]) == (7, "heretic_at_0.05-s101-0123456789")
+    assert cell["metrics"] == {"refusal_harmful_test": 0.05, "kl_n_token": 0.02}  # no s/trial: no trial ran
+    cell = bench_defaults.run_repick_cell("heretic_at_0.01", 101, args, tmp_path, inputs, at["0.01"])
+    assert (cell["selected_trial"], cell["same_trial_as"], cell["metrics"]["kl_n_token"]) == (3, source, 0.04)
+    # trial 9 (at 0.15) was evaluated only from another search: heretic must run, and its run dir is missing
+    settings = bench_defaults.cell_settings("heretic_at_0.15", 101, args, inputs)
+    with pytest.raises(RuntimeError, match="no finished heretic cell"):
+        bench_defaults.run_repick_cell("heretic_at_0.15", 101, args, tmp_path, inputs, settings)
 
 
 def test_a_cell_is_named_by_everything_it_runs_with(monkeypatch):
