@@ -132,6 +132,10 @@ def test_a_repick_landing_on_an_evaluated_trial_reuses_its_numbers_without_runni
     settings = bench_defaults.cell_settings("heretic_at_0.15", 101, args, inputs)
     with pytest.raises(RuntimeError, match="no finished heretic cell"):
         bench_defaults.run_repick_cell("heretic_at_0.15", 101, args, tmp_path, inputs, settings)
+    # a heretic cell kept before cells recorded heretic's front: heretic must run
+    (tmp_path / "kept" / f"{source}.json").write_text(json.dumps({"selected_trial": 3, "metrics": metrics}))
+    with pytest.raises(RuntimeError, match="no finished heretic cell"):
+        bench_defaults.run_repick_cell("heretic_at_0.1", 101, args, tmp_path, inputs, at["0.1"])
 
 
 def test_a_cell_is_named_by_everything_it_runs_with(monkeypatch):
