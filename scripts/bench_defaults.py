@@ -256,11 +256,12 @@ def run_repick_cell(variant: str, seed: int, args, out_dir: Path, inputs, settin
     is a trial of that search already evaluated (by the heretic cell or another repick) reuses its numbers."""
     target = settings["repick_target"]
     source = cell_name(PEER, seed, {name: value for name, value in settings.items() if name != "repick_target"})
-    found = [cells / f"{source}.json" for cells in cell_dirs_of(args, out_dir) if (cells / f"{source}.json").is_file()]
+    cell_dirs = cell_dirs_of(args, out_dir)
+    found = [cells / f"{source}.json" for cells in cell_dirs if (cells / f"{source}.json").is_file()]
     front = json.loads(found[0].read_text()).get("pareto_front") if found else None  # older cells kept none
     if front:
         pick = pick_by_our_rule([tuple(c) for c in front], target)
-        same = evaluated_trial(cell_dirs_of(args, out_dir), seed, source, pick[0])
+        same = evaluated_trial(cell_dirs, seed, source, pick[0])
         if same is not None:
             name, cell = same
             return {
