@@ -255,22 +255,26 @@ def run_repick_cell(variant: str, seed: int, args, out_dir: Path, inputs, settin
     heretic from its stored results and evaluated like any cell. No trial runs, so it has no s/trial. A pick that
     is a trial of that search already evaluated (by the heretic cell or another repick) reuses its numbers."""
     target = settings["repick_target"]
-    source = cell_name(PEER, seed, {name: value for name, value in settings.items() if name != "repick_target"})
+    peer_settings = {name: value for name, value in settings.items() if name != "repick_target"}
+    source = cell_name(PEER, seed, peer_settings)
+    cell = {
+        "variant": variant,
+        "seed": seed,
+        "change": {"tool": "heretic", "picked_from": source, "refusal_target": target},
+        "n_startup_trials": args.startup,
+    }
     cell_dirs = cell_dirs_of(args, out_dir)
-    found = [cells / f"{source}.json" for cells in cell_dirs if (cells / f"{source}.json").is_file()]
-    front = json.loads(found[0].read_text()).get("pareto_front") if found else None  # older cells kept none
-    if front:
+    source_path = find_cell(cell_dirs, PEER, seed, peer_settings)
+    front = json.loads(source_path.read_text()).get("pareto_front") if source_path.is_file() else None
+    if front:  # heretic cells kept before the front was recorded have none
         pick = pick_by_our_rule([tuple(c) for c in front], target)
         same = evaluated_trial(cell_dirs, seed, source, pick[0])
         if same is not None:
-            name, cell = same
+            name, evaluated = same
             return {
-                "variant": variant,
-                "seed": seed,
-                "change": {"tool": "heretic", "picked_from": source, "refusal_target": target},
-                "n_startup_trials": args.startup,
-                "metrics": {k: v for k, v in cell["metrics"].items() if k != "seconds_per_trial"},
-                "before": cell["before"],
+                **cell,
+                "metrics": {k: v for k, v in evaluated["metrics"].items() if k != "seconds_per_trial"},
+                "before": evaluated["before"],
                 "selected_trial": pick[0],
                 "search_refusal": pick[1],
                 "pareto_front": front,
@@ -285,10 +289,7 @@ def run_repick_cell(variant: str, seed: int, args, out_dir: Path, inputs, settin
     summary = evaluator.summarize(evaluator.baseline(), evaluator.evaluate(peer["model_dir"]))
     shutil.rmtree(peer["model_dir"])
     return {
-        "variant": variant,
-        "seed": seed,
-        "change": {"tool": "heretic", "picked_from": source, "refusal_target": target},
-        "n_startup_trials": args.startup,
+        **cell,
         "metrics": _metrics(summary, inputs, None),
         "before": {name: summary["sets"][name]["before"] for name in inputs.sets},
         "selected_trial": peer["chosen_trial"],
