@@ -50,6 +50,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from bench_quality import (  # noqa: E402 (one pipeline and one evaluation for both benchmarks)
     SHARED,
+    BenchParser,
     Evaluator,
     _set_up_process,
     add_run_arguments,
@@ -467,7 +468,7 @@ def _mean_std(stats: dict, metric: str, form: str) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = BenchParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_run_arguments(parser)
     parser.add_argument("--seeds", default="101-105", help='sampler seeds, "101-105" or "1,3,7" (default 101-105)')
     parser.add_argument(

@@ -708,6 +708,13 @@ def ratio(a, b):
     return round(a / b, 3)
 
 
+class BenchParser(argparse.ArgumentParser):
+    """Bad arguments are one line naming the fix and exit 2, without the usage dump (--help still shows it)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
 def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     """The model, budget, prompts and lengths every quality benchmark shares (bench_defaults too)."""
     from abliterate.options import EvalOptions, StudyOptions
@@ -751,7 +758,7 @@ def check_run_arguments(parser: argparse.ArgumentParser, args) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = BenchParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_run_arguments(parser)
     parser.add_argument(
         "--projected",
