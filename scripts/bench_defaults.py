@@ -265,10 +265,8 @@ def run_repick_cell(variant: str, seed: int, args, out_dir: Path, inputs, settin
         "n_startup_trials": args.startup,
     }
     cell_dirs = cell_dirs_of(args, out_dir)
-    source_path = find_cell(cell_dirs, PEER, seed, peer_settings)
-    front = json.loads(source_path.read_text()).get("pareto_front") if source_path.is_file() else None
-    if front:  # heretic cells kept before the front was recorded have none
-        pick = pick_by_our_rule([tuple(c) for c in front], target)
+    pick = predicted_pick(cell_dirs, seed, settings)
+    if pick is not None:
         same = evaluated_trial(cell_dirs, seed, source, pick[0])
         if same is not None:
             name, evaluated = same
@@ -278,7 +276,7 @@ def run_repick_cell(variant: str, seed: int, args, out_dir: Path, inputs, settin
                 "before": evaluated["before"],
                 "selected_trial": pick[0],
                 "search_refusal": pick[1],
-                "pareto_front": front,
+                "pareto_front": pick[2],
                 "eval_s": 0.0,
                 "same_trial_as": name,
             }
@@ -298,6 +296,33 @@ def run_repick_cell(variant: str, seed: int, args, out_dir: Path, inputs, settin
         "pareto_front": peer["pareto_front"],
         "eval_s": summary["eval_s"],
     }
+
+
+def predicted_pick(cell_dirs: list[Path], seed: int, settings: dict) -> tuple[int, float, list] | None:
+    """(trial, its search refusal, the front) that repick `settings` picks by our rule from its heretic cell's
+    recorded front; None while that cell is unfinished, or kept from before cells recorded the front."""
+    peer_settings = {name: value for name, value in settings.items() if name != "repick_target"}
+    source_path = find_cell(cell_dirs, PEER, seed, peer_settings)
+    front = json.loads(source_path.read_text()).get("pareto_front") if source_path.is_file() else None
+    if not front:
+        return None
+    trial, refusal, _ = pick_by_our_rule([tuple(c) for c in front], settings["repick_target"])
+    return trial, refusal, front
+
+
+def repick_waves(repicks: list[tuple[str, int, str, dict]], cell_dirs: list[Path]) -> list[list]:
+    """The repicks in waves, no two in a wave picking the same trial of the same search: each later one then
+    reuses the first one's evaluation instead of evaluating it again side by side."""
+    waves: list[list] = []
+    count: dict[object, int] = {}
+    for cell in repicks:
+        _, seed, name, settings = cell
+        pick = predicted_pick(cell_dirs, seed, settings)
+        key = (seed, pick[0]) if pick is not None else name  # a run's repicks of one seed share one search
+        wave = count[key] = count.get(key, -1) + 1
+        waves += [[] for _ in range(wave + 1 - len(waves))]
+        waves[wave].append(cell)
+    return waves
 
 
 def evaluated_trial(cell_dirs: list[Path], seed: int, source: str, trial: int) -> tuple[str, dict] | None:
@@ -540,9 +565,10 @@ def main() -> None:
     )
     start = time.perf_counter()
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))  # like Ctrl-C: cells are stopped
-    # Repicks read their heretic cell's search, so they run once every other cell is done.
+    # Repicks read their heretic cell's search, so they run once every other cell is done, in waves (above).
     failed = run_cells([cell for cell in todo if not _is_repick(cell[0])], args, out)
-    failed += run_cells([cell for cell in todo if _is_repick(cell[0])], args, out)
+    for wave in repick_waves([cell for cell in todo if _is_repick(cell[0])], cell_dirs):
+        failed += run_cells(wave, args, out)
 
     paths = {cell: find_cell(cell_dirs, *cell, settings[cell]) for cell in settings}  # and those this run wrote
     cells = [{**json.loads(path.read_text()), "variant": v} for (v, s), path in paths.items() if path.is_file()]

@@ -138,6 +138,30 @@ def test_a_repick_landing_on_an_evaluated_trial_reuses_its_numbers_without_runni
         bench_defaults.run_repick_cell("heretic_at_0.1", 101, args, tmp_path, inputs, at["0.1"])
 
 
+def test_repicks_that_pick_the_same_trial_run_in_separate_waves(tmp_path):
+    inputs = SimpleNamespace(model_dir=Path("/models/organism"), tiny=False)
+    args = bench_arguments()
+    peer = bench_defaults.cell_settings(bench_defaults.PEER, 101, args, inputs)
+    front = [[3, 0.0, 0.05], [7, 0.04, 0.03], [9, 0.12, 0.01]]
+    (tmp_path / f"{bench_defaults.cell_name(bench_defaults.PEER, 101, peer)}.json").write_text(
+        json.dumps({"selected_trial": 7, "pareto_front": front})
+    )
+
+    def repick(target: str, seed: int = 101) -> tuple:
+        variant = f"heretic_at_{target}"
+        settings = bench_defaults.cell_settings(variant, seed, args, inputs)
+        return variant, seed, bench_defaults.cell_name(variant, seed, settings), settings
+
+    # 0.05 and 0.1 both pick trial 7, 0.01 picks 3 and 0.15 picks 9; seed 102 has no heretic cell to predict from.
+    cells = [repick("0.05"), repick("0.1"), repick("0.01"), repick("0.15"), repick("0.05", 102), repick("0.1", 102)]
+    waves = bench_defaults.repick_waves(cells, [tmp_path])
+    assert [[(v, s) for v, s, *_ in wave] for wave in waves] == [
+        [("heretic_at_0.05", 101), ("heretic_at_0.01", 101), ("heretic_at_0.15", 101)]
+        + [("heretic_at_0.05", 102), ("heretic_at_0.1", 102)],
+        [("heretic_at_0.1", 101)],
+    ]
+
+
 def test_a_cell_is_named_by_everything_it_runs_with(monkeypatch):
     inputs = SimpleNamespace(model_dir=Path("/models/organism"), tiny=False)
 
