@@ -72,14 +72,17 @@ VARIANTS: dict[str, dict] = {
     # SmolLM2's template ends a prompt with 5 tokens: <|im_end|>, newline, <|im_start|>, assistant, newline.
     "positions_5": {"module": {"residual_positions": 5}},
     "global_only": {"space": {"direction_scope": ["global"]}},
-    "per_layer_only": {"space": {"direction_scope": ["per_layer"]}},
+    "both_scopes": {"space": {"direction_scope": ["global", "per_layer"]}},  # the default before per-layer only
     "startup_half": {"startup_factor": 0.5},
     "startup_double": {"startup_factor": 2.0},
     "no_steer_to_target": {"study": {"steer_to_target": False}},
     "refusal_target_0.05": {"study": {"refusal_target": 0.05}},
     # The defaults before #14's table (winsorising on its own lowered KL but cost JBB refusals; with the lower
     # target the picks refused less on every set at the same KL16, docs/benchmarks.md).
-    "previous_defaults": {"space": {"winsorize": [1.0]}, "study": {"refusal_target": 0.05}},
+    "previous_defaults": {
+        "space": {"winsorize": [1.0], "direction_scope": ["global", "per_layer"]},
+        "study": {"refusal_target": 0.05},
+    },
 }
 """Each lever against the baseline, one setting changed (a search-space choice, a study option, or how the
 residuals are read (module)), and the previous defaults (two settings)."""

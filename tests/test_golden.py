@@ -49,9 +49,11 @@ def golden_record(organism_dir: Path, organism_config: Path, out: Path) -> dict:
         "10",
         "--study.seed",
         "0",
-        # the defaults it was recorded with (winsorising and the 0.02 target came later, measured)
+        # the defaults it was recorded with (winsorising, the 0.02 target and per-layer only came later, measured)
         "--space.winsorize",
         "[1.0]",
+        "--space.direction_scope",
+        "[global, per_layer]",
         "--study.refusal_target",
         "0.05",
     ]

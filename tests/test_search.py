@@ -116,7 +116,11 @@ def test_select_errors_name_the_fix():
 
 
 def test_sample_plan_replays_from_frozen_trial():
-    space = SearchSpace(direction_methods=["mean_diff", "contrastive_pca"], projected=[False, True])
+    space = SearchSpace(
+        direction_methods=["mean_diff", "contrastive_pca"],
+        projected=[False, True],
+        direction_scope=["global", "per_layer"],
+    )
     study = optuna.create_study(directions=["minimize", "minimize"], sampler=optuna.samplers.RandomSampler(seed=3))
     for _ in range(8):
         trial = study.ask()
@@ -131,6 +135,7 @@ def test_sample_plan_replays_from_frozen_trial():
         if plan.ablation.direction_index is not None:
             assert 0.2 * 11 <= plan.ablation.direction_index <= 0.9 * 11
     assert {t.params["projected"] for t in study.trials} == {False, True}
+    assert {t.params["direction_scope"] for t in study.trials} == {"global", "per_layer"}
 
 
 @pytest.mark.parametrize("choices", [[True], [False]])

@@ -132,8 +132,9 @@ def check_range(name: str, bounds: tuple[float, float] | list[float], low: float
 class SearchSpace:
     """Ranges Optuna searches. Layer positions are fractions of depth (0 = first layer, 1 = last)."""
 
-    direction_scope: list[Literal["global", "per_layer"]] = field(default_factory=lambda: ["global", "per_layer"])
-    """global: one direction interpolated at direction_index for all layers; per_layer: each layer its own."""
+    direction_scope: list[Literal["global", "per_layer"]] = field(default_factory=lambda: ["per_layer"])
+    """per_layer: each layer its own direction; global: one interpolated at direction_index for all layers (out of
+    the default space: on smollm2-refusal it spent trials and lost on KL, docs/benchmarks.md)."""
     direction_index: tuple[float, float] = (0.2, 0.9)
     """where the global direction is taken, as a fraction of depth."""
     max_weight: tuple[float, float] = (0.8, 1.5)
