@@ -86,7 +86,7 @@ VARIANTS: dict[str, dict] = {
     },
 }
 """Each lever against the baseline, one setting changed (a search-space choice, a study option, or how the
-residuals are read (module)), and the previous defaults (two settings)."""
+residuals are read (module)), and the previous defaults (three settings)."""
 KEPT = HERE / "data" / "bench_defaults_cells"
 """Cells of the figures in docs/benchmarks.md, committed: a later run (another machine, another session) reuses
 them instead of running them again, and --report rebuilds the tables from them."""
