@@ -260,8 +260,7 @@ def run_repick_cell(variant: str, seed: int, args, out_dir: Path, inputs, settin
     heretic from its stored results and evaluated like any cell. No trial runs, so it has no s/trial. A pick that
     is a trial of that search already evaluated (by the heretic cell or another repick) reuses its numbers."""
     target = settings["repick_target"]
-    peer_settings = {name: value for name, value in settings.items() if name != "repick_target"}
-    source = cell_name(PEER, seed, peer_settings)
+    source = cell_name(PEER, seed, peer_settings_of(settings))
     cell = {
         "variant": variant,
         "seed": seed,
@@ -302,11 +301,15 @@ def run_repick_cell(variant: str, seed: int, args, out_dir: Path, inputs, settin
     }
 
 
+def peer_settings_of(repick_settings: dict) -> dict:
+    """The settings of the heretic cell a repick picks from (cell_settings' inverse for repicks)."""
+    return {name: value for name, value in repick_settings.items() if name != "repick_target"}
+
+
 def predicted_pick(cell_dirs: list[Path], seed: int, settings: dict) -> tuple[int, float, list] | None:
     """(trial, its search refusal, the front) that repick `settings` picks by our rule from its heretic cell's
     recorded front; None while that cell is unfinished, or kept from before cells recorded the front."""
-    peer_settings = {name: value for name, value in settings.items() if name != "repick_target"}
-    source_path = find_cell(cell_dirs, PEER, seed, peer_settings)
+    source_path = find_cell(cell_dirs, PEER, seed, peer_settings_of(settings))
     front = json.loads(source_path.read_text()).get("pareto_front") if source_path.is_file() else None
     if not front:
         return None
