@@ -78,6 +78,7 @@ VARIANTS: dict[str, dict] = {
     "no_steer_to_target": {"study": {"steer_to_target": False}},
     "refusal_target_0.05": {"study": {"refusal_target": 0.05}},
     "refusal_target_0.01": {"study": {"refusal_target": 0.01}},  # per-layer only cost JBB refusals: buy them back?
+    "refusal_target_0.0": {"study": {"refusal_target": 0.0}},  # picks at 0 search refusals leaked least on JBB
     # The defaults before #14's table (winsorising on its own lowered KL but cost JBB refusals; with the lower
     # target the picks refused less on every set at the same KL16, docs/benchmarks.md).
     "previous_defaults": {
