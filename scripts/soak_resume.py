@@ -327,15 +327,14 @@ class Killer:
                 if run.wait_line(_PROGRESS, timeout, count=more, after=start) is None:
                     return "exited during the trials"
                 delay = rng.uniform(0, self.trial_s)
+                end, at_end = _ALL_FINISHED, "at the end of the trials"
             else:
                 delay = rng.uniform(0, self.first_s)  # the study open, then the first trial
                 # first_s is a guess until a run has shown a trial: on a fast machine all trials may end within
-                # it, and a first kill past them leaves the phase unreachable (seed 1485776339), so never go
-                # past the first finished trial.
-                if run.wait_line(_PROGRESS, timeout=delay, after=start) is not None:
-                    return f"at the end of the first trial ({delay:.2f}s drawn)"
-            if run.wait_line(_ALL_FINISHED, timeout=delay, after=start) is not None:
-                return f"at the end of the trials ({delay:.2f}s after {more} more finished trial(s))"
+                # it, and a first kill past them leaves the phase unreachable (seed 1485776339).
+                end, at_end = _PROGRESS, "at the end of the first trial"
+            if run.wait_line(end, timeout=delay, after=start) is not None:
+                return f"{at_end} ({delay:.2f}s after {more} more finished trial(s))"
             return f"{delay:.2f}s after {more} more finished trial(s)"
         if target == "exit":
             if run.wait_line(_EXPORTED, timeout) is None:
