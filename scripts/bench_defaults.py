@@ -56,6 +56,7 @@ from bench_quality import (  # noqa: E402 (one pipeline and one evaluation for b
     add_run_arguments,
     check_run_arguments,
     our_options,
+    our_parts,
     pick_by_our_rule,
     prepare_inputs,
     repick_heretic,
@@ -94,6 +95,9 @@ them instead of running them again, and --report rebuilds the tables from them."
 PEER = "heretic"  # the peer tool as a variant: cells of its own, paired with the baseline like a lever
 REPICK = f"{PEER}_at_"
 """heretic_at_T: another pick, at selection target T, from the heretic cell's own search (re-exported, not re-run)."""
+OUR_REPICK = "baseline_at_"
+"""baseline_at_T: the baseline search's pick at selection target T (its study re-read, the trial exported, no trial
+run): a search steered to the default refusal target, picked at another."""
 
 METRICS = (
     "refusal_harmful_test",
@@ -154,6 +158,8 @@ def cell_settings(variant: str, seed: int, args, inputs) -> dict:
         return {**settings, "tool": PEER, "refusal_target": args.refusal_target}
     if variant.startswith(REPICK):
         return {**cell_settings(PEER, seed, args, inputs), "repick_target": float(variant[len(REPICK) :])}
+    if variant.startswith(OUR_REPICK):
+        return {**cell_settings("baseline", seed, args, inputs), "repick_target": float(variant[len(OUR_REPICK) :])}
     from abliterate.module import AbliterationModule
 
     options = our_options(variant_args(variant, seed, args), inputs.tiny)
@@ -207,6 +213,8 @@ def run_cell(variant: str, seed: int, args, out: str, name: str, settings: dict)
         return run_peer_cell(seed, args, out_dir, inputs, name)
     if variant.startswith(REPICK):
         return run_repick_cell(variant, seed, args, out_dir, inputs, settings)
+    if variant.startswith(OUR_REPICK):
+        return run_our_repick_cell(variant, seed, args, out_dir, inputs, name, settings)
     change = VARIANTS[variant]
     cell_args = variant_args(variant, seed, args)
     run_dir = out_dir / "runs" / name
@@ -302,8 +310,63 @@ def run_repick_cell(variant: str, seed: int, args, out_dir: Path, inputs, settin
     }
 
 
+def run_our_repick_cell(variant: str, seed: int, args, out_dir: Path, inputs, name: str, settings: dict) -> dict:
+    """baseline_at_T: the baseline cell's study (its run dir in OUT/runs) re-read, its pick at target T by the
+    tool's own rule exported there and evaluated like any cell. A trial already evaluated (by the baseline cell
+    or another repick) reuses its numbers."""
+    import optuna
+
+    from abliterate.pareto import select_trial
+
+    target = settings["repick_target"]
+    source_path = find_cell(cell_dirs_of(args, out_dir), "baseline", seed, peer_settings_of(settings))
+    run_dir = out_dir / "runs" / source_path.stem / "ours"
+    if not source_path.is_file() or not (run_dir / "study.db").is_file():
+        raise RuntimeError(f"{variant} seed {seed}: no finished baseline cell with its study in {run_dir}")
+    options, module, data, trainer = our_parts(
+        str(inputs.model_dir), inputs.files, variant_args("baseline", seed, args), inputs.tiny
+    )
+    storage = f"sqlite:///{(run_dir / 'study.db').resolve()}"
+    study = optuna.load_study(study_name=options["study"].study_name, storage=storage)
+    chosen = select_trial(study.get_trials(deepcopy=False), "min_kl_under", target)
+    cell = {
+        "variant": variant,
+        "seed": seed,
+        "change": {"picked_from": source_path.stem, "refusal_target": target},
+        "n_startup_trials": args.startup,
+        "selected_trial": chosen.number,
+        "search_refusal": chosen.values[0],
+    }
+    same = evaluated_trial(cell_dirs_of(args, out_dir), seed, source_path.stem, chosen.number)
+    if same is not None:
+        evaluated = same[1]
+        metrics = {k: v for k, v in evaluated["metrics"].items() if k != "seconds_per_trial"}
+        return {**cell, "metrics": metrics, "before": evaluated["before"], "eval_s": 0.0, "same_trial_as": same[0]}
+    export_dir = out_dir / "runs" / name / "model"
+    trainer.export(
+        module,
+        data,
+        study=options["study"],
+        space=options["space"],
+        output_dir=str(run_dir),
+        export_dir=str(export_dir),
+        trial=chosen.number,
+        overwrite=True,
+    )
+    evaluator = Evaluator(inputs, args, out_dir / "cache")
+    summary = evaluator.summarize(evaluator.baseline(), evaluator.evaluate(str(export_dir)))
+    shutil.rmtree(export_dir.parent)  # the export; the source's study and trials.csv stay
+    shutil.rmtree(run_dir / "cache", ignore_errors=True)
+    return {
+        **cell,
+        "metrics": _metrics(summary, inputs, None),
+        "before": {name: summary["sets"][name]["before"] for name in inputs.sets},
+        "eval_s": summary["eval_s"],
+    }
+
+
 def peer_settings_of(repick_settings: dict) -> dict:
-    """The settings of the heretic cell a repick picks from (cell_settings' inverse for repicks)."""
+    """The settings of the cell a repick picks from (cell_settings' inverse for repicks)."""
     return {name: value for name, value in repick_settings.items() if name != "repick_target"}
 
 
@@ -324,9 +387,12 @@ def repick_waves(repicks: list[tuple[str, int, str, dict]], cell_dirs: list[Path
     waves: list[list] = []
     count: dict[object, int] = {}
     for cell in repicks:
-        _, seed, name, settings = cell
-        pick = predicted_pick(cell_dirs, seed, settings)
-        key = (seed, pick[0]) if pick is not None else name  # a run's repicks of one seed share one search
+        variant, seed, name, settings = cell
+        if variant.startswith(OUR_REPICK):
+            key = (seed, OUR_REPICK)  # each exports into the baseline's run dir: one at a time
+        else:
+            pick = predicted_pick(cell_dirs, seed, settings)
+            key = (seed, pick[0]) if pick is not None else name  # a run's repicks of one seed share one search
         wave = count[key] = count.get(key, -1) + 1
         waves += [[] for _ in range(wave + 1 - len(waves))]
         waves[wave].append(cell)
@@ -489,11 +555,15 @@ def table(summary: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _is_repick(variant: str) -> bool:
+def _is_repick(variant: str, prefix: str = REPICK) -> bool:
     try:
-        return variant.startswith(REPICK) and 0.0 <= float(variant[len(REPICK) :]) <= 1.0
+        return variant.startswith(prefix) and 0.0 <= float(variant[len(prefix) :]) <= 1.0
     except ValueError:
         return False
+
+
+def _is_any_repick(variant: str) -> bool:
+    return _is_repick(variant) or _is_repick(variant, OUR_REPICK)
 
 
 def _mean_std(stats: dict, metric: str, form: str) -> str:
@@ -525,14 +595,16 @@ def main() -> None:
     known = [*VARIANTS, PEER] if args.heretic else list(VARIANTS)
     if args.heretic and args.variants == parser.get_default("variants"):
         variants.append(PEER)
-    unknown = [v for v in variants if v not in known and not (args.heretic and _is_repick(v))]
+    repicks = [v for v in variants if (args.heretic and _is_repick(v)) or _is_repick(v, OUR_REPICK)]
+    unknown = [v for v in variants if v not in known and v not in repicks]
     needs_peer = [v for v in unknown if v == PEER or _is_repick(v)]
     if needs_peer:
         parser.error(f"--variants {needs_peer[0]}: give its executable with --heretic BIN (a venv of its own)")
     if unknown:
         parser.error(
             f"--variants: unknown {', '.join(unknown)}; choose from {', '.join(known)}"
-            + (f", or {REPICK}T for heretic's pick at selection target T" if args.heretic else "")
+            + f", {OUR_REPICK}T for the baseline search's pick at selection target T"
+            + (f", or {REPICK}T for heretic's" if args.heretic else "")
         )
     if args.heretic and not os.access(args.heretic, os.X_OK):
         parser.error(f"--heretic {args.heretic}: not an executable file; give heretic's path in its own venv")
@@ -573,9 +645,9 @@ def main() -> None:
     )
     start = time.perf_counter()
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))  # like Ctrl-C: cells are stopped
-    # Repicks read their heretic cell's search, so they run once every other cell is done, in waves (above).
-    failed = run_cells([cell for cell in todo if not _is_repick(cell[0])], args, out)
-    for wave in repick_waves([cell for cell in todo if _is_repick(cell[0])], cell_dirs):
+    # Repicks read their source cell's search, so they run once every other cell is done, in waves (above).
+    failed = run_cells([cell for cell in todo if not _is_any_repick(cell[0])], args, out)
+    for wave in repick_waves([cell for cell in todo if _is_any_repick(cell[0])], cell_dirs):
         failed += run_cells(wave, args, out)
 
     paths = {cell: find_cell(cell_dirs, *cell, settings[cell]) for cell in settings}  # and those this run wrote

@@ -418,16 +418,14 @@ def our_options(args, tiny: bool) -> dict:
     return {"module": module, "space": space, "study": study}
 
 
-def run_ours(model_dir: str, files: dict[str, Path], args, out: Path, tiny: bool) -> dict:
-    import optuna
-
+def our_parts(model_dir: str, files: dict[str, Path], args, tiny: bool):
+    """(options, module, data module, trainer) of our run on these inputs, as `run_ours` runs it."""
     from abliterate.data import PromptDataModule
     from abliterate.module import AbliterationModule
     from abliterate.prompts import PromptSource
     from abliterate.trainer import AbliterationTrainer
 
     options = our_options(args, tiny)
-    space, study = options["space"], options["study"]
     module = AbliterationModule(model_id=model_dir, **options["module"])
     data = PromptDataModule(
         harmful=PromptSource(str(files["harmful_train"])),
@@ -439,7 +437,14 @@ def run_ours(model_dir: str, files: dict[str, Path], args, out: Path, tiny: bool
         eval_batch_size=args.search_batch_size,
     )
     trainer = AbliterationTrainer(accelerator="cpu", devices=1, enable_progress_bar=False)
+    return options, module, data, trainer
 
+
+def run_ours(model_dir: str, files: dict[str, Path], args, out: Path, tiny: bool) -> dict:
+    import optuna
+
+    options, module, data, trainer = our_parts(model_dir, files, args, tiny)
+    space, study = options["space"], options["study"]
     phases: dict[str, float] = {}
 
     from abliterate.pipeline import Pipeline

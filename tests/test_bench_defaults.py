@@ -14,6 +14,7 @@ import optuna
 import pytest
 
 from abliterate.options import StudyOptions
+from abliterate.pareto import select_trial
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts"))
@@ -247,7 +248,7 @@ def test_a_small_run_applies_each_lever_writes_every_cell_and_resumes(organism_d
         "--seeds",
         "1-2",
         "--variants",
-        "baseline,not_projected,no_steer_to_target",
+        "baseline,not_projected,no_steer_to_target,baseline_at_1.0",
         "--jobs",
         "2",
         "--out",
@@ -264,19 +265,33 @@ def test_a_small_run_applies_each_lever_writes_every_cell_and_resumes(organism_d
         cell = json.loads(path.read_text())
         assert path.stem == bench_defaults.cell_name(cell["variant"], cell["seed"], cell["settings"])
         cells[cell["variant"], cell["seed"]] = cell
-    assert set(cells) == {(v, s) for v in ("baseline", "not_projected", "no_steer_to_target") for s in (1, 2)}
+    variants = ("baseline", "not_projected", "no_steer_to_target", "baseline_at_1.0")
+    assert set(cells) == {(v, s) for v in variants for s in (1, 2)}
     # The summary is the cells' own numbers.
     for variant in ("baseline", "not_projected"):
         values = [cells[variant, s]["metrics"]["kl_n_token"] for s in (1, 2)]
         assert result["summary"][variant]["metrics"]["kl_n_token"]["mean"] == pytest.approx(sum(values) / 2, abs=1e-5)
 
-    def run_dir(variant: str) -> Path:
-        return out / "runs" / bench_defaults.cell_name(variant, 1, cells[variant, 1]["settings"]) / "ours"
+    def run_dir(variant: str, seed: int = 1) -> Path:
+        return out / "runs" / bench_defaults.cell_name(variant, seed, cells[variant, seed]["settings"]) / "ours"
 
     # Each lever reached the search: the studies' stored choices differ exactly where the variant says.
-    def trials(variant: str) -> list:
-        storage = f"sqlite:///{run_dir(variant) / 'study.db'}"
+    def trials(variant: str, seed: int = 1) -> list:
+        storage = f"sqlite:///{run_dir(variant, seed) / 'study.db'}"
         return optuna.load_study(study_name="abliterate", storage=storage).trials
+
+    # The repick is the baseline search's pick by the tool's rule at target 1 (the lowest KL): the baseline cell's
+    # numbers where that is the baseline's own pick, else an evaluation of its own, whose export is gone.
+    for seed in (1, 2):
+        repick, baseline = cells["baseline_at_1.0", seed], cells["baseline", seed]
+        assert repick["selected_trial"] == select_trial(trials("baseline", seed), "min_kl_under", 1.0).number
+        if repick["selected_trial"] == baseline["selected_trial"]:
+            assert repick["same_trial_as"] == run_dir("baseline", seed).parent.name
+            assert repick["metrics"] == {k: v for k, v in baseline["metrics"].items() if k != "seconds_per_trial"}
+        else:
+            assert repick["eval_s"] > 0 and "same_trial_as" not in repick
+        name = bench_defaults.cell_name("baseline_at_1.0", seed, repick["settings"])
+        assert not (out / "runs" / name).exists() and not (run_dir("baseline", seed) / "cache").exists()
 
     assert {t.params["projected"] for t in trials("baseline")} == {True}
     assert {t.params["projected"] for t in trials("not_projected")} == {False}
@@ -286,7 +301,7 @@ def test_a_small_run_applies_each_lever_writes_every_cell_and_resumes(organism_d
     # A second run finds every cell and runs none.
     before = {p.name: p.stat().st_mtime_ns for p in (out / "cells").glob("*.json")}
     again = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
-    assert again.returncode == 0 and "0 cells to run, 6 already done (0 of them kept" in again.stderr
+    assert again.returncode == 0 and "0 cells to run, 8 already done (0 of them kept" in again.stderr
     assert {p.name: p.stat().st_mtime_ns for p in (out / "cells").glob("*.json")} == before
     # --report elsewhere, with these cells kept and a seed that has none yet: it runs nothing, summarises the kept
     # cells, and writes no cell anywhere.
@@ -295,7 +310,7 @@ def test_a_small_run_applies_each_lever_writes_every_cell_and_resumes(organism_d
     report_command[report_command.index("--seeds") + 1] = "1-3"
     report = subprocess.run(report_command, capture_output=True, text=True, env=env, timeout=600)
     assert report.returncode == 0, report.stderr[-2000:]
-    assert "0 cells to run, 6 already done (6 of them kept" in report.stderr, report.stderr[-2000:]
+    assert "0 cells to run, 8 already done (8 of them kept" in report.stderr, report.stderr[-2000:]
     report_summary = json.loads(report.stdout.strip().splitlines()[-1])["summary"]
     assert report_summary == result["summary"]
     assert not list((report_out / "cells").glob("*")) and {p.name for p in (out / "cells").glob("*")} == set(before)
