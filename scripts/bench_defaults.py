@@ -93,11 +93,26 @@ KEPT = HERE / "data" / "bench_defaults_cells"
 """Cells of the figures in docs/benchmarks.md, committed: a later run (another machine, another session) reuses
 them instead of running them again, and --report rebuilds the tables from them."""
 PEER = "heretic"  # the peer tool as a variant: cells of its own, paired with the baseline like a lever
-REPICK = f"{PEER}_at_"
-"""heretic_at_T: another pick, at selection target T, from the heretic cell's own search (re-exported, not re-run)."""
-OUR_REPICK = "baseline_at_"
-"""baseline_at_T: the baseline search's pick at selection target T (its study re-read, the trial exported, no trial
-run): a search steered to the default refusal target, picked at another."""
+AT = "_at_"
+"""V_at_T: another pick, at selection target T, from the search of variant V's cell (V a lever, the baseline or
+heretic), re-exported, not re-run: heretic_at_0.05, or baseline_at_0.0 (a search steered to the default target,
+picked at another)."""
+
+
+def repick_of(variant: str) -> tuple[str, float] | None:
+    """(V, T) of a repick V_at_T, else None."""
+    source, at, target = variant.rpartition(AT)
+    try:
+        value = float(target)
+    except ValueError:
+        return None
+    return (source, value) if at and (source in VARIANTS or source == PEER) and 0.0 <= value <= 1.0 else None
+
+
+def is_peer(variant: str) -> bool:
+    """heretic's cell or a repick from its search."""
+    return variant == PEER or (repick_of(variant) or ("",))[0] == PEER
+
 
 METRICS = (
     "refusal_harmful_test",
@@ -156,10 +171,9 @@ def cell_settings(variant: str, seed: int, args, inputs) -> dict:
     settings = {"model": str(inputs.model_dir), "seed": seed, **{name: getattr(args, name) for name in CELL_ARGUMENTS}}
     if variant == PEER:
         return {**settings, "tool": PEER, "refusal_target": args.refusal_target}
-    if variant.startswith(REPICK):
-        return {**cell_settings(PEER, seed, args, inputs), "repick_target": float(variant[len(REPICK) :])}
-    if variant.startswith(OUR_REPICK):
-        return {**cell_settings("baseline", seed, args, inputs), "repick_target": float(variant[len(OUR_REPICK) :])}
+    if repick_of(variant):
+        source, target = repick_of(variant)
+        return {**cell_settings(source, seed, args, inputs), "repick_target": target}
     from abliterate.module import AbliterationModule
 
     options = our_options(variant_args(variant, seed, args), inputs.tiny)
@@ -211,9 +225,9 @@ def run_cell(variant: str, seed: int, args, out: str, name: str, settings: dict)
     inputs = prepare_inputs(args, out_dir)
     if variant == PEER:
         return run_peer_cell(seed, args, out_dir, inputs, name)
-    if variant.startswith(REPICK):
+    if repick_of(variant) and is_peer(variant):
         return run_repick_cell(variant, seed, args, out_dir, inputs, settings)
-    if variant.startswith(OUR_REPICK):
+    if repick_of(variant):
         return run_our_repick_cell(variant, seed, args, out_dir, inputs, name, settings)
     change = VARIANTS[variant]
     cell_args = variant_args(variant, seed, args)
@@ -269,7 +283,7 @@ def run_repick_cell(variant: str, seed: int, args, out_dir: Path, inputs, settin
     heretic from its stored results and evaluated like any cell. No trial runs, so it has no s/trial. A pick that
     is a trial of that search already evaluated (by the heretic cell or another repick) reuses its numbers."""
     target = settings["repick_target"]
-    source = cell_name(PEER, seed, peer_settings_of(settings))
+    source = cell_name(PEER, seed, source_settings_of(settings))
     cell = {
         "variant": variant,
         "seed": seed,
@@ -311,20 +325,20 @@ def run_repick_cell(variant: str, seed: int, args, out_dir: Path, inputs, settin
 
 
 def run_our_repick_cell(variant: str, seed: int, args, out_dir: Path, inputs, name: str, settings: dict) -> dict:
-    """baseline_at_T: the baseline cell's study (its run dir in OUT/runs) re-read, its pick at target T by the
-    tool's own rule exported there and evaluated like any cell. A trial already evaluated (by the baseline cell
-    or another repick) reuses its numbers."""
+    """V_at_T for our variant V: the study of V's cell (its run dir in OUT/runs) re-read, its pick at target T by
+    the tool's own rule exported there and evaluated like any cell. A trial already evaluated (by V's cell or
+    another repick) reuses its numbers."""
     import optuna
 
     from abliterate.pareto import select_trial
 
-    target = settings["repick_target"]
-    source_path = find_cell(cell_dirs_of(args, out_dir), "baseline", seed, peer_settings_of(settings))
+    source, target = repick_of(variant)
+    source_path = find_cell(cell_dirs_of(args, out_dir), source, seed, source_settings_of(settings))
     run_dir = out_dir / "runs" / source_path.stem / "ours"
     if not source_path.is_file() or not (run_dir / "study.db").is_file():
-        raise RuntimeError(f"{variant} seed {seed}: no finished baseline cell with its study in {run_dir}")
+        raise RuntimeError(f"{variant} seed {seed}: no finished {source} cell with its study in {run_dir}")
     options, module, data, trainer = our_parts(
-        str(inputs.model_dir), inputs.files, variant_args("baseline", seed, args), inputs.tiny
+        str(inputs.model_dir), inputs.files, variant_args(source, seed, args), inputs.tiny
     )
     storage = f"sqlite:///{(run_dir / 'study.db').resolve()}"
     study = optuna.load_study(study_name=options["study"].study_name, storage=storage)
@@ -365,7 +379,7 @@ def run_our_repick_cell(variant: str, seed: int, args, out_dir: Path, inputs, na
     }
 
 
-def peer_settings_of(repick_settings: dict) -> dict:
+def source_settings_of(repick_settings: dict) -> dict:
     """The settings of the cell a repick picks from (cell_settings' inverse for repicks)."""
     return {name: value for name, value in repick_settings.items() if name != "repick_target"}
 
@@ -373,7 +387,7 @@ def peer_settings_of(repick_settings: dict) -> dict:
 def predicted_pick(cell_dirs: list[Path], seed: int, settings: dict) -> tuple[int, float, list] | None:
     """(trial, its search refusal, the front) that repick `settings` picks by our rule from its heretic cell's
     recorded front; None while that cell is unfinished, or kept from before cells recorded the front."""
-    source_path = find_cell(cell_dirs, PEER, seed, peer_settings_of(settings))
+    source_path = find_cell(cell_dirs, PEER, seed, source_settings_of(settings))
     front = json.loads(source_path.read_text()).get("pareto_front") if source_path.is_file() else None
     if not front:
         return None
@@ -388,8 +402,8 @@ def repick_waves(repicks: list[tuple[str, int, str, dict]], cell_dirs: list[Path
     count: dict[object, int] = {}
     for cell in repicks:
         variant, seed, name, settings = cell
-        if variant.startswith(OUR_REPICK):
-            key = (seed, OUR_REPICK)  # each exports into the baseline's run dir: one at a time
+        if not is_peer(variant):
+            key = (seed, repick_of(variant)[0])  # each exports into its source's run dir: one at a time
         else:
             pick = predicted_pick(cell_dirs, seed, settings)
             key = (seed, pick[0]) if pick is not None else name  # a run's repicks of one seed share one search
@@ -514,7 +528,7 @@ def equal_refusal(cells: list[dict]) -> dict:
 
     seeds = {}
     for seed, variants in sorted(by_seed.items()):
-        points = sorted((refusal(m), m["kl_n_token"]) for v, m in variants.items() if v == PEER or v.startswith(REPICK))
+        points = sorted((refusal(m), m["kl_n_token"]) for v, m in variants.items() if is_peer(v))
         front = [p for i, p in enumerate(points) if all(p[1] < q[1] for q in points[:i])]
         if "baseline" not in variants or not front:
             continue
@@ -555,17 +569,6 @@ def table(summary: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _is_repick(variant: str, prefix: str = REPICK) -> bool:
-    try:
-        return variant.startswith(prefix) and 0.0 <= float(variant[len(prefix) :]) <= 1.0
-    except ValueError:
-        return False
-
-
-def _is_any_repick(variant: str) -> bool:
-    return _is_repick(variant) or _is_repick(variant, OUR_REPICK)
-
-
 def _mean_std(stats: dict, metric: str, form: str) -> str:
     return form.format(**stats[metric]) if metric in stats else "—"  # a repick cell has no s/trial
 
@@ -595,16 +598,14 @@ def main() -> None:
     known = [*VARIANTS, PEER] if args.heretic else list(VARIANTS)
     if args.heretic and args.variants == parser.get_default("variants"):
         variants.append(PEER)
-    repicks = [v for v in variants if (args.heretic and _is_repick(v)) or _is_repick(v, OUR_REPICK)]
-    unknown = [v for v in variants if v not in known and v not in repicks]
-    needs_peer = [v for v in unknown if v == PEER or _is_repick(v)]
+    unknown = [v for v in variants if v not in known and not (repick_of(v) and (args.heretic or not is_peer(v)))]
+    needs_peer = [v for v in unknown if is_peer(v)]
     if needs_peer:
         parser.error(f"--variants {needs_peer[0]}: give its executable with --heretic BIN (a venv of its own)")
     if unknown:
         parser.error(
             f"--variants: unknown {', '.join(unknown)}; choose from {', '.join(known)}"
-            + f", {OUR_REPICK}T for the baseline search's pick at selection target T"
-            + (f", or {REPICK}T for heretic's" if args.heretic else "")
+            + f", or VARIANT{AT}T for VARIANT's search picked at selection target T (heretic's too, with --heretic)"
         )
     if args.heretic and not os.access(args.heretic, os.X_OK):
         parser.error(f"--heretic {args.heretic}: not an executable file; give heretic's path in its own venv")
@@ -646,8 +647,8 @@ def main() -> None:
     start = time.perf_counter()
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))  # like Ctrl-C: cells are stopped
     # Repicks read their source cell's search, so they run once every other cell is done, in waves (above).
-    failed = run_cells([cell for cell in todo if not _is_any_repick(cell[0])], args, out)
-    for wave in repick_waves([cell for cell in todo if _is_any_repick(cell[0])], cell_dirs):
+    failed = run_cells([cell for cell in todo if not repick_of(cell[0])], args, out)
+    for wave in repick_waves([cell for cell in todo if repick_of(cell[0])], cell_dirs):
         failed += run_cells(wave, args, out)
 
     paths = {cell: find_cell(cell_dirs, *cell, settings[cell]) for cell in settings}  # and those this run wrote

@@ -202,6 +202,14 @@ def test_a_cell_is_named_by_everything_it_runs_with(monkeypatch):
     repick = bench_defaults.cell_settings("heretic_at_0.05", 101, bench_arguments(), inputs)
     assert repick == {**peer, "repick_target": 0.05}
     assert len({name(bench_defaults.PEER), name("heretic_at_0.05"), name("heretic_at_0.1")}) == 3
+    # So is a repick from one of our variants' searches: that cell plus the target.
+    monkeypatch.undo()
+    ours = bench_defaults.cell_settings("no_winsorize_at_0.0", 101, bench_arguments(), inputs)
+    assert ours == {**settings, "repick_target": 0.0}
+    assert bench_defaults.repick_of("no_winsorize_at_0.0") == ("no_winsorize", 0.0)
+    assert [
+        bench_defaults.repick_of(v) for v in ("no_winsorize", "unknown_at_0.1", "baseline_at_2", "baseline_at_x")
+    ] == [None] * 4
 
 
 def test_a_cell_that_ran_the_same_settings_under_another_variant_is_found(tmp_path):
