@@ -80,6 +80,8 @@ VARIANTS: dict[str, dict] = {
     "refusal_target_0.05": {"study": {"refusal_target": 0.05}},
     "refusal_target_0.01": {"study": {"refusal_target": 0.01}},  # per-layer only cost JBB refusals: buy them back?
     "refusal_target_0.0": {"study": {"refusal_target": 0.0}},  # picks at 0 search refusals leaked least on JBB
+    # The same search as the baseline's (steered to 0.02), picked at 0: its cells are baseline_at_0.0's.
+    "target_0_margin_0.02": {"study": {"refusal_target": 0.0, "steer_margin": 0.02}},
     # The defaults before #14's table (winsorising on its own lowered KL but cost JBB refusals; with the lower
     # target the picks refused less on every set at the same KL16, docs/benchmarks.md).
     "previous_defaults": {
@@ -113,6 +115,10 @@ def is_peer(variant: str) -> bool:
     """heretic's cell or a repick from its search."""
     return variant == PEER or (repick_of(variant) or ("",))[0] == PEER
 
+
+ADDED_LATER = {("study", "steer_margin"): 0.0}
+"""Options added after cells were kept, each at the value that runs what ran before it: left out of a cell's
+settings at that value, so the kept cells keep their names."""
 
 METRICS = (
     "refusal_harmful_test",
@@ -184,7 +190,11 @@ def cell_settings(variant: str, seed: int, args, inputs) -> dict:
     }
     module.update(options["module"])
     settings.update(module=module, space=options["space"], study=options["study"])
-    return json.loads(json.dumps(settings, default=_plain))
+    settings = json.loads(json.dumps(settings, default=_plain))
+    for (group, name), value in ADDED_LATER.items():
+        if settings[group].get(name) == value:
+            del settings[group][name]
+    return settings
 
 
 def cell_name(variant: str, seed: int, settings: dict) -> str:

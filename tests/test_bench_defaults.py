@@ -178,6 +178,10 @@ def test_a_cell_is_named_by_everything_it_runs_with(monkeypatch):
     settings = bench_defaults.cell_settings("no_winsorize", 101, bench_arguments(), inputs)
     assert settings["space"]["winsorize"] == [1.0] and settings["space"]["projected"] == [True]
     assert settings["study"]["refusal_target"] == StudyOptions.refusal_target  # the tool's, as the bench's default
+    # An option added after cells were kept is left out at the value that runs as before it, and named elsewhere.
+    assert "steer_margin" not in settings["study"]
+    margin = bench_defaults.cell_settings("target_0_margin_0.02", 101, bench_arguments(), inputs)["study"]
+    assert margin["steer_margin"] == 0.02 and margin["refusal_target"] == 0.0
     assert (
         bench_defaults.cell_settings("startup_half", 101, bench_arguments(), inputs)["study"]["n_startup_trials"] == 5
     )

@@ -282,10 +282,12 @@ def test_changed_model_files_invalidate_the_caches(organism_dir, tmp_path, monke
     assert model_stamp("org/hub-id", revision="c" * 40) == "org/hub-id@" + "c" * 40
 
 
-@pytest.mark.parametrize("steer", [True, False])
-def test_trials_carry_the_refusal_constraint(organism_config, organism_dir, tmp_path, capsys, steer):
+@pytest.mark.parametrize("steer, margin", [(True, 0.0), (False, 0.0), (True, 0.1)])
+def test_trials_carry_the_refusal_constraint(organism_config, organism_dir, tmp_path, capsys, steer, margin):
     out = tmp_path / "run"
     extra = ["--study.n_trials", "6", "--study.refusal_target", "0.3", "--study.steer_to_target", str(steer).lower()]
+    extra += ["--study.steer_margin", str(margin)]
+    bound = 0.3 + margin
     code, _, err = run_cli(organism_args(organism_config, organism_dir, out, *extra), capsys)
     assert code == 0, err
     study = optuna.load_study(study_name="abliterate", storage=f"sqlite:///{out / 'study.db'}")
@@ -295,6 +297,6 @@ def test_trials_carry_the_refusal_constraint(organism_config, organism_dir, tmp_
         if not steer:
             assert t.constraints == {}
         elif t.state == optuna.trial.TrialState.COMPLETE:
-            assert t.constraints == {"refusal_rate_over_target": pytest.approx(t.values[0] - 0.3)}
+            assert t.constraints == {"refusal_rate_over_target": pytest.approx(t.values[0] - bound)}
         else:  # pruned: at least the refusals it was pruned at
-            assert t.constraints == {"refusal_rate_over_target": pytest.approx(t.user_attrs["bound"][0] - 0.3)}
+            assert t.constraints == {"refusal_rate_over_target": pytest.approx(t.user_attrs["bound"][0] - bound)}

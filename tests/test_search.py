@@ -182,6 +182,8 @@ def test_search_options_validate():
         StudyOptions(select="best")
     with pytest.raises(AbliterateError, match="refusal_target"):
         StudyOptions(refusal_target=5)
+    with pytest.raises(AbliterateError, match="steer_margin"):
+        StudyOptions(steer_margin=-0.1)
 
 
 def test_interactive_choice_from_front(capsys):

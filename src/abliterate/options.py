@@ -199,8 +199,11 @@ class StudyOptions:
     """min_kl_under picks the lowest KL among trials with refusal rate at or below this (on the search's
     prompts; picks refused about 0.01 more of prompts the search never saw, see docs/benchmarks.md)."""
     steer_to_target: bool = True
-    """tell the sampler that trials above refusal_target are infeasible (an Optuna constraint), so
-    TPE refines the low-KL trials under the target instead of the low-KL trials that do nothing."""
+    """tell the sampler that trials above refusal_target + steer_margin are infeasible (an Optuna constraint),
+    so TPE refines the low-KL trials under the target instead of the low-KL trials that do nothing."""
+    steer_margin: float = 0.0
+    """how far above refusal_target a trial still counts as feasible to the sampler: at a target of 0, a
+    bound of exactly 0 leaves TPE few feasible trials to learn from."""
     select: str = "min_kl_under"
     """trial selection: min_kl_under, knee, or a trial number."""
     workers: int = 1
@@ -218,12 +221,19 @@ class StudyOptions:
             raise AbliterateError("study.n_trials must be >= 1")
         if not 0.0 <= self.refusal_target <= 1.0:
             raise AbliterateError("study.refusal_target must be a fraction in [0, 1]")
+        if not 0.0 <= self.steer_margin <= 1.0:
+            raise AbliterateError("study.steer_margin must be a fraction in [0, 1]")
         if self.workers < 1:
             raise AbliterateError(f"study.workers={self.workers}: use 1 for one process, or more for parallel workers")
         if self.n_startup_trials < 0:
             raise AbliterateError("study.n_startup_trials must be >= 0")
         if self.select not in ("min_kl_under", "knee") and not self.select.isdigit():
             raise AbliterateError(f"study.select={self.select!r}: use min_kl_under, knee, or a trial number")
+
+    @property
+    def steer_bound(self) -> float:
+        """The refusal rate above which the sampler counts a trial infeasible (with steer_to_target)."""
+        return self.refusal_target + self.steer_margin
 
 
 ExportFormat = Literal["merged", "adapter", "both"]

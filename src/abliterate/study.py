@@ -26,7 +26,7 @@ from abliterate.scorers import Scorer
 log = logging.getLogger("abliterate.study")
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
-REFUSAL_CONSTRAINT = "refusal_rate_over_target"  # > 0: infeasible for TPE (StudyOptions.steer_to_target)
+REFUSAL_CONSTRAINT = "refusal_rate_over_target"  # > 0: infeasible for TPE (StudyOptions.steer_bound)
 OBJECTIVE_ATTR = "objective"
 
 
@@ -207,7 +207,7 @@ def _run_trial(study, options: StudyOptions, scorers, trial, plan: TrialPlan, ev
         trial.set_user_attr("seconds", seconds)
         if options.steer_to_target:
             # Pruned: its refusal rate is at least the bound the pruning callback recorded.
-            trial.set_constraint(REFUSAL_CONSTRAINT, trial.user_attrs["bound"][0] - options.refusal_target)
+            trial.set_constraint(REFUSAL_CONSTRAINT, trial.user_attrs["bound"][0] - options.steer_bound)
         study.tell(trial, state=TrialState.PRUNED)
         attrs = trial.user_attrs
         log.info(
@@ -229,7 +229,7 @@ def _run_trial(study, options: StudyOptions, scorers, trial, plan: TrialPlan, ev
             trial.set_user_attr(scorer.name, values[scorer.name])
     point = [values[s.name] for s in objectives]
     if options.steer_to_target:
-        trial.set_constraint(REFUSAL_CONSTRAINT, point[0] - options.refusal_target)
+        trial.set_constraint(REFUSAL_CONSTRAINT, point[0] - options.steer_bound)
     study.tell(trial, point)
     finished = len(study.get_trials(deepcopy=False, states=FINISHED))
     shown = ", ".join(f"{s.name} {values[s.name]:.4f}" for s in scorers if s.name in values)
