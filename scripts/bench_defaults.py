@@ -78,15 +78,15 @@ VARIANTS: dict[str, dict] = {
     "startup_double": {"startup_factor": 2.0},
     "no_steer_to_target": {"study": {"steer_to_target": False}},
     "refusal_target_0.05": {"study": {"refusal_target": 0.05}},
-    "refusal_target_0.01": {"study": {"refusal_target": 0.01}},  # per-layer only cost JBB refusals: buy them back?
-    "refusal_target_0.0": {"study": {"refusal_target": 0.0}},  # picks at 0 search refusals leaked least on JBB
-    # The same search as the baseline's (steered to 0.02), picked at 0: its cells are baseline_at_0.0's.
-    "target_0_margin_0.02": {"study": {"refusal_target": 0.0, "steer_margin": 0.02}},
+    "refusal_target_0.01": {"study": {"refusal_target": 0.01}},
+    "no_steer_margin": {"study": {"steer_margin": 0.0}},  # steered and picked at 0
+    # The default before the margin: its search (steered to 0.02) is the defaults', picked at 0.02.
+    "refusal_target_0.02": {"study": {"refusal_target": 0.02, "steer_margin": 0.0}},
     # The defaults before #14's table (winsorising on its own lowered KL but cost JBB refusals; with the lower
     # target the picks refused less on every set at the same KL16, docs/benchmarks.md).
     "previous_defaults": {
         "space": {"winsorize": [1.0], "direction_scope": ["global", "per_layer"]},
-        "study": {"refusal_target": 0.05},
+        "study": {"refusal_target": 0.05, "steer_margin": 0.0},
     },
 }
 """Each lever against the baseline, one setting changed (a search-space choice, a study option, or how the
@@ -176,7 +176,7 @@ def cell_settings(variant: str, seed: int, args, inputs) -> dict:
     cells, every option the run resolves to, the tool's defaults included."""
     settings = {"model": str(inputs.model_dir), "seed": seed, **{name: getattr(args, name) for name in CELL_ARGUMENTS}}
     if variant == PEER:
-        return {**settings, "tool": PEER, "refusal_target": args.refusal_target}
+        return {**settings, "tool": PEER, "refusal_target": args.peer_target}
     if repick_of(variant):
         source, target = repick_of(variant)
         return {**cell_settings(source, seed, args, inputs), "repick_target": target}
@@ -518,8 +518,8 @@ def summarize(cells: list[dict]) -> dict:
 HARMFUL_SETS = ("refusal_harmful_test", "refusal_harmbench_standard", "refusal_jbb_harmful")
 
 
-def equal_refusal(cells: list[dict]) -> dict:
-    """Our defaults against heretic's front, seed by seed, on refusals (the mean over HARMFUL_SETS) and KL16.
+def equal_refusal(cells: list[dict], ours: str = "baseline") -> dict:
+    """Our variant `ours` against heretic's front, seed by seed, on refusals (the mean over HARMFUL_SETS) and KL16.
     Picks by one rule land at different refusal rates for the two tools (they count refusals differently while
     searching), so this reads heretic's evaluated picks (its cell and its heretic_at_T repicks) as a front:
     - peer_kl_n_token: heretic's KL16 at our refusal rate, linear between the two undominated picks that
@@ -540,22 +540,22 @@ def equal_refusal(cells: list[dict]) -> dict:
     for seed, variants in sorted(by_seed.items()):
         points = sorted((refusal(m), m["kl_n_token"]) for v, m in variants.items() if is_peer(v))
         front = [p for i, p in enumerate(points) if all(p[1] < q[1] for q in points[:i])]
-        if "baseline" not in variants or not front:
+        if ours not in variants or not front:
             continue
-        ours = (refusal(variants["baseline"]), variants["baseline"]["kl_n_token"])
-        peer_kl = front[0][1] if len(front) == 1 and front[0][0] == ours[0] else None
+        point = (refusal(variants[ours]), variants[ours]["kl_n_token"])
+        peer_kl = front[0][1] if len(front) == 1 and front[0][0] == point[0] else None
         for (r0, kl0), (r1, kl1) in zip(front, front[1:], strict=False):
-            if r0 <= ours[0] <= r1:
-                peer_kl = kl0 + (kl1 - kl0) * (ours[0] - r0) / (r1 - r0)
+            if r0 <= point[0] <= r1:
+                peer_kl = kl0 + (kl1 - kl0) * (point[0] - r0) / (r1 - r0)
                 break
         seeds[seed] = {
-            "refusal": ours[0],
-            "kl_n_token": ours[1],
+            "refusal": point[0],
+            "kl_n_token": point[1],
             "peer_points": points,
             "peer_kl_n_token": peer_kl,
-            "ratio": ours[1] / peer_kl if peer_kl else None,
-            "peer_dominates": any(dominates(p, ours) for p in points),
-            "ours_dominates": any(dominates(ours, p) for p in points),
+            "ratio": point[1] / peer_kl if peer_kl else None,
+            "peer_dominates": any(dominates(p, point) for p in points),
+            "ours_dominates": any(dominates(point, p) for p in points),
         }
     ratios = [row["ratio"] for row in seeds.values() if row["ratio"] is not None]
     return {"seeds": seeds, "ratio": mean_std(ratios) if ratios else None}
@@ -679,7 +679,7 @@ def main() -> None:
         "before": before,
         "variants": {v: VARIANTS.get(v, {"tool": v}) for v in variants},
         "summary": summary,
-        "equal_refusal": equal_refusal(cells),
+        "equal_refusal": {v: equal_refusal(cells, v) for v in variants if not is_peer(v)},
         "failed_cells": failed,
         "wall_s": round(time.perf_counter() - start, 1),
     }

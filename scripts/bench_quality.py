@@ -19,7 +19,7 @@ What it does:
 3. Peer (--heretic BIN): heretic on the same model, the same prompt files (the same truncated
    train files), the same trial and start-up budget, seed, response length and system prompt. It
    is interactive at the end, so it runs under a pseudo-terminal; its Pareto menu is answered with
-   our selection rule (lowest KL among trials with refusal rate <= --refusal-target, else fewest
+   our selection rule (lowest KL among trials with refusal rate <= --peer-target, else fewest
    refusals) and the chosen model is saved to OUT/heretic/model.
 4. Eval, the same code for every model (abliterate.metrics): refusal rate per set (greedy,
    --max-new-tokens, default markers), over-refusal, and on harmless_test KL(original || model)
@@ -412,6 +412,7 @@ def our_options(args, tiny: bool) -> dict:
             "n_startup_trials": args.startup,
             "seed": args.seed,
             "refusal_target": args.refusal_target,
+            "steer_margin": args.steer_margin,
             **getattr(args, "study_overrides", {}),
         }
     )
@@ -620,7 +621,7 @@ def run_heretic(
         times["search_done"] = time.perf_counter()
         _, menu = term.expect(r"Exit program", 300)
         times["select"] = time.perf_counter()
-        choices, pick = _save_pick(term, menu, args.refusal_target, target)
+        choices, pick = _save_pick(term, menu, args.peer_target, target)
         times["saved"] = time.perf_counter()
     finally:
         term.close()
@@ -752,7 +753,20 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
         "--refusal-target",
         type=float,
         default=StudyOptions.refusal_target,
-        help="the selection rule's refusal target, ours and on heretic's front (default: the tool's)",
+        help="our study's refusal target: the pick's bound on the search's refusals (default: the tool's)",
+    )
+    parser.add_argument(
+        "--steer-margin",
+        type=float,
+        default=StudyOptions.steer_margin,
+        help="our study's steer margin: TPE's bound is the target plus this (default: the tool's)",
+    )
+    parser.add_argument(
+        "--peer-target",
+        type=float,
+        default=0.02,
+        help="heretic's pick from its menu: the lowest KL at or under this refusal rate, else the fewest refusals "
+        "(default 0.02, the rule of every comparison in docs/benchmarks.md)",
     )
 
 

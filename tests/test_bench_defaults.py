@@ -88,6 +88,10 @@ def test_equal_refusal_reads_heretics_kl_at_our_refusal_rate_between_its_picks()
     # Seed 2: ours refuses less at less KL than heretic's only pick.
     assert result["seeds"][2]["ours_dominates"] and not result["seeds"][2]["peer_dominates"]
     assert result["ratio"]["n"] == 1 and result["ratio"]["mean"] == pytest.approx(0.8)  # seeds 2, 4: unbracketed
+    # Any of our variants reads the same way: contrastive_pca's one cell (seed 3) has no heretic pick beside it.
+    assert bench_defaults.equal_refusal(cells, "contrastive_pca") == {"seeds": {}, "ratio": None}
+    renamed = [{**c, "variant": "no_winsorize"} if c["variant"] == "baseline" else c for c in cells]
+    assert bench_defaults.equal_refusal(renamed, "no_winsorize") == result
 
 
 def test_a_repick_without_its_heretic_cell_says_which_cell_it_needs(tmp_path):
@@ -178,10 +182,11 @@ def test_a_cell_is_named_by_everything_it_runs_with(monkeypatch):
     settings = bench_defaults.cell_settings("no_winsorize", 101, bench_arguments(), inputs)
     assert settings["space"]["winsorize"] == [1.0] and settings["space"]["projected"] == [True]
     assert settings["study"]["refusal_target"] == StudyOptions.refusal_target  # the tool's, as the bench's default
-    # An option added after cells were kept is left out at the value that runs as before it, and named elsewhere.
-    assert "steer_margin" not in settings["study"]
-    margin = bench_defaults.cell_settings("target_0_margin_0.02", 101, bench_arguments(), inputs)["study"]
-    assert margin["steer_margin"] == 0.02 and margin["refusal_target"] == 0.0
+    # An option added after cells were kept is left out at the value that runs as before it (so the cells of
+    # the target before the margin keep their names), and kept at any other.
+    assert settings["study"]["steer_margin"] == StudyOptions.steer_margin != 0.0
+    before = bench_defaults.cell_settings("refusal_target_0.02", 101, bench_arguments(), inputs)["study"]
+    assert "steer_margin" not in before and before["refusal_target"] == 0.02
     assert (
         bench_defaults.cell_settings("startup_half", 101, bench_arguments(), inputs)["study"]["n_startup_trials"] == 5
     )
@@ -200,8 +205,9 @@ def test_a_cell_is_named_by_everything_it_runs_with(monkeypatch):
     peer = bench_defaults.cell_settings(bench_defaults.PEER, 101, bench_arguments(), inputs)
     assert "space" not in peer and peer["trials"] == 30 and peer["model"] == "/models/organism"
     # Our cells' selection target is in their study options; heretic's is the argument.
-    assert peer["refusal_target"] == StudyOptions.refusal_target
-    assert name(bench_defaults.PEER, args=bench_arguments("--refusal-target", "0.5")) != name(bench_defaults.PEER)
+    assert peer["refusal_target"] == 0.02  # --peer-target's default, not ours
+    assert name(bench_defaults.PEER, args=bench_arguments("--peer-target", "0.5")) != name(bench_defaults.PEER)
+    assert name(bench_defaults.PEER, args=bench_arguments("--refusal-target", "0.5")) == name(bench_defaults.PEER)
     # A repick is heretic's cell plus the target it picks at.
     repick = bench_defaults.cell_settings("heretic_at_0.05", 101, bench_arguments(), inputs)
     assert repick == {**peer, "repick_target": 0.05}

@@ -44,7 +44,7 @@ def test_print_config_shows_defaults_and_docs(capsys):
     code, out, _ = run_cli(["run", "--model", "some/model", "--print_config"], capsys)
     assert code == 0
     assert "model: some/model" in out
-    assert "n_trials: 100" in out and "refusal_target: 0.02" in out
+    assert "n_trials: 100" in out and "refusal_target: 0.0" in out and "steer_margin: 0.02" in out
     assert "mlabonne/harmful_behaviors" in out
     code, out, _ = run_cli(["run", "--help"], capsys)
     assert "total trials in the study" in out  # field docstrings become help
@@ -58,7 +58,7 @@ def test_config_precedence(tmp_path, parsed):
     seen = parsed(["run", "--config", str(a), "--config", str(b), "--study.seed", "11"])
     assert seen["config"]["study"].n_trials == 6  # later config wins
     assert seen["config"]["study"].seed == 11  # a flag after the configs wins
-    assert seen["config"]["study"].refusal_target == 0.02  # code default where nothing is set
+    assert seen["config"]["study"].refusal_target == 0.0  # code default where nothing is set
     assert seen["data"].batch_size == 4
     assert seen["module"].model_id == "from-a"
     assert seen["module"].eval_options.max_new_tokens == 9

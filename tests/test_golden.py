@@ -49,13 +49,15 @@ def golden_record(organism_dir: Path, organism_config: Path, out: Path) -> dict:
         "10",
         "--study.seed",
         "0",
-        # the defaults it was recorded with (winsorising, the 0.02 target and per-layer only came later, measured)
+        # the defaults it was recorded with (winsorising, the targets, the margin and per-layer only came later)
         "--space.winsorize",
         "[1.0]",
         "--space.direction_scope",
         "[global, per_layer]",
         "--study.refusal_target",
         "0.05",
+        "--study.steer_margin",
+        "0",
     ]
     main([*args, "--output_dir", str(out)])
     study = optuna.load_study(study_name="abliterate", storage=f"sqlite:///{out / 'study.db'}")

@@ -35,7 +35,10 @@ def configure_demo(module, datamodule, n_trials: int, cache_dir: str | None = No
     datamodule.system_prompt = None
     datamodule.chat_template = None
     datamodule.eval_batch_size = 16
-    search = StudyOptions(n_trials=n_trials, n_startup_trials=min(10, n_trials), seed=0, refusal_target=0.05)
+    # The tiny organism's refusals are coarse (16 prompts): a 0.05 target, steered to itself.
+    search = StudyOptions(
+        n_trials=n_trials, n_startup_trials=min(10, n_trials), seed=0, refusal_target=0.05, steer_margin=0.0
+    )
     # A 2-layer model: let the search reach every layer.
     space = SearchSpace(direction_index=(0.0, 1.0), max_weight_position=(0.0, 1.0), min_weight_distance=(0.5, 1.0))
     log.info("demo organism: %s", path)

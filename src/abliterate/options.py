@@ -195,15 +195,16 @@ class StudyOptions:
     """study name inside the storage."""
     prune: bool = True
     """stop a trial early once its (KL, refusals so far) is dominated by a completed trial."""
-    refusal_target: float = 0.02
-    """min_kl_under picks the lowest KL among trials with refusal rate at or below this (on the search's
-    prompts; picks refused about 0.01 more of prompts the search never saw, see docs/benchmarks.md)."""
+    refusal_target: float = 0.0
+    """min_kl_under picks the lowest KL among trials with refusal rate at or below this, on the search's
+    prompts (picks at 0.02 refused about 0.03 more of prompts the search never saw, picks at 0 about 0.01:
+    docs/benchmarks.md)."""
     steer_to_target: bool = True
     """tell the sampler that trials above refusal_target + steer_margin are infeasible (an Optuna constraint),
     so TPE refines the low-KL trials under the target instead of the low-KL trials that do nothing."""
-    steer_margin: float = 0.0
+    steer_margin: float = 0.02
     """how far above refusal_target a trial still counts as feasible to the sampler: at a target of 0, a
-    bound of exactly 0 leaves TPE few feasible trials to learn from."""
+    bound of exactly 0 left TPE few feasible trials to learn from, and its picks cost more KL."""
     select: str = "min_kl_under"
     """trial selection: min_kl_under, knee, or a trial number."""
     workers: int = 1
