@@ -79,6 +79,7 @@ VARIANTS: dict[str, dict] = {
     "no_steer_to_target": {"study": {"steer_to_target": False}},
     "refusal_target_0.05": {"study": {"refusal_target": 0.05}},
     "refusal_target_0.01": {"study": {"refusal_target": 0.01}},
+    "refusal_target_0.0": {"study": {"refusal_target": 0.0}},  # the default target; a lever before it
     "no_steer_margin": {"study": {"steer_margin": 0.0}},  # steered and picked at 0
     # The default before the margin: its search (steered to 0.02) is the defaults', picked at 0.02.
     "refusal_target_0.02": {"study": {"refusal_target": 0.02, "steer_margin": 0.0}},
