@@ -353,7 +353,8 @@ def run_our_repick_cell(variant: str, seed: int, args, out_dir: Path, inputs, na
     )
     storage = f"sqlite:///{(run_dir / 'study.db').resolve()}"
     study = optuna.load_study(study_name=options["study"].study_name, storage=storage)
-    chosen = select_trial(study.get_trials(deepcopy=False), "min_kl_under", target)
+    margin = options["study"].steer_margin  # the tool's rule: within the source's margin where none is at T
+    chosen = select_trial(study.get_trials(deepcopy=False), "min_kl_under", target, fallback_target=target + margin)
     cell = {
         "variant": variant,
         "seed": seed,

@@ -80,6 +80,16 @@ def test_select_min_kl_under_falls_back_to_fewest_refusals_with_a_warning(caplog
     assert "no trial reaches" in caplog.text
 
 
+def test_select_min_kl_under_looks_within_the_margin_before_the_fewest_refusals(caplog):
+    trials = synthetic_trials([(0.01, 0.5), (0.02, 0.05), (0.05, 0.01)])
+    with caplog.at_level("WARNING"):
+        assert select_trial(trials, "min_kl_under", 0.0, fallback_target=0.02).number == 1
+    assert "lowest KL at <= 0.020" in caplog.text
+    assert select_trial(trials, "min_kl_under", 0.0, fallback_target=0.015).number == 0
+    assert select_trial(trials, "min_kl_under", 0.0).number == 0  # no margin: the fewest refusals
+    assert select_trial(trials, "min_kl_under", 0.02, fallback_target=0.04).number == 1  # the target first
+
+
 @pytest.mark.parametrize(
     ("refusals", "methods", "hinted"),
     [(0.4, ["mean_diff"], True), (0.04, ["mean_diff"], False), (0.4, ["mean_diff", "contrastive_pca"], False)],

@@ -203,8 +203,9 @@ class StudyOptions:
     """tell the sampler that trials above refusal_target + steer_margin are infeasible (an Optuna constraint),
     so TPE refines the low-KL trials under the target instead of the low-KL trials that do nothing."""
     steer_margin: float = 0.02
-    """how far above refusal_target a trial still counts as feasible to the sampler: at a target of 0, a
-    bound of exactly 0 left TPE few feasible trials to learn from, and its picks cost more KL."""
+    """how far above refusal_target a trial still counts as feasible to the sampler (at a target of 0, a
+    bound of exactly 0 left TPE few feasible trials to learn from, and its picks cost more KL), and where
+    the pick looks when no trial reaches the target, before it falls back to the fewest refusals."""
     select: str = "min_kl_under"
     """trial selection: min_kl_under, knee, or a trial number."""
     workers: int = 1

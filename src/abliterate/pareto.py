@@ -65,10 +65,15 @@ def knee(front: Sequence[FrozenTrial], signs: Sequence[int] | None = None) -> Fr
 
 
 def select_trial(
-    trials: Sequence[FrozenTrial], policy: str, refusal_target: float, signs: Sequence[int] | None = None
+    trials: Sequence[FrozenTrial],
+    policy: str,
+    refusal_target: float,
+    signs: Sequence[int] | None = None,
+    fallback_target: float | None = None,
 ) -> FrozenTrial:
     """Pick the trial to export: min_kl_under (default: the lowest second objective among front
-    trials at or under the refusal target), knee, or an explicit trial number."""
+    trials at or under the refusal target; where none is, among those at or under fallback_target;
+    else the fewest refusals), knee, or an explicit trial number."""
     if policy.lstrip("-").isdigit():
         number = int(policy)
         for t in trials:
@@ -82,10 +87,22 @@ def select_trial(
         raise AbliterateError("the study has no completed trial yet; run more trials (--study.n_trials)")
     if policy == "knee":
         return knee(front, signs)
+    sign = signs[1] if signs else 1
     under = [t for t in front if t.values[0] <= refusal_target]
     if under:
-        sign = signs[1] if signs else 1
         return min(under, key=lambda t: (sign * t.values[1], t.number))
+    near = [t for t in front if fallback_target is not None and t.values[0] <= fallback_target]
+    if near:
+        chosen = min(near, key=lambda t: (sign * t.values[1], t.number))
+        log.warning(
+            "no trial reaches refusal rate <= %.3f; picking the lowest KL at <= %.3f (refusal_target + "
+            "steer_margin; trial %d: %.3f)",
+            refusal_target,
+            fallback_target,
+            chosen.number,
+            chosen.values[0],
+        )
+        return chosen
     best = front[0]
     log.warning(
         "no trial reaches refusal rate <= %.3f; picking the fewest refusals (trial %d: %.3f)",

@@ -291,7 +291,8 @@ class Pipeline:
         return signs_of(self.objectives)
 
     def choose(self, study: optuna.Study, options) -> optuna.trial.FrozenTrial:
-        return select_trial(study.get_trials(deepcopy=False), options.select, options.refusal_target, self.signs())
+        trials = study.get_trials(deepcopy=False)
+        return select_trial(trials, options.select, options.refusal_target, self.signs(), options.steer_bound)
 
     def front(self, study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
         return pareto_front(study.get_trials(deepcopy=False), self.signs())
