@@ -197,8 +197,8 @@ class StudyOptions:
     """stop a trial early once its (KL, refusals so far) is dominated by a completed trial."""
     refusal_target: float = 0.0
     """min_kl_under picks the lowest KL among trials with refusal rate at or below this, on the search's
-    prompts (picks at 0.02 refused about 0.03 more of prompts the search never saw, picks at 0 about 0.01:
-    docs/benchmarks.md)."""
+    prompts (of prompts the search never saw, HarmBench and JBB, picks at 0 refused about 0.01 and picks at
+    0.02 about 0.02-0.04: docs/benchmarks.md)."""
     steer_to_target: bool = True
     """tell the sampler that trials above refusal_target + steer_margin are infeasible (an Optuna constraint),
     so TPE refines the low-KL trials under the target instead of the low-KL trials that do nothing."""
