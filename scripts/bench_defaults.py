@@ -98,8 +98,8 @@ them instead of running them again, and --report rebuilds the tables from them."
 PEER = "heretic"  # the peer tool as a variant: cells of its own, paired with the baseline like a lever
 AT = "_at_"
 """V_at_T: another pick, at selection target T, from the search of variant V's cell (V a lever, the baseline or
-heretic), re-exported, not re-run: heretic_at_0.05, or baseline_at_0.0 (a search steered to the default target,
-picked at another)."""
+heretic), re-exported, not re-run: heretic_at_0.05, or refusal_target_0.02_at_0.0 (the search steered to 0.02,
+picked at 0)."""
 
 
 def repick_of(variant: str) -> tuple[str, float] | None:
