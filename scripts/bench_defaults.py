@@ -79,7 +79,7 @@ VARIANTS: dict[str, dict] = {
     "no_steer_to_target": {"study": {"steer_to_target": False}},
     "refusal_target_0.05": {"study": {"refusal_target": 0.05}},
     "refusal_target_0.01": {"study": {"refusal_target": 0.01}},
-    "refusal_target_0.0": {"study": {"refusal_target": 0.0}},  # the default target; a lever before it
+    "refusal_target_0.0": {"study": {"refusal_target": 0.0}},  # in ABSORBED
     "no_steer_margin": {"study": {"steer_margin": 0.0}},  # steered and picked at 0
     # The default before the margin: its search (steered to 0.02) is the defaults', picked at 0.02.
     "refusal_target_0.02": {"study": {"refusal_target": 0.02, "steer_margin": 0.0}},
@@ -92,6 +92,9 @@ VARIANTS: dict[str, dict] = {
 }
 """Each lever against the baseline, one setting changed (a search-space choice, a study option, or how the
 residuals are read (module)), and the previous defaults (three settings)."""
+ABSORBED = ("refusal_target_0.0",)
+"""Levers that today's defaults include, so they run as the baseline: kept for the earlier sections' commands
+(which give the defaults of their day, docs/benchmarks.md)."""
 KEPT = HERE / "data" / "bench_defaults_cells"
 """Cells of the figures in docs/benchmarks.md, committed: a later run (another machine, another session) reuses
 them instead of running them again, and --report rebuilds the tables from them."""

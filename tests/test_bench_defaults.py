@@ -176,8 +176,10 @@ def test_a_cell_is_named_by_everything_it_runs_with(monkeypatch):
 
     base = name("baseline")
     assert base == name("baseline") and base.startswith("baseline-s101-") and len(base) == len("baseline-s101-") + 10
-    digests = {name(v)[-10:] for v in bench_defaults.VARIANTS} | {name("baseline", 102)[-10:]}
-    assert len(digests) == len(bench_defaults.VARIANTS) + 1  # every lever and seed is a settings change
+    levers = [v for v in bench_defaults.VARIANTS if v not in bench_defaults.ABSORBED]
+    digests = {name(v)[-10:] for v in levers} | {name("baseline", 102)[-10:]}
+    assert len(digests) == len(levers) + 1  # every lever and seed is a settings change
+    assert all(name(v)[-10:] == base[-10:] for v in bench_defaults.ABSORBED)  # the defaults now
     # Each lever is in the settings as the run resolves it, beside the tool's other defaults.
     settings = bench_defaults.cell_settings("no_winsorize", 101, bench_arguments(), inputs)
     assert settings["space"]["winsorize"] == [1.0] and settings["space"]["projected"] == [True]
