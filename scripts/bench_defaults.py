@@ -309,17 +309,8 @@ def run_repick_cell(variant: str, seed: int, args, out_dir: Path, inputs, settin
     if pick is not None:
         same = evaluated_trial(cell_dirs, seed, source, pick[0])
         if same is not None:
-            name, evaluated = same
-            return {
-                **cell,
-                "metrics": {k: v for k, v in evaluated["metrics"].items() if k != "seconds_per_trial"},
-                "before": evaluated["before"],
-                "selected_trial": pick[0],
-                "search_refusal": pick[1],
-                "pareto_front": pick[2],
-                "eval_s": 0.0,
-                "same_trial_as": name,
-            }
+            picked = {"selected_trial": pick[0], "search_refusal": pick[1], "pareto_front": pick[2]}
+            return {**cell, **picked, **reused_numbers(*same)}
     work = out_dir / "runs" / source / "heretic"
     if not (work / "argv.json").is_file() or not (out_dir / "cells" / f"{source}.json").is_file():
         raise RuntimeError(f"{variant} seed {seed}: no finished heretic cell {source} in {out_dir} to pick from")
@@ -347,7 +338,8 @@ def run_our_repick_cell(variant: str, seed: int, args, out_dir: Path, inputs, na
     from abliterate.pareto import select_trial
 
     source, target = repick_of(variant)
-    source_path = find_cell(cell_dirs_of(args, out_dir), source, seed, source_settings_of(settings))
+    cell_dirs = cell_dirs_of(args, out_dir)
+    source_path = find_cell(cell_dirs, source, seed, source_settings_of(settings))
     run_dir = out_dir / "runs" / source_path.stem / "ours"
     if not source_path.is_file() or not (run_dir / "study.db").is_file():
         raise RuntimeError(f"{variant} seed {seed}: no finished {source} cell with its study in {run_dir}")
@@ -366,11 +358,9 @@ def run_our_repick_cell(variant: str, seed: int, args, out_dir: Path, inputs, na
         "selected_trial": chosen.number,
         "search_refusal": chosen.values[0],
     }
-    same = evaluated_trial(cell_dirs_of(args, out_dir), seed, source_path.stem, chosen.number)
+    same = evaluated_trial(cell_dirs, seed, source_path.stem, chosen.number)
     if same is not None:
-        evaluated = same[1]
-        metrics = {k: v for k, v in evaluated["metrics"].items() if k != "seconds_per_trial"}
-        return {**cell, "metrics": metrics, "before": evaluated["before"], "eval_s": 0.0, "same_trial_as": same[0]}
+        return {**cell, **reused_numbers(*same)}
     export_dir = out_dir / "runs" / name / "model"
     trainer.export(
         module,
@@ -392,6 +382,12 @@ def run_our_repick_cell(variant: str, seed: int, args, out_dir: Path, inputs, na
         "before": {name: summary["sets"][name]["before"] for name in inputs.sets},
         "eval_s": summary["eval_s"],
     }
+
+
+def reused_numbers(name: str, evaluated: dict) -> dict:
+    """A repick's numbers from cell `name`, which evaluated the same trial (a repick has no s/trial)."""
+    metrics = {k: v for k, v in evaluated["metrics"].items() if k != "seconds_per_trial"}
+    return {"metrics": metrics, "before": evaluated["before"], "eval_s": 0.0, "same_trial_as": name}
 
 
 def source_settings_of(repick_settings: dict) -> dict:
