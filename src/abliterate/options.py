@@ -197,7 +197,7 @@ class StudyOptions:
     """stop a trial early once its (KL, refusals so far) is dominated by a completed trial."""
     refusal_target: float = 0.0
     """min_kl_under picks the lowest KL among trials with refusal rate at or below this, on the search's
-    prompts (of prompts the search never saw, HarmBench and JBB, picks at 0 refused about 0.01 and picks at
+    prompts (of prompts the search never saw, HarmBench and JBB, picks at 0 refused 0.01-0.025 and picks at
     0.02 about 0.02-0.04: docs/benchmarks.md)."""
     steer_to_target: bool = True
     """tell the sampler that trials above refusal_target + steer_margin are infeasible (an Optuna constraint),
