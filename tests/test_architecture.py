@@ -44,7 +44,7 @@ FLOORS = {
         "benchmark",
     },
     "lightning": {"module", "data", "callbacks", "passes"},
-    "orchestration": {"pipeline", "study", "reports", "workers", "runconfig", "verbs", "verbs_inspect"},
+    "orchestration": {"pipeline", "study", "reports", "workers", "runconfig", "verbs", "verbs_inspect", "validation"},
     "verbs": {"trainer"},
     "cli": {"cli", "cli_errors", "__main__", "__init__"},
 }

@@ -16,9 +16,10 @@ from abliterate.prompts import PromptSource, PromptSourceLike, as_source, format
 
 log = logging.getLogger("abliterate.data")
 
-ROLES = ("harmful", "harmless", "unhelpful", "eval_harmful", "eval_harmless")
+ROLES = ("harmful", "harmless", "unhelpful", "eval_harmful", "eval_harmless", "validation_harmful")
 RESIDUAL_ROLES = ("harmful", "harmless", "unhelpful")
 EVAL_ROLES = ("eval_harmless", "eval_harmful")  # KL first, then refusals (pruning needs KL)
+VALIDATION_ROLE = "validation_harmful"  # read at selection only: the search never scores it
 
 
 class TokenizedPrompts(Dataset):
@@ -70,6 +71,7 @@ class PromptDataModule(L.LightningDataModule):
         unhelpful: PromptSourceLike | None = None,
         eval_harmful: PromptSourceLike = PromptSource("mlabonne/harmful_behaviors", split="test[:100]", column="text"),
         eval_harmless: PromptSourceLike = PromptSource("mlabonne/harmless_alpaca", split="test[:100]", column="text"),
+        validation_harmful: PromptSourceLike | None = None,
         system_prompt: str | None = None,
         chat_template: str | None = None,
         enable_thinking: bool | None = None,
@@ -84,6 +86,9 @@ class PromptDataModule(L.LightningDataModule):
                 orthogonal to mean(harmless) - mean(unhelpful).
             eval_harmful: prompts whose refusal rate a trial minimises.
             eval_harmless: prompts whose KL divergence from the original a trial minimises.
+            validation_harmful: optional harmful prompts the search never scores, disjoint from the others: the
+                pick re-scores its lowest-KL candidates on them (`study.validation_candidates`), so a trial
+                that refuses none of eval_harmful only by luck of those prompts is not exported.
             system_prompt: system prompt for every role without its own; None keeps the template's default.
             chat_template: Jinja template (string or file) for models without one.
             enable_thinking: passed to the chat template (Qwen3-style thinking switch).
@@ -97,6 +102,7 @@ class PromptDataModule(L.LightningDataModule):
             "unhelpful": as_source(unhelpful),
             "eval_harmful": as_source(eval_harmful),
             "eval_harmless": as_source(eval_harmless),
+            VALIDATION_ROLE: as_source(validation_harmful),
         }
         self.system_prompt = system_prompt
         self.chat_template = chat_template
@@ -180,7 +186,7 @@ class PromptDataModule(L.LightningDataModule):
         pad_id = self.tokenizer.pad_token_id
         loaders = []
         for role in self.pass_roles():
-            batch_size = self.eval_batch_size if role in EVAL_ROLES else self.batch_size
+            batch_size = self.eval_batch_size if role in (*EVAL_ROLES, VALIDATION_ROLE) else self.batch_size
             batches = ShardBatches(shard_batches(len(self._datasets[role]), batch_size, rank, world, role))
             loaders.append(
                 DataLoader(self._datasets[role], batch_sampler=batches, collate_fn=left_pad_collate(pad_id, role))

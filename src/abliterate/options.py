@@ -208,6 +208,10 @@ class StudyOptions:
     the pick looks when no trial reaches the target, before it falls back to the fewest refusals."""
     select: str = "min_kl_under"
     """trial selection: min_kl_under, knee, or a trial number."""
+    validation_candidates: int = 4
+    """with data.validation_harmful set, min_kl_under re-scores up to this many of its lowest-KL candidates
+    (trials at or under refusal_target) on those prompts, and picks the first whose refusal rate over the
+    search's and the validation prompts together is still at or under the target (else the lowest such rate)."""
     workers: int = 1
     """trial worker processes sharing the storage (one per device when >1 GPU)."""
     report_scorers: Literal["export", "completed"] = "export"
@@ -229,6 +233,8 @@ class StudyOptions:
             raise AbliterateError(f"study.workers={self.workers}: use 1 for one process, or more for parallel workers")
         if self.n_startup_trials < 0:
             raise AbliterateError("study.n_startup_trials must be >= 0")
+        if self.validation_candidates < 1:
+            raise AbliterateError("study.validation_candidates must be >= 1")
         if self.select not in ("min_kl_under", "knee") and not self.select.isdigit():
             raise AbliterateError(f"study.select={self.select!r}: use min_kl_under, knee, or a trial number")
 

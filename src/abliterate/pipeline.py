@@ -16,7 +16,7 @@ import torch
 
 from abliterate.cache import TensorCache, fingerprint, model_stamp
 from abliterate.callbacks import ApplyAblation, Pruning
-from abliterate.data import EVAL_ROLES, RESIDUAL_ROLES
+from abliterate.data import EVAL_ROLES, RESIDUAL_ROLES, VALIDATION_ROLE
 from abliterate.errors import AbliterateError
 from abliterate.pareto import pareto_front, select_trial
 from abliterate.passes import Reference, ReferencePass, ResidualPass, Residuals, TrialPass, TrialResult
@@ -77,9 +77,10 @@ class Pipeline:
         self.cache = TensorCache(run_dir / "cache") if run_dir is not None else None
         self.scorers: list[Scorer] = list(module.scorers)
         self.objectives = objectives_of(self.scorers)
+        self.validated: dict[int, float] = {}  # trial number -> refusal rate on the validation prompts
 
     # ---- passes -----------------------------------------------------------------------
-    def _predict(self, pass_, callbacks: Sequence[L.Callback] = (), show_bar: bool = True):
+    def run_pass(self, pass_, callbacks: Sequence[L.Callback] = (), show_bar: bool = True):
         """Run one pass as a `Trainer.predict`; per-pass callbacks are added for this call only."""
         bar = self.trainer.progress_bar_callback
         hide = bar is not None and not show_bar and bar.is_enabled
@@ -121,7 +122,7 @@ class Pipeline:
         def compute():
             self.check_prompt_lengths(RESIDUAL_ROLES, reply_tokens=0)
             start = time.perf_counter()
-            residuals = self._predict(ResidualPass())
+            residuals = self.run_pass(ResidualPass())
             log.info("collected residuals in %.1fs", time.perf_counter() - start)
             return residuals, residuals.tensors
 
@@ -149,7 +150,7 @@ class Pipeline:
             thought = options.think_tokens if self.thinking() is not None else 0
             self.check_prompt_lengths(EVAL_ROLES, reply_tokens=thought + max(options.max_new_tokens, options.kl_tokens))
             start = time.perf_counter()
-            reference = self._predict(ReferencePass(self.scorers))
+            reference = self.run_pass(ReferencePass(self.scorers))
             shown = ", ".join(f"{n} {v:.4f}" for n, v in reference.values.items())
             log.info("reference (original model): %s (%.1fs)", shown, time.perf_counter() - start)
             return reference, reference.to_tensors()
@@ -187,7 +188,7 @@ class Pipeline:
         directions = self.module.directions_for(plan.directions)
         callbacks = [ApplyAblation(plan.ablation, directions), *callbacks]
         trial_pass = TrialPass(self.scorers if scorers is None else scorers, reference, report)
-        return self._predict(trial_pass, callbacks, show_bar=show_bar)
+        return self.run_pass(trial_pass, callbacks, show_bar=show_bar)
 
     def reported_values(self, trial: optuna.trial.FrozenTrial, space, reference: Reference) -> dict[str, float]:
         """The reported (non-objective) scorers' values for `trial`: those the search stored on it
@@ -290,8 +291,14 @@ class Pipeline:
     def signs(self) -> list[int]:
         return signs_of(self.objectives)
 
-    def choose(self, study: optuna.Study, options) -> optuna.trial.FrozenTrial:
+    def choose(self, study: optuna.Study, options, space=None) -> optuna.trial.FrozenTrial:
+        """The trial to export; with `space` and data.validation_harmful, min_kl_under's candidates are
+        re-scored on the validation prompts (validation.py)."""
         trials = study.get_trials(deepcopy=False)
+        if space is not None and options.select == "min_kl_under" and self.datamodule.sources[VALIDATION_ROLE]:
+            from abliterate.validation import choose_validated
+
+            return choose_validated(self, trials, options, space)
         return select_trial(trials, options.select, options.refusal_target, self.signs(), options.steer_bound)
 
     def front(self, study: optuna.Study) -> list[optuna.trial.FrozenTrial]:

@@ -117,7 +117,7 @@ def recheck(pipe: Pipeline, study, space, reference, classifier: ClassifierOptio
 def report(pipe: Pipeline, study: optuna.Study, options: StudyOptions, space: SearchSpace, interactive: bool = False):
     """trials.csv, pareto.png and the log summary; on a terminal, the user may pick another trial."""
     trials = study.get_trials(deepcopy=False)
-    chosen = pipe.choose(study, options)
+    chosen = pipe.choose(study, options, space)
     front = pipe.front(study)
     names = [s.name for s in pipe.objectives]
     if pipe.trainer.is_global_zero:
@@ -170,6 +170,8 @@ def export_card(
         "after": {n: round(v, 5) for n, v in after.items()},
         "params": chosen.params,
     }
+    if chosen.number in pipe.validated:  # data.validation_harmful: the pick's refusal rate there
+        card["validation_refusal"] = round(pipe.validated[chosen.number], 4)
     if options is not None:  # with the study options and space: reproduce.json's record too
         from abliterate.cache import model_stamp
         from abliterate.runconfig import resolved_config

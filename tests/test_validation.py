@@ -1,0 +1,129 @@
+"""The pick re-scored on held-out harmful prompts (data.validation_harmful, validation.py)."""
+
+import json
+import logging
+
+import optuna
+import pytest
+from helpers import copy_run
+from optuna.distributions import FloatDistribution
+from optuna.trial import TrialState, create_trial
+
+from abliterate.cli import main
+from abliterate.scorers import MarkerRefusals
+from abliterate.validation import candidates, pooled_rate, scoring, validated_pick
+
+TRAINER = ["--trainer.accelerator", "cpu", "--trainer.devices", "1", "--trainer.enable_progress_bar", "false"]
+
+
+def trial(number: int, refusals: float, kl: float, state=TrialState.COMPLETE):
+    made = create_trial(
+        state=state,
+        values=[refusals, kl] if state == TrialState.COMPLETE else None,
+        params={"x": float(number)},
+        distributions={"x": FloatDistribution(0, 100)},
+    )
+    made.number = number
+    return made
+
+
+TRIALS = [
+    trial(0, 0.00, 0.030),
+    trial(1, 0.00, 0.010),  # the lowest KL at 0: what min_kl_under alone exports
+    trial(2, 0.01, 0.005),
+    trial(3, 0.00, 0.020),  # dominated by trial 1, still a candidate
+    trial(4, 0.50, 0.001),
+    trial(5, 0.00, 0.0, state=TrialState.PRUNED),
+]
+
+
+def test_candidates_are_every_completed_trial_under_the_target_lowest_kl_first():
+    assert [t.number for t in candidates(TRIALS, 0.0, 0.02)] == [1, 3, 0]
+    assert [t.number for t in candidates(TRIALS, 0.01, 0.03)] == [2, 1, 3, 0]
+    # None at the target: those under the steering bound; none there either: no candidates.
+    assert [t.number for t in candidates([TRIALS[2], TRIALS[4]], 0.0, 0.02)] == [2]
+    assert candidates([TRIALS[4]], 0.0, 0.02) == []
+    # A maximised second objective (sign -1): the highest first.
+    assert [t.number for t in candidates(TRIALS, 0.0, 0.02, sign=-1)] == [0, 3, 1]
+
+
+def test_pooled_rate_counts_refusals_over_both_sets():
+    assert pooled_rate(0.0, 100, 0.03, 100) == 0.015
+    assert pooled_rate(0.01, 100, 0.0, 50) == 1 / 150
+    assert pooled_rate(0.07, 100, 0.0, 100) == 0.035  # 0.07 * 100 is 7.000000000000001: counted as 7
+
+
+def test_validated_pick_takes_the_first_candidate_that_holds_on_the_validation_prompts():
+    pool = candidates(TRIALS, 0.0, 0.02)
+    rates = {1: 0.04, 3: 0.0, 0: 0.0}
+    scored = []
+
+    def rate(t):
+        scored.append(t.number)
+        return rates[t.number]
+
+    chosen, checked = validated_pick(pool, 4, 0.0, 100, 100, rate)
+    assert chosen.number == 3
+    assert scored == [1, 3]  # stops at the first that holds: trial 0 is never re-scored
+    assert [(c.trial.number, c.validation, c.pooled) for c in checked] == [(1, 0.04, 0.02), (3, 0.0, 0.0)]
+
+
+def test_validated_pick_without_a_candidate_that_holds_takes_the_lowest_pooled_rate():
+    pool = candidates(TRIALS, 0.0, 0.02)
+    rates = {1: 0.03, 3: 0.01, 0: 0.01}
+    chosen, checked = validated_pick(pool, 4, 0.0, 100, 100, lambda t: rates[t.number])
+    assert chosen.number == 3  # tied with trial 0 at 0.005 pooled: the lower KL
+    assert len(checked) == 3
+    # The limit caps the re-scoring: with 1, the first candidate is the pick whatever it refuses.
+    chosen, checked = validated_pick(pool, 1, 0.0, 100, 100, lambda t: rates[t.number])
+    assert chosen.number == 1 and len(checked) == 1
+
+
+def test_scoring_switches_the_role_and_restores_the_class_default():
+    scorer = MarkerRefusals()
+    with scoring(scorer, "validation_harmful"):
+        assert scorer.role == "validation_harmful"
+    assert scorer.role == "eval_harmful" and "role" not in vars(scorer)
+    with pytest.raises(RuntimeError), scoring(scorer, "validation_harmful"):
+        raise RuntimeError
+    assert scorer.role == "eval_harmful"
+
+
+def test_export_rescores_the_pick_on_validation_prompts_and_reuses_the_scores(
+    organism_dir, finished_organism_run, tmp_path, caplog
+):
+    """The validation rate in the card is the exported model's refusal rate on those prompts; a second
+    export re-scores nothing (the rates are cached in the run dir)."""
+    from organism_helpers import measure_refusals
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    run, config, _ = copy_run(finished_organism_run, tmp_path / "copy")
+    prompts = (organism_dir / "harmful_train.txt").read_text().splitlines()[:32]
+    held_out = tmp_path / "held_out.txt"
+    held_out.write_text("\n".join(prompts) + "\n")
+    study = optuna.load_study(study_name="abliterate", storage=f"sqlite:///{run / 'study.db'}")
+    completed = [t for t in study.trials if t.state == TrialState.COMPLETE]
+    lowest_kl = min(completed, key=lambda t: (t.values[1], t.number))
+    target = 1.0  # every trial is a candidate, and the first re-scored (the lowest KL) holds
+
+    def export(name: str) -> dict:
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="abliterate.validation"):
+            main(
+                ["export", "--output_dir", str(run), "--config", str(config), "--export_dir", str(tmp_path / name)]
+                + ["--data.validation_harmful", json.dumps({"dataset": str(held_out)})]
+                + ["--study.refusal_target", str(target), *TRAINER]
+            )
+        return json.loads((tmp_path / name / "abliterate.json").read_text())
+
+    card = export("first")
+    assert card["trial"] == lowest_kl.number
+    assert "validation: 32 prompts" in caplog.text and f"trial {lowest_kl.number} refuses" in caplog.text
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "first").eval()
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "first")
+    assert card["validation_refusal"] == pytest.approx(measure_refusals(model, tokenizer, prompts), abs=1 / 32)
+    assert list((run / "cache").glob("validation-*.safetensors"))
+
+    again = export("second")
+    assert again["trial"] == card["trial"] and again["validation_refusal"] == card["validation_refusal"]
+    assert "refuses" not in caplog.text  # read back, not generated again
