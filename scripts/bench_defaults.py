@@ -83,6 +83,8 @@ VARIANTS: dict[str, dict] = {
     "no_steer_margin": {"study": {"steer_margin": 0.0}},  # steered and picked at 0
     # The default before the margin: its search (steered to 0.02) is the defaults', picked at 0.02.
     "refusal_target_0.02": {"study": {"refusal_target": 0.02, "steer_margin": 0.0}},
+    # The pick re-scores its candidates on 100 held-out harmful prompts (data.validation_harmful).
+    "validation_100": {"validation": 100},
     # The defaults before #14's table (winsorising on its own lowered KL but cost JBB refusals; with the lower
     # target the picks refused less on every set at the same KL16, docs/benchmarks.md).
     "previous_defaults": {
@@ -120,7 +122,7 @@ def is_peer(variant: str) -> bool:
     return variant == PEER or (repick_of(variant) or ("",))[0] == PEER
 
 
-ADDED_LATER = {("study", "steer_margin"): 0.0}
+ADDED_LATER = {("study", "steer_margin"): 0.0, ("study", "validation_candidates"): 4}
 """Options added after cells were kept, each at the value that runs what ran before it: left out of a cell's
 settings at that value, so the kept cells keep their names."""
 
@@ -172,6 +174,7 @@ def variant_args(variant: str, seed: int, args) -> argparse.Namespace:
     cell_args.space_overrides = change.get("space", {})
     cell_args.study_overrides = change.get("study", {})
     cell_args.module_overrides = change.get("module", {})
+    cell_args.validation = change.get("validation", args.validation)
     return cell_args
 
 
@@ -186,7 +189,8 @@ def cell_settings(variant: str, seed: int, args, inputs) -> dict:
         return {**cell_settings(source, seed, args, inputs), "repick_target": target}
     from abliterate.module import AbliterationModule
 
-    options = our_options(variant_args(variant, seed, args), inputs.tiny)
+    cell_args = variant_args(variant, seed, args)
+    options = our_options(cell_args, inputs.tiny)
     module = {
         name: parameter.default
         for name, parameter in inspect.signature(AbliterationModule.__init__).parameters.items()
@@ -194,6 +198,8 @@ def cell_settings(variant: str, seed: int, args, inputs) -> dict:
     }
     module.update(options["module"])
     settings.update(module=module, space=options["space"], study=options["study"])
+    if cell_args.validation:  # held-out prompts for the pick (absent at 0: the cells before it keep their names)
+        settings["validation"] = cell_args.validation
     settings = json.loads(json.dumps(settings, default=_plain))
     for (group, name), value in ADDED_LATER.items():
         if settings[group].get(name) == value:

@@ -173,6 +173,19 @@ def prepare_inputs(args, out: Path) -> Inputs | None:
             text = (source_dir / f"{name}.txt").read_text(encoding="utf-8")
             lines = [line for line in text.splitlines() if line.strip()]
         sets[name] = lines[: args.eval_limit] if args.eval_limit else lines
+    # Held out for our validated pick (--validation): the harmful train prompts past --train-limit, less any
+    # prompt of an evaluation set (JBB shares AdvBench goals), so no evaluated prompt picks the trial.
+    pool = [
+        line for line in (source_dir / "harmful_train.txt").read_text(encoding="utf-8").splitlines() if line.strip()
+    ]
+    evaluated = {line.casefold() for name in harmful_sets + harmless_sets for line in sets[name]}
+    held_out = (
+        [line for line in pool[args.train_limit :] if line.casefold() not in evaluated] if args.train_limit else []
+    )
+    files["harmful_validation"] = prompts_dir / "harmful_validation.txt"
+    tmp = prompts_dir / f".harmful_validation.{os.getpid()}.tmp"
+    tmp.write_text("".join(f"{line}\n" for line in held_out), encoding="utf-8")
+    os.replace(tmp, files["harmful_validation"])
     return Inputs(tiny, model_dir, files, sets, harmful_sets, harmless_sets, system_prompt, heretic_system)
 
 
@@ -419,6 +432,18 @@ def our_options(args, tiny: bool) -> dict:
     return {"module": module, "space": space, "study": study}
 
 
+def validation_source(files: dict[str, Path], count: int):
+    """The first `count` held-out harmful prompts (prepare_inputs) for our validated pick; 0: none."""
+    from abliterate.prompts import PromptSource
+
+    if not count:
+        return None
+    held_out = len(files["harmful_validation"].read_text(encoding="utf-8").splitlines())
+    if held_out < count:
+        raise SystemExit(f"--validation {count}: only {held_out} harmful train prompts are past --train-limit")
+    return PromptSource(str(files["harmful_validation"]), limit=count)
+
+
 def our_parts(model_dir: str, files: dict[str, Path], args, tiny: bool):
     """(options, module, data module, trainer) of our run on these inputs, as `run_ours` runs it."""
     from abliterate.data import PromptDataModule
@@ -433,6 +458,7 @@ def our_parts(model_dir: str, files: dict[str, Path], args, tiny: bool):
         harmless=PromptSource(str(files["harmless_train"])),
         eval_harmful=PromptSource(str(files["harmful_test"])),
         eval_harmless=PromptSource(str(files["harmless_test"])),
+        validation_harmful=validation_source(files, getattr(args, "validation", 0)),
         system_prompt=None,  # the template's default system prompt
         batch_size=32,
         eval_batch_size=args.search_batch_size,
@@ -760,6 +786,13 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
         type=float,
         default=StudyOptions.steer_margin,
         help="our study's steer margin: TPE's bound is the target plus this (default: the tool's)",
+    )
+    parser.add_argument(
+        "--validation",
+        type=int,
+        default=0,
+        help="ours: this many harmful train prompts past --train-limit (none evaluated) as data.validation_harmful, "
+        "on which the pick re-scores its candidates (default 0: none)",
     )
     parser.add_argument(
         "--peer-target",
