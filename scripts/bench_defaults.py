@@ -83,8 +83,10 @@ VARIANTS: dict[str, dict] = {
     "no_steer_margin": {"study": {"steer_margin": 0.0}},  # steered and picked at 0
     # The default before the margin: its search (steered to 0.02) is the defaults', picked at 0.02.
     "refusal_target_0.02": {"study": {"refusal_target": 0.02, "steer_margin": 0.0}},
-    # The pick re-scores its candidates on 100 held-out harmful prompts (data.validation_harmful).
-    "validation_100": {"validation": 100},
+    # The pick re-scores its candidates on 100 held-out harmful prompts (data.validation_harmful): the first rule,
+    # where one refusal there rejects a candidate, and today's tolerance of one in 100.
+    "validation_100": {"validation": 100, "study": {"validation_tolerance": 0.0}},
+    "validation_100_tolerant": {"validation": 100},
     # The defaults before #14's table (winsorising on its own lowered KL but cost JBB refusals; with the lower
     # target the picks refused less on every set at the same KL16, docs/benchmarks.md).
     "previous_defaults": {
@@ -122,7 +124,11 @@ def is_peer(variant: str) -> bool:
     return variant == PEER or (repick_of(variant) or ("",))[0] == PEER
 
 
-ADDED_LATER = {("study", "steer_margin"): 0.0, ("study", "validation_candidates"): 4}
+ADDED_LATER = {
+    ("study", "steer_margin"): 0.0,
+    ("study", "validation_candidates"): 4,
+    ("study", "validation_tolerance"): 0.0,
+}
 """Options added after cells were kept, each at the value that runs what ran before it: left out of a cell's
 settings at that value, so the kept cells keep their names."""
 
@@ -201,6 +207,8 @@ def cell_settings(variant: str, seed: int, args, inputs) -> dict:
     if cell_args.validation:  # held-out prompts for the pick (absent at 0: the cells before it keep their names)
         settings["validation"] = cell_args.validation
     settings = json.loads(json.dumps(settings, default=_plain))
+    if not cell_args.validation:  # the validation options act only with its prompts
+        settings["study"] = {k: v for k, v in settings["study"].items() if not k.startswith("validation_")}
     for (group, name), value in ADDED_LATER.items():
         if settings[group].get(name) == value:
             del settings[group][name]

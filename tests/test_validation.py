@@ -2,6 +2,7 @@
 
 import json
 import logging
+import re
 
 import optuna
 import pytest
@@ -10,6 +11,8 @@ from optuna.distributions import FloatDistribution
 from optuna.trial import TrialState, create_trial
 
 from abliterate.cli import main
+from abliterate.errors import AbliterateError
+from abliterate.options import StudyOptions
 from abliterate.scorers import MarkerRefusals
 from abliterate.validation import candidates, pooled_rate, scoring, validated_pick
 
@@ -37,14 +40,18 @@ TRIALS = [
 ]
 
 
+def numbers(found: tuple[float, list]) -> tuple[float, list[int]]:
+    return found[0], [t.number for t in found[1]]
+
+
 def test_candidates_are_every_completed_trial_under_the_target_lowest_kl_first():
-    assert [t.number for t in candidates(TRIALS, 0.0, 0.02)] == [1, 3, 0]
-    assert [t.number for t in candidates(TRIALS, 0.01, 0.03)] == [2, 1, 3, 0]
-    # None at the target: those under the steering bound; none there either: no candidates.
-    assert [t.number for t in candidates([TRIALS[2], TRIALS[4]], 0.0, 0.02)] == [2]
-    assert candidates([TRIALS[4]], 0.0, 0.02) == []
+    assert numbers(candidates(TRIALS, 0.0, 0.02)) == (0.0, [1, 3, 0])
+    assert numbers(candidates(TRIALS, 0.01, 0.03)) == (0.01, [2, 1, 3, 0])
+    # None at the target: those under the steering bound (its limit then); none there either: no candidates.
+    assert numbers(candidates([TRIALS[2], TRIALS[4]], 0.0, 0.02)) == (0.02, [2])
+    assert numbers(candidates([TRIALS[4]], 0.0, 0.02)) == (0.0, [])
     # A maximised second objective (sign -1): the highest first.
-    assert [t.number for t in candidates(TRIALS, 0.0, 0.02, sign=-1)] == [0, 3, 1]
+    assert numbers(candidates(TRIALS, 0.0, 0.02, sign=-1)) == (0.0, [0, 3, 1])
 
 
 def test_pooled_rate_counts_refusals_over_both_sets():
@@ -54,7 +61,7 @@ def test_pooled_rate_counts_refusals_over_both_sets():
 
 
 def test_validated_pick_takes_the_first_candidate_that_holds_on_the_validation_prompts():
-    pool = candidates(TRIALS, 0.0, 0.02)
+    _, pool = candidates(TRIALS, 0.0, 0.02)
     rates = {1: 0.04, 3: 0.0, 0: 0.0}
     scored = []
 
@@ -68,8 +75,18 @@ def test_validated_pick_takes_the_first_candidate_that_holds_on_the_validation_p
     assert [(c.trial.number, c.validation, c.pooled) for c in checked] == [(1, 0.04, 0.02), (3, 0.0, 0.0)]
 
 
+def test_validated_pick_admits_the_tolerance_and_no_more():
+    _, pool = candidates(TRIALS, 0.0, 0.02)
+    rates = {1: 0.02, 3: 0.01, 0: 0.0}
+    # Allowed 0.01 (target 0, the default tolerance): trial 1 refuses two in 100 and is passed over.
+    assert validated_pick(pool, 4, 0.0 + 0.01, 100, 100, lambda t: rates[t.number])[0].number == 3
+    # Allowed 0.02: 0.01 + 0.01 in floating point is 0.02 exactly or not; two in 100 must pass either way.
+    assert validated_pick(pool, 4, 0.01 + 0.01, 100, 100, lambda t: rates[t.number])[0].number == 1
+    assert validated_pick(pool, 4, 0.0, 100, 100, lambda t: rates[t.number])[0].number == 0
+
+
 def test_validated_pick_without_a_candidate_that_holds_takes_the_lowest_pooled_rate():
-    pool = candidates(TRIALS, 0.0, 0.02)
+    _, pool = candidates(TRIALS, 0.0, 0.02)
     rates = {1: 0.03, 3: 0.01, 0: 0.01}
     chosen, checked = validated_pick(pool, 4, 0.0, 100, 100, lambda t: rates[t.number])
     assert chosen.number == 3  # tied with trial 0 at 0.005 pooled: the lower KL
@@ -77,6 +94,19 @@ def test_validated_pick_without_a_candidate_that_holds_takes_the_lowest_pooled_r
     # The limit caps the re-scoring: with 1, the first candidate is the pick whatever it refuses.
     chosen, checked = validated_pick(pool, 1, 0.0, 100, 100, lambda t: rates[t.number])
     assert chosen.number == 1 and len(checked) == 1
+
+
+@pytest.mark.parametrize(
+    "field, value, message",
+    [
+        ("validation_candidates", 0, "study.validation_candidates must be >= 1"),
+        ("validation_tolerance", -0.01, "study.validation_tolerance must be a fraction in [0, 1]"),
+        ("validation_tolerance", 1.5, "study.validation_tolerance must be a fraction in [0, 1]"),
+    ],
+)
+def test_validation_options_out_of_range_stop_with_one_line(field, value, message):
+    with pytest.raises(AbliterateError, match=re.escape(message)):
+        StudyOptions(**{field: value})
 
 
 def test_scoring_switches_the_role_and_restores_the_class_default():

@@ -210,8 +210,11 @@ class StudyOptions:
     """trial selection: min_kl_under, knee, or a trial number."""
     validation_candidates: int = 4
     """with data.validation_harmful set, min_kl_under re-scores up to this many of its lowest-KL candidates
-    (trials at or under refusal_target) on those prompts, and picks the first whose refusal rate over the
-    search's and the validation prompts together is still at or under the target (else the lowest such rate)."""
+    (trials at or under refusal_target) on those prompts, and picks the first that refuses at most
+    refusal_target + validation_tolerance of them (else the fewest refusals over both prompt sets)."""
+    validation_tolerance: float = 0.01
+    """how many more of the validation prompts than refusal_target a candidate may refuse: one in 100 is
+    sampling noise, and rejecting on it cost KL for no fewer refusals elsewhere (docs/benchmarks.md)."""
     workers: int = 1
     """trial worker processes sharing the storage (one per device when >1 GPU)."""
     report_scorers: Literal["export", "completed"] = "export"
@@ -235,6 +238,8 @@ class StudyOptions:
             raise AbliterateError("study.n_startup_trials must be >= 0")
         if self.validation_candidates < 1:
             raise AbliterateError("study.validation_candidates must be >= 1")
+        if not 0.0 <= self.validation_tolerance <= 1.0:
+            raise AbliterateError("study.validation_tolerance must be a fraction in [0, 1]")
         if self.select not in ("min_kl_under", "knee") and not self.select.isdigit():
             raise AbliterateError(f"study.select={self.select!r}: use min_kl_under, knee, or a trial number")
 

@@ -3,8 +3,11 @@
 min_kl_under takes the lowest KL among trials at or under the refusal target on the search's prompts. With
 100 of them, the trial with the lowest KL is also the one most likely to be there by luck of those prompts:
 on smollm2-refusal such picks refused none of the search's prompts and 0.04-0.05 of JBB (docs/benchmarks.md).
-With validation prompts, the candidates are re-scored on them, lowest KL first, and the first whose refusal
-rate over both sets together stays at or under the target is the pick.
+With validation prompts, the candidates are re-scored on them, lowest KL first, and the first that refuses at
+most `study.validation_tolerance` more of them than the target allows is the pick. The tolerance is one prompt
+in 100 by default: at 0 (one refusal in 100 rejects a candidate) the picks on seeds 116-120 refused no fewer
+prompts of HarmBench or JBB at 116, 117 and 119 but cost 1.2-2.4x the KL; two in 100 flagged the one pick that
+leaked 0.05 of JBB (docs/benchmarks.md).
 """
 
 import logging
@@ -36,15 +39,18 @@ class Checked:
     pooled: float
 
 
-def candidates(trials: Sequence[FrozenTrial], target: float, bound: float, sign: int = 1) -> list[FrozenTrial]:
-    """Completed trials at or under `target` on the search's prompts (where none is, at or under `bound`),
-    lowest second objective first. Not only the Pareto front: at one refusal rate the front holds one trial."""
+def candidates(
+    trials: Sequence[FrozenTrial], target: float, bound: float, sign: int = 1
+) -> tuple[float, list[FrozenTrial]]:
+    """(the limit they are under, the completed trials at or under `target` on the search's prompts, or where
+    none is, at or under `bound`), lowest second objective first. Not only the Pareto front: at one refusal rate
+    the front holds one trial."""
     complete = [t for t in trials if t.state == TrialState.COMPLETE]
     for limit in (target, bound):
         under = [t for t in complete if t.values[0] <= limit]
         if under:
-            return sorted(under, key=lambda t: (sign * t.values[1], t.number))
-    return []
+            return limit, sorted(under, key=lambda t: (sign * t.values[1], t.number))
+    return target, []
 
 
 def pooled_rate(search: float, n_search: int, validation: float, n_validation: int) -> float:
@@ -55,18 +61,18 @@ def pooled_rate(search: float, n_search: int, validation: float, n_validation: i
 def validated_pick(
     pool: Sequence[FrozenTrial],
     limit: int,
-    target: float,
+    allowed: float,
     n_search: int,
     n_validation: int,
     rate: Callable[[FrozenTrial], float],
 ) -> tuple[FrozenTrial, list[Checked]]:
-    """The first of `pool` (in its order, at most `limit` re-scored by `rate`) whose pooled refusal rate is at
-    or under `target`; where none is, the lowest pooled rate (ties: the earlier, so the lower KL)."""
+    """The first of `pool` (in its order, at most `limit` re-scored by `rate`) that refuses at most `allowed` of
+    the validation prompts; where none does, the lowest rate over both sets (ties: the earlier, the lower KL)."""
     checked: list[Checked] = []
     for trial in pool[:limit]:
         validation = rate(trial)
         checked.append(Checked(trial, validation, pooled_rate(trial.values[0], n_search, validation, n_validation)))
-        if checked[-1].pooled <= target:
+        if validation <= allowed + 1e-9:  # rates are counts over n: 0.01 + 0.01 must admit 0.02
             return trial, checked
     return min(checked, key=lambda c: c.pooled).trial, checked
 
@@ -90,7 +96,8 @@ def choose_validated(pipe, trials: Sequence[FrozenTrial], options, space) -> Fro
     """min_kl_under with its candidates re-scored on the validation prompts (see the module docstring).
     Each candidate's validation rate is cached in the run dir, so a later export re-scores nothing."""
     sign = pipe.signs()[1]
-    pool = candidates(trials, options.refusal_target, options.steer_bound, sign)
+    under, pool = candidates(trials, options.refusal_target, options.steer_bound, sign)
+    allowed = under + options.validation_tolerance
     if not pool:  # nothing near the target: the fewest refusals, as without validation (select_trial warns)
         return select_trial(trials, options.select, options.refusal_target, pipe.signs(), options.steer_bound)
     datamodule, scorer = pipe.datamodule, pipe.objectives[0]
@@ -120,17 +127,15 @@ def choose_validated(pipe, trials: Sequence[FrozenTrial], options, space) -> Fro
             pipe.cache.save("validation", key, {"rate": torch.tensor(value, dtype=torch.float64)})
         return value
 
-    chosen, checked = validated_pick(
-        pool, options.validation_candidates, options.refusal_target, n_search, n_validation, rate
-    )
+    chosen, checked = validated_pick(pool, options.validation_candidates, allowed, n_search, n_validation, rate)
     pipe.validated = {c.trial.number: c.validation for c in checked}
     shown = ", ".join(f"trial {c.trial.number}: {c.validation:.3f} ({c.pooled:.3f} pooled)" for c in checked)
     log.info("validation picks trial %d of its candidates (%s)", chosen.number, shown)
-    if min(c.pooled for c in checked) > options.refusal_target:
+    if min(c.validation for c in checked) > allowed + 1e-9:
         log.warning(
-            "no candidate stays at or under refusal rate %.3f over the search's and the validation prompts together; "
-            "picking the lowest (trial %d); more trials or a larger study.validation_candidates may find one",
-            options.refusal_target,
+            "no candidate refuses at most %.3f of the validation prompts; picking the fewest refusals over both sets "
+            "(trial %d); more trials or a larger study.validation_candidates may find one",
+            allowed,
             chosen.number,
         )
     return chosen
