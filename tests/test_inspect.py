@@ -50,7 +50,7 @@ def test_inspect_writes_the_views_recomputed_from_the_cache(inspected, capsys, m
     def no_pass(self, pass_, *args, **kwargs):
         raise AssertionError(f"inspect ran {type(pass_).__name__}: the residuals are cached")
 
-    monkeypatch.setattr(Pipeline, "_predict", no_pass)
+    monkeypatch.setattr(Pipeline, "run_pass", no_pass)
     out = inspected
     before = sorted(p.name for p in (out / "cache").iterdir())
     code, stdout, err = run_cli(["inspect", "--output_dir", str(out)], capsys)
