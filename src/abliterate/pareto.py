@@ -64,6 +64,19 @@ def knee(front: Sequence[FrozenTrial], signs: Sequence[int] | None = None) -> Fr
     return front[max(range(len(front)), key=lambda i: (dist[i], -i))]
 
 
+def under_target(
+    trials: Sequence[FrozenTrial], target: float, fallback_target: float | None = None, sign: int = 1
+) -> tuple[float, list[FrozenTrial]]:
+    """min_kl_under's candidates: (the limit they are under, the trials at or under `target` refusals, or where
+    none is, at or under `fallback_target`), lowest second objective first (with `sign`, highest for a
+    maximised one); no trial under either: (target, [])."""
+    for limit in (target, fallback_target):
+        under = [t for t in trials if limit is not None and t.values[0] <= limit]
+        if under:
+            return limit, sorted(under, key=lambda t: (sign * t.values[1], t.number))
+    return target, []
+
+
 def select_trial(
     trials: Sequence[FrozenTrial],
     policy: str,
@@ -87,13 +100,11 @@ def select_trial(
         raise AbliterateError("the study has no completed trial yet; run more trials (--study.n_trials)")
     if policy == "knee":
         return knee(front, signs)
-    sign = signs[1] if signs else 1
-    under = [t for t in front if t.values[0] <= refusal_target]
+    limit, under = under_target(front, refusal_target, fallback_target, signs[1] if signs else 1)
+    if under and limit == refusal_target:
+        return under[0]
     if under:
-        return min(under, key=lambda t: (sign * t.values[1], t.number))
-    near = [t for t in front if fallback_target is not None and t.values[0] <= fallback_target]
-    if near:
-        chosen = min(near, key=lambda t: (sign * t.values[1], t.number))
+        chosen = under[0]
         log.warning(
             "no trial reaches refusal rate <= %.3f; picking the lowest KL at <= %.3f (refusal_target + "
             "steer_margin; trial %d: %.3f)",

@@ -21,7 +21,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from abliterate.cache import fingerprint
 from abliterate.data import VALIDATION_ROLE
-from abliterate.pareto import select_trial
+from abliterate.pareto import select_trial, under_target
 from abliterate.passes import ReferencePass
 from abliterate.scorers import Scorer
 
@@ -42,15 +42,9 @@ class Checked:
 def candidates(
     trials: Sequence[FrozenTrial], target: float, bound: float, sign: int = 1
 ) -> tuple[float, list[FrozenTrial]]:
-    """(the limit they are under, the completed trials at or under `target` on the search's prompts, or where
-    none is, at or under `bound`), lowest second objective first. Not only the Pareto front: at one refusal rate
-    the front holds one trial."""
-    complete = [t for t in trials if t.state == TrialState.COMPLETE]
-    for limit in (target, bound):
-        under = [t for t in complete if t.values[0] <= limit]
-        if under:
-            return limit, sorted(under, key=lambda t: (sign * t.values[1], t.number))
-    return target, []
+    """min_kl_under's candidates (`pareto.under_target`) among every completed trial, not only the Pareto
+    front: at one refusal rate the front holds one trial."""
+    return under_target([t for t in trials if t.state == TrialState.COMPLETE], target, bound, sign)
 
 
 def pooled_rate(search: float, n_search: int, validation: float, n_validation: int) -> float:
@@ -113,8 +107,8 @@ def choose_validated(pipe, trials: Sequence[FrozenTrial], options, space) -> Fro
             return float(cached["rate"])
         with scoring(scorer, VALIDATION_ROLE):
             if not reference:  # the original model on these prompts: what a scorer compares against, and the "before"
-                options = pipe.module.eval_options
-                pipe.check_prompt_lengths([VALIDATION_ROLE], reply_tokens=options.max_new_tokens)
+                evaluation = pipe.module.eval_options
+                pipe.check_prompt_lengths([VALIDATION_ROLE], reply_tokens=evaluation.max_new_tokens)
                 reference.append(pipe.run_pass(ReferencePass([scorer])))
                 log.info(
                     "validation: %d prompts, refusal rate %.3f before", n_validation, reference[0].values[scorer.name]
