@@ -127,6 +127,14 @@ class Inputs:
     heretic_system: str
 
 
+def write_prompts(path: Path, lines: list[str]) -> Path:
+    """One prompt a line, whole or absent: bench_defaults' cells read the file side by side."""
+    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp")
+    tmp.write_text("".join(f"{line}\n" for line in lines), encoding="utf-8")
+    os.replace(tmp, path)
+    return path
+
+
 def prepare_inputs(args, out: Path) -> Inputs | None:
     """The organism (built when missing) and the prompt files under OUT/prompts; None without ../shared."""
     tiny = args.organism in ("tiny", "two-styles")
@@ -159,12 +167,11 @@ def prepare_inputs(args, out: Path) -> Inputs | None:
     files: dict[str, Path] = {}
     for name in ("harmful_train", "harmless_train", "harmful_test", "harmless_test"):
         lines = [line for line in (source_dir / f"{name}.txt").read_text(encoding="utf-8").splitlines() if line.strip()]
+        if name == "harmful_train":
+            pool = lines  # whole: the prompts past --train-limit are the validation pool (below)
         if name.endswith("_train") and args.train_limit:
             lines = lines[: args.train_limit]
-        files[name] = prompts_dir / f"{name}.txt"
-        tmp = prompts_dir / f".{name}.{os.getpid()}.tmp"  # whole or absent: bench_defaults' cells read it side by side
-        tmp.write_text("\n".join(lines) + "\n", encoding="utf-8")
-        os.replace(tmp, files[name])
+        files[name] = write_prompts(prompts_dir / f"{name}.txt", lines)
     sets = {}
     for name in harmful_sets + harmless_sets:
         if name in family_sets:
@@ -175,17 +182,11 @@ def prepare_inputs(args, out: Path) -> Inputs | None:
         sets[name] = lines[: args.eval_limit] if args.eval_limit else lines
     # Held out for our validated pick (--validation): the harmful train prompts past --train-limit, less any
     # prompt of an evaluation set (JBB shares AdvBench goals), so no evaluated prompt picks the trial.
-    pool = [
-        line for line in (source_dir / "harmful_train.txt").read_text(encoding="utf-8").splitlines() if line.strip()
-    ]
     evaluated = {line.casefold() for name in harmful_sets + harmless_sets for line in sets[name]}
     held_out = (
         [line for line in pool[args.train_limit :] if line.casefold() not in evaluated] if args.train_limit else []
     )
-    files["harmful_validation"] = prompts_dir / "harmful_validation.txt"
-    tmp = prompts_dir / f".harmful_validation.{os.getpid()}.tmp"
-    tmp.write_text("".join(f"{line}\n" for line in held_out), encoding="utf-8")
-    os.replace(tmp, files["harmful_validation"])
+    files["harmful_validation"] = write_prompts(prompts_dir / "harmful_validation.txt", held_out)
     return Inputs(tiny, model_dir, files, sets, harmful_sets, harmless_sets, system_prompt, heretic_system)
 
 
