@@ -141,6 +141,36 @@ CASES = [
         lambda c: c.args("run", "--study.n_trials", "5", "--module.evaluation.kl_tokens", "3"),
         "kl_tokens 16 -> 3",
     ),
+    # ---- the validation prompts: checked before the search, not at the pick after it
+    Case(
+        "validation-file-missing",
+        lambda c: c.args("run", "--study.n_trials", "5", *data_flag("validation_harmful", c.tmp / "held_out.txt")),
+        "held_out.txt",
+    ),
+    Case(
+        "validation-scored-by-the-search",
+        lambda c: c.args(
+            "run", "--study.n_trials", "5", *data_flag("validation_harmful", c.organism / "harmful_test.txt")
+        ),
+        "also in data.eval_harmful",
+    ),
+    Case(
+        "validation-unread-by-the-selection",
+        lambda c: c.args(
+            "run",
+            "--study.n_trials",
+            "5",
+            "--study.select",
+            "knee",
+            *data_flag("validation_harmful", c.organism / "harmful_train.txt"),
+        ),
+        "study.select=min_kl_under",
+    ),
+    Case(
+        "validation-longer-than-the-model",
+        lambda c: c.args("run", "--study.n_trials", "5", *data_flag("validation_harmful", long_prompt_file(c))),
+        "exceeds the model's 128 positions",
+    ),
     # ---- silent wrong answers (item 12)
     Case("negative-trial-evaluate", lambda c: c.args("evaluate", "--trial", "-1"), "not a trial number"),
     Case("negative-trial-export", lambda c: c.args("export", "--trial", "-1"), "not a trial number"),

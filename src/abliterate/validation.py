@@ -21,6 +21,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from abliterate.cache import fingerprint
 from abliterate.data import VALIDATION_ROLE
+from abliterate.errors import AbliterateError
 from abliterate.pareto import select_trial, under_target
 from abliterate.passes import ReferencePass
 from abliterate.scorers import Scorer
@@ -69,6 +70,28 @@ def validated_pick(
         if validation <= allowed + 1e-9:  # rates are counts over n: 0.01 + 0.01 must admit 0.02
             return trial, checked
     return min(checked, key=lambda c: c.pooled).trial, checked
+
+
+def check_validation_prompts(pipe, options) -> None:
+    """Before the search, not at the pick after it: data.validation_harmful loads, fits the model, is read by
+    the configured selection, and holds no prompt the search scores."""
+    datamodule = pipe.datamodule
+    if datamodule.sources[VALIDATION_ROLE] is None:
+        return
+    if options.select != "min_kl_under":
+        raise AbliterateError(
+            f"data.validation_harmful is read only by study.select=min_kl_under, not {options.select!r}: "
+            "set that or drop data.validation_harmful"
+        )
+    validation = datamodule.prompts(VALIDATION_ROLE)
+    scored = set(validation) & set(datamodule.prompts("eval_harmful"))
+    if scored:
+        raise AbliterateError(
+            f"{len(scored)} of the {len(validation)} data.validation_harmful prompts are also in data.eval_harmful, "
+            "which the search scores: validate on prompts it never sees (drop them from one of the two)"
+        )
+    datamodule.attach_tokenizer(pipe.module.tokenizer)
+    pipe.check_prompt_lengths([VALIDATION_ROLE], reply_tokens=pipe.module.eval_options.max_new_tokens)
 
 
 @contextmanager

@@ -21,6 +21,7 @@ from abliterate.pipeline import Pipeline
 from abliterate.reports import SearchProgress, choose_from_front, log_study, plot_pareto, write_trials_csv
 from abliterate.rundir import RunDir, stale_temps
 from abliterate.study import FINISHED
+from abliterate.validation import check_validation_prompts
 
 log = logging.getLogger("abliterate")
 
@@ -231,6 +232,7 @@ def run(
         keep_settings(trainer, out, module, datamodule, study, space)
         pipe = Pipeline(trainer, module, datamodule, out)
         pipe.check_existing_study(study)
+        check_validation_prompts(pipe, study)
         reference = prepare(pipe)
         check_refusals_to_remove(pipe, reference, study)
         optuna_study = pipe.open_study(study)
@@ -308,6 +310,7 @@ def search(
         keep_settings(trainer, out, module, datamodule, study, space)
         pipe = Pipeline(trainer, module, datamodule, out)
         pipe.check_existing_study(study)
+        check_validation_prompts(pipe, study)
         reference = prepare(pipe)
         optuna_study = pipe.open_study(study)
         fail_interrupted_trials(trainer, optuna_study, study)
@@ -343,6 +346,8 @@ def export(
         pipe = Pipeline(trainer, module, datamodule, out)
         optuna_study = pipe.load_study(study)
         chosen = trial_by_number(optuna_study, trial) if trial is not None else None
+        if chosen is None:
+            check_validation_prompts(pipe, study)
         with phase("residual collection", "nothing of it was cached"):
             pipe.residuals()  # the directions; the reference is only needed for the card's "before"
         reference = pipe.reference()
