@@ -148,6 +148,7 @@ def test_export_rescores_the_pick_on_validation_prompts_and_reuses_the_scores(
 
     card = export("first")
     assert card["trial"] == lowest_kl.number
+    assert "32 of the 32 data.validation_harmful prompts are also in data.harmful" in caplog.text
     assert "validation: 32 prompts" in caplog.text and f"trial {lowest_kl.number} refuses" in caplog.text
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "first").eval()
     tokenizer = AutoTokenizer.from_pretrained(tmp_path / "first")
@@ -157,3 +158,29 @@ def test_export_rescores_the_pick_on_validation_prompts_and_reuses_the_scores(
     again = export("second")
     assert again["trial"] == card["trial"] and again["validation_refusal"] == card["validation_refusal"]
     assert "refuses" not in caplog.text  # read back, not generated again
+
+
+def test_inspect_stars_the_validated_trial_that_export_takes(
+    organism_dir, finished_organism_run, tmp_path, caplog, monkeypatch
+):
+    """inspect's pareto.png marks the trial export takes, validation included, from the rates export cached."""
+    import abliterate.verbs_inspect as verbs_inspect
+
+    run, config, _ = copy_run(finished_organism_run, tmp_path / "copy")
+    held_out = tmp_path / "held_out.txt"
+    held_out.write_text("\n".join((organism_dir / "harmful_train.txt").read_text().splitlines()[:32]) + "\n")
+    options = ["--output_dir", str(run), "--config", str(config), "--study.refusal_target", "1.0"]
+    options += ["--data.validation_harmful", json.dumps({"dataset": str(held_out)}), *TRAINER]
+    main(["export", *options, "--export_dir", str(tmp_path / "model")])
+    exported = json.loads((tmp_path / "model" / "abliterate.json").read_text())["trial"]
+
+    starred = []
+    plot = verbs_inspect.plot_pareto
+    monkeypatch.setattr(verbs_inspect, "plot_pareto", lambda *a, **k: starred.append(a[2]) or plot(*a, **k))
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="abliterate.validation"):
+        main(["inspect", *options])
+    assert [t.number for t in starred] == [exported]
+    assert f"validation picks trial {exported}" in caplog.text
+    assert "refuses" not in caplog.text  # the rates export cached, not generated again
+    assert (run / "inspect" / "pareto.png").is_file()

@@ -90,11 +90,12 @@ class AbliterationTrainer(L.Trainer):
         model: AbliterationModule,
         datamodule: PromptDataModule,
         study: StudyOptions = StudyOptions(),
+        space: SearchSpace = SearchSpace(),
         output_dir: str = "outputs",
         direction: DirectionOptions = DirectionOptions(),
     ) -> Path:
         """Per-layer refusal-direction views of a run dir in OUTPUT_DIR/inspect: layers.csv and plots, pareto.png."""
-        return verbs_inspect.inspect(self, model, datamodule, study, output_dir, direction)
+        return verbs_inspect.inspect(self, model, datamodule, study, space, output_dir, direction)
 
     def evaluate(
         self,

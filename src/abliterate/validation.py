@@ -90,6 +90,14 @@ def check_validation_prompts(pipe, options) -> None:
             f"{len(scored)} of the {len(validation)} data.validation_harmful prompts are also in data.eval_harmful, "
             "which the search scores: validate on prompts it never sees (drop them from one of the two)"
         )
+    seen = set(validation) & set(datamodule.prompts("harmful"))
+    if seen:  # allowed (they are not scored), but the directions were fit to them
+        log.warning(
+            "%d of the %d data.validation_harmful prompts are also in data.harmful, which the directions are computed "
+            "from: their validation refusal rates flatter the candidates; hold out prompts the run reads nowhere else",
+            len(seen),
+            len(validation),
+        )
     datamodule.attach_tokenizer(pipe.module.tokenizer)
     pipe.check_prompt_lengths([VALIDATION_ROLE], reply_tokens=pipe.module.eval_options.max_new_tokens)
 

@@ -19,8 +19,11 @@ from abliterate.reports import plot_pareto
 from abliterate.verbs import phase, prepare, run_dir_of, trial_by_number, writing
 
 
-def inspect(trainer, module, datamodule, study: StudyOptions, output_dir: str, direction: DirectionOptions) -> Path:
-    """OUTPUT_DIR/inspect: layers.csv/.png, projections.png (inspect_views.py), pareto.png when there is a study."""
+def inspect(
+    trainer, module, datamodule, study: StudyOptions, space: SearchSpace, output_dir: str, direction: DirectionOptions
+) -> Path:
+    """OUTPUT_DIR/inspect: layers.csv/.png, projections.png (inspect_views.py), pareto.png when there is a study.
+    Its chosen trial is the one `export` takes, validated where data.validation_harmful is set (cached rates)."""
     out, written = run_dir_of(output_dir), {}
     with writing(trainer, out), phase("residual collection", "nothing of it was cached"):
         residuals = (pipe := Pipeline(trainer, module, datamodule, out)).residuals()
@@ -28,7 +31,7 @@ def inspect(trainer, module, datamodule, study: StudyOptions, output_dir: str, d
             written = write_views(residuals.tensors, out / "inspect", **vars(direction))
         if written and (study.storage is not None or (out / "study.db").is_file()):
             trials, names = (s := pipe.load_study(study)).get_trials(deepcopy=False), [o.name for o in pipe.objectives]
-            chosen = pipe.choose(s, study) if any(t.state == TrialState.COMPLETE for t in trials) else None
+            chosen = pipe.choose(s, study, space) if any(t.state == TrialState.COMPLETE for t in trials) else None
             if plot_pareto(trials, pipe.front(s), chosen, names, path := out / "inspect" / "pareto.png"):
                 written["pareto_png"] = path
     print(json.dumps({name: str(path) for name, path in written.items()}))
