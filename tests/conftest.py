@@ -3,11 +3,16 @@ import os
 import pytest
 import torch
 from helpers import organism_yaml
+from transformers.utils import logging as hf_logging
 
 # On 2 shared cores, 2 torch threads ran 11x slower than 1; honour OMP_NUM_THREADS.
 torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# transformers binds its log handler to sys.stderr as it is at first use; bind it now, to the session's stream,
+# not to the capsys stream of whichever test happens to log first (closed after it: a later warning then printed
+# a logging traceback into another test's one-line error check).
+hf_logging.get_logger("transformers")
 
 
 def pytest_collection_modifyitems(config, items):
