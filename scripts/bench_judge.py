@@ -1,9 +1,13 @@
-"""Agreement of candidate refusal judges with hand labels (scripts/data/refusal_labels.jsonl).
+"""Agreement of candidate refusal judges with hand labels (scripts/data/refusal_labels.jsonl and
+scripts/data/soft_run_labels.jsonl).
 
     OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1 python scripts/bench_judge.py
 
-The labelled rows (made by scripts/judge_sample.py, labelled by reading: scripts/data/README.md)
-are replies of smollm2-refusal and smollm2-soft-refusal, original and ablated. Judges:
+The labelled rows (made by scripts/judge_sample.py and scripts/replies_for_labels.py, read by hand:
+scripts/data/README.md) are replies of smollm2-refusal and smollm2-soft-refusal, original and ablated,
+and, as conditions named soft_run/..., the soft organism's original, the documented run's export and
+heretic's export on 100 prompts. Each row's kind is scored under both refusal standards
+(judge_sample.STANDARDS). Judges:
 - markers: the packaged refusal markers (abliterate.metrics.is_refusal).
 - probe: the ProbeRefusals judge. A linear probe on the ORIGINAL model's decoder-layer outputs
   averaged over a reply read alone, fit on the original's own replies to harmful_train (refusals)
@@ -16,11 +20,12 @@ are replies of smollm2-refusal and smollm2-soft-refusal, original and ablated. J
   half-way between the medians of the fitting replies' values. It failed the tiny organism check
   (ablated answers read as generic: after a harmful prompt the original expects a refusal whatever
   the reply), so it is not a scorer.
-- likelihood: harmful rows only. The original's reply to the same prompt, teacher-forced; the
+- likelihood: harmful rows of refusal_labels.jsonl only. The original's reply to the same prompt, teacher-forced; the
   ablated model still refuses iff the original's reply is a probe refusal and its mean per-token
   log-likelihood under the ablated model is within log(2) of the original's.
-Every judge's verdict is compared with the labels per organism and condition: agreement and the
-confusion counts (refusal is positive). The last stdout line is one JSON object.
+Every judge's verdict is compared with the labels per organism, standard and condition: agreement and
+the confusion counts (refusal is positive), and per condition and kind [refusal verdicts, rows]. The
+last stdout line is one JSON object.
 """
 
 import json
@@ -35,7 +40,18 @@ from torch import Tensor
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from judge_sample import FIT, LABELS, ORGANISMS, organism_dir, readme_edit  # noqa: E402
+from judge_sample import (  # noqa: E402
+    FIT,
+    LABELS,
+    ORGANISMS,
+    STANDARDS,
+    organism_dir,
+    read_rows,
+    readme_edit,
+    refuses,
+)
+
+SOFT_RUN = HERE / "data" / "soft_run_labels.jsonl"
 
 
 def confusion(verdicts: list[bool], labels: list[bool]) -> dict:
@@ -126,7 +142,7 @@ def bench_organism(organism: str, rows: list[dict], fit: list[dict]) -> dict:
         prefixes = encode(tokenizer, [r["prompt"] for r in items]) if with_prompt else None
         return reply_states(model, tokens([r["reply"] for r in items]), layers, pad, prefixes=prefixes)
 
-    labels = [r["label"] == "refusal" for r in rows]
+    labels = {standard: [refuses(r, standard) for r in rows] for standard in STANDARDS}
     conditions = sorted({r["condition"] for r in rows})
     judges: dict[str, list[bool]] = {"markers": [is_refusal(r["reply"], default_markers()) for r in rows]}
     info: dict = {}
@@ -144,7 +160,7 @@ def bench_organism(organism: str, rows: list[dict], fit: list[dict]) -> dict:
             verdicts = (probe_scores(sample[:, i], fixed.weight, fixed.bias) > 0).tolist()
             per_layer[i] = {
                 "fit_held_out": round(held_out_accuracy(pos[:, i], neg[:, i]), 3),
-                "agreement": confusion(verdicts, labels)["agreement"],
+                "agreement": confusion(verdicts, labels["declines"])["agreement"],
             }
         info[name] = {"layer": probe.layer, "per_layer": per_layer}
     # specificity (references: the 4 harmful_train prompts after the fitting ones)
@@ -163,7 +179,7 @@ def bench_organism(organism: str, rows: list[dict], fit: list[dict]) -> dict:
     judges["specificity"] = (sample_scores < threshold).tolist()
     info["specificity"] = {"threshold": round(threshold, 4)}
     # likelihood: the original's reply to each harmful prompt, under the ablated model vs the original
-    harmful = [i for i, r in enumerate(rows) if r["set"] == "harmful_test"]
+    harmful = [i for i, r in enumerate(rows) if r["set"] == "harmful_test" and "/" not in r["condition"]]
     original_reply = {r["prompt"]: r for r in rows if r["condition"] == "original"}
     source = [original_reply[rows[i]["prompt"]] for i in harmful]
     forced = tokens([r["reply"] for r in source])
@@ -178,35 +194,34 @@ def bench_organism(organism: str, rows: list[dict], fit: list[dict]) -> dict:
         row = rows[i]
         still = row["condition"] == "original" or after[j] - before[j] > -math.log(2)
         likelihood[i] = probe_of[row["prompt"] + "original"] and still
-    result = {"probe_info": info}
+    judges["likelihood"] = [likelihood.get(i) for i in range(len(rows))]
+    result: dict = {"probe_info": info}
     for name, verdicts in judges.items():
-        result[name] = {
-            c: confusion(
-                [verdicts[i] for i in range(len(rows)) if rows[i]["condition"] == c],
-                [labels[i] for i in range(len(rows)) if rows[i]["condition"] == c],
-            )
-            for c in conditions
-        }
-        result[name]["all"] = confusion(verdicts, labels)
-    result["likelihood"] = {
-        c: confusion(
-            [likelihood[i] for i in harmful if rows[i]["condition"] == c],
-            [labels[i] for i in harmful if rows[i]["condition"] == c],
-        )
-        for c in conditions
-    }
-    result["likelihood"]["all"] = confusion([likelihood[i] for i in harmful], [labels[i] for i in harmful])
-    result["likelihood"]["note"] = "harmful rows only"
+        result[name] = {}
+        for standard, truth in labels.items():
+            per = {}
+            for c in [*conditions, "all"]:
+                idx = [i for i in range(len(rows)) if verdicts[i] is not None and c in ("all", rows[i]["condition"])]
+                if idx:
+                    per[c] = confusion([verdicts[i] for i in idx], [truth[i] for i in idx])
+            result[name][standard] = per
+        by_kind: dict = {}  # refusal verdicts per hand-read kind: which kinds of reply a judge misreads
+        for i, verdict in enumerate(verdicts):
+            if verdict is not None:
+                cell = by_kind.setdefault(rows[i]["condition"], {}).setdefault(rows[i]["kind"], [0, 0])
+                cell[0] += int(verdict)
+                cell[1] += 1
+        result[name]["refusal_verdicts_by_kind"] = by_kind
+    result["likelihood"]["note"] = "harmful rows of refusal_labels.jsonl only"
     return result
 
 
 def main() -> None:
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
-    rows = [json.loads(line) for line in LABELS.read_text(encoding="utf-8").splitlines()]
-    fit = [json.loads(line) for line in FIT.read_text(encoding="utf-8").splitlines()]
-    unlabelled = [r for r in rows if r["label"] not in ("refusal", "answer")]
-    if unlabelled:
-        raise SystemExit(f"{len(unlabelled)} rows of {LABELS} have no label (refusal/answer)")
+    rows = read_rows(LABELS) + [{**r, "condition": f"soft_run/{r['condition']}"} for r in read_rows(SOFT_RUN)]
+    fit = read_rows(FIT)
+    for row in rows:
+        refuses(row, "declines")  # every row read by hand, or one line naming the first that is not
     result = {}
     for organism in ORGANISMS:
         result[organism] = bench_organism(

