@@ -1,13 +1,13 @@
-"""Agreement of candidate refusal judges with hand labels (scripts/data/refusal_labels.jsonl and
-scripts/data/soft_run_labels.jsonl).
+"""Agreement of candidate refusal judges with hand labels (scripts/data/refusal_labels.jsonl,
+soft_run_labels.jsonl and soft_front_labels.jsonl).
 
     OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1 python scripts/bench_judge.py
 
 The labelled rows (made by scripts/judge_sample.py and scripts/replies_for_labels.py, read by hand:
 scripts/data/README.md) are replies of smollm2-refusal and smollm2-soft-refusal, original and ablated,
 and, as conditions named soft_run/..., the soft organism's original, the documented run's export and
-heretic's export on 100 prompts. Each row's kind is scored under both refusal standards
-(judge_sample.STANDARDS). Judges:
+heretic's export on 100 prompts, and as soft_front/... three trials of a later run's front. Each row's
+kind is scored under both refusal standards (judge_sample.STANDARDS). Judges:
 - markers: the packaged refusal markers (abliterate.metrics.is_refusal).
 - probe: the ProbeRefusals judge. A linear probe on the ORIGINAL model's decoder-layer outputs
   averaged over a reply read alone, fit on the original's own replies to harmful_train (refusals)
@@ -51,7 +51,11 @@ from judge_sample import (  # noqa: E402
     refuses,
 )
 
-SOFT_RUN = HERE / "data" / "soft_run_labels.jsonl"
+# Replies of real runs' exports on smollm2-soft-refusal: conditions named FILE_PREFIX/condition.
+RUN_LABELS = {
+    "soft_run": HERE / "data" / "soft_run_labels.jsonl",
+    "soft_front": HERE / "data" / "soft_front_labels.jsonl",
+}
 
 
 def confusion(verdicts: list[bool], labels: list[bool]) -> dict:
@@ -218,7 +222,9 @@ def bench_organism(organism: str, rows: list[dict], fit: list[dict]) -> dict:
 
 def main() -> None:
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
-    rows = read_rows(LABELS) + [{**r, "condition": f"soft_run/{r['condition']}"} for r in read_rows(SOFT_RUN)]
+    rows = read_rows(LABELS)
+    for prefix, path in RUN_LABELS.items():
+        rows += [{**r, "condition": f"{prefix}/{r['condition']}"} for r in read_rows(path)]
     fit = read_rows(FIT)
     for row in rows:
         refuses(row, "declines")  # every row read by hand, or one line naming the first that is not

@@ -4,6 +4,9 @@ the chat template's default system prompt, greedy, cut at eos). Made the rows of
 scripts/data/soft_run_labels.jsonl:
 
     OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1 python scripts/replies_for_labels.py PROMPTS.txt ORIGINAL_DIR EXPORT_DIR OUT.jsonl
+
+With --no-original only the export's replies are made ({"prompt", "after"}), as for the three trials of
+scripts/data/soft_front_labels.jsonl, whose original is already in soft_run_labels.jsonl.
 """
 
 import argparse
@@ -22,6 +25,7 @@ def main() -> None:
     parser.add_argument("original", help="model dir of the original")
     parser.add_argument("export", help="model dir of the abliterated export")
     parser.add_argument("out", type=Path, help="JSON lines to write")
+    parser.add_argument("--no-original", action="store_true", help="skip the original's replies")
     args = parser.parse_args()
     if not args.prompts.is_file():
         parser.error(f"{args.prompts} is not a file")
@@ -30,15 +34,16 @@ def main() -> None:
 
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     prompts = [line for line in args.prompts.read_text(encoding="utf-8").splitlines() if line.strip()]
+    models = [("after", args.export)] if args.no_original else [("before", args.original), ("after", args.export)]
     columns = {}
-    for name, path in (("before", args.original), ("after", args.export)):
+    for name, path in models:
         print(f"{name}: {path}", file=sys.stderr, flush=True)
         tokenizer = AutoTokenizer.from_pretrained(path)
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
         columns[name] = replies(model, tokenizer, prompts)
     with args.out.open("w", encoding="utf-8") as f:
-        for prompt, before, after in zip(prompts, columns["before"], columns["after"], strict=True):
-            f.write(json.dumps({"prompt": prompt, "before": before, "after": after}) + "\n")
+        for i, prompt in enumerate(prompts):
+            f.write(json.dumps({"prompt": prompt, **{name: column[i] for name, column in columns.items()}}) + "\n")
 
 
 if __name__ == "__main__":

@@ -12,7 +12,7 @@ sys.path.insert(0, str(ROOT / "scripts"))
 import judge_sample  # noqa: E402
 
 DATA = ROOT / "scripts" / "data"
-FILES = ("refusal_labels.jsonl", "soft_run_labels.jsonl", "base_labels.jsonl")
+FILES = ("refusal_labels.jsonl", "soft_run_labels.jsonl", "base_labels.jsonl", "soft_front_labels.jsonl")
 
 
 @pytest.mark.parametrize("name", FILES)
@@ -52,6 +52,8 @@ def test_the_cited_counts():
     assert harmful_refusals("soft_run_labels.jsonl", "original") == (100, 98, 99)
     assert harmful_refusals("soft_run_labels.jsonl", "run_seed5_trial19") == (100, 35, 63)
     assert harmful_refusals("soft_run_labels.jsonl", "heretic_seed5_trial25") == (100, 98, 98)
+    front = {t: harmful_refusals("soft_front_labels.jsonl", f"front_seed5_trial{t}") for t in (2, 13, 1)}
+    assert front == {2: (100, 28, 62), 13: (100, 26, 64), 1: (100, 28, 64)}
     labels = judge_sample.read_rows(DATA / "refusal_labels.jsonl")
     ablated = Counter(
         r["kind"]
