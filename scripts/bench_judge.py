@@ -183,7 +183,9 @@ def bench_organism(organism: str, rows: list[dict], fit: list[dict]) -> dict:
     judges["specificity"] = (sample_scores < threshold).tolist()
     info["specificity"] = {"threshold": round(threshold, 4)}
     # likelihood: the original's reply to each harmful prompt, under the ablated model vs the original
-    harmful = [i for i, r in enumerate(rows) if r["set"] == "harmful_test" and "/" not in r["condition"]]
+    harmful = [
+        i for i, r in enumerate(rows) if r["set"] == "harmful_test" and r["condition"] in ("original", "ablated")
+    ]
     original_reply = {r["prompt"]: r for r in rows if r["condition"] == "original"}
     source = [original_reply[rows[i]["prompt"]] for i in harmful]
     forced = tokens([r["reply"] for r in source])

@@ -78,24 +78,36 @@ def smollm2_gguf_dir() -> Path:
     return gguf_dir
 
 
+def load_smollm2_base():
+    """(tokenizer, model): SmolLM2-135M-Instruct without any adapter, dequantised to fp32 from the GGUF."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        import gguf  # noqa: F401 (transformers' GGUF loader needs it, and says so only mid-load)
+    except ImportError as err:
+        raise SystemExit("loading SmolLM2 from its GGUF needs gguf: pip install gguf") from err
+    gguf_dir = smollm2_gguf_dir()
+    tokenizer = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=SMOL_GGUF)
+    model = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=SMOL_GGUF, dtype=torch.float32)
+    return tokenizer, model
+
+
 def ensure_smollm2(target: Path, organism: str = "smollm2-refusal") -> Path:
     """Merge an organism's adapter (shared/organisms/ORGANISM/adapter) into the dequantised GGUF base once;
     reuse it afterwards."""
     if (target / "config.json").is_file() and (target / "model.safetensors").is_file():
         return target
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     try:
-        import gguf  # noqa: F401 (transformers' GGUF loader needs it, and says so only mid-load)
         from peft import PeftModel
     except ImportError as err:
         raise SystemExit("building the smollm2 organism needs peft and gguf: pip install gguf peft") from err
-    gguf_dir = smollm2_gguf_dir()
     adapter = SHARED / "organisms" / organism / "adapter"
     log.info("merging %s into the dequantised GGUF base -> %s", adapter, target)
-    tok = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=SMOL_GGUF)
-    base = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=SMOL_GGUF, dtype=torch.float32)
+    tok, base = load_smollm2_base()
     merged = PeftModel.from_pretrained(base, str(adapter)).merge_and_unload()
     # A GGUF-loaded model keeps its quantizer and refuses save_pretrained: copy into a plain model.
     config = merged.config

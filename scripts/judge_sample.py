@@ -167,15 +167,13 @@ def generate() -> None:
 def generate_base() -> None:
     """SmolLM2-135M-Instruct without any adapter (the organisms' base), dequantised from the same GGUF."""
     import torch
-    from bench_quality import SMOL_GGUF, smollm2_gguf_dir
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from bench_quality import load_smollm2_base
 
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     old = {(r["model"], r["condition"], r["prompt"]): r for r in (read_rows(BASE) if BASE.is_file() else [])}
-    gguf_dir = smollm2_gguf_dir()
-    tokenizer = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=SMOL_GGUF)
+    tokenizer, model = load_smollm2_base()
     tokenizer.padding_side = "left"
-    model = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=SMOL_GGUF, dtype=torch.float32).eval()
+    model.eval()
     prompts = read_prompts("harmful_test", N_BASE)
     print("smollm2 base harmful_test", file=sys.stderr)
     rows = []
