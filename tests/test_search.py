@@ -454,3 +454,53 @@ def test_an_interrupt_swallowed_by_a_finalizer_still_stops_the_search_at_the_nex
         INTERRUPT_REQUESTED.clear()
     # Trial 1 finished (the interrupt was swallowed inside it), then the search stopped before asking trial 2.
     assert [t.state for t in study.trials] == [TrialState.COMPLETE, TrialState.COMPLETE]
+
+
+def test_two_workers_on_one_storage_split_the_trials_without_running_any_twice(tmp_path):
+    """What `study.workers` relies on, without process start-up times deciding who runs what: worker a
+    holds its first trial until worker b has one too, so both must take part; together they finish
+    exactly n_trials distinct trials, and an ask past the total is failed as surplus."""
+    import threading
+    from types import SimpleNamespace
+
+    from abliterate import study as search
+    from abliterate.scorers import KL, MarkerRefusals
+
+    url = f"sqlite:///{tmp_path / 'study.db'}"
+    optuna.create_study(study_name="shared", storage=search.open_storage(url), directions=["minimize"] * 2)
+    b_has_a_trial = threading.Event()
+    ran = {"a": [], "b": []}
+
+    def worker(name):
+        def evaluate(trial, plan, completed):
+            if name == "b":
+                b_has_a_trial.set()
+            elif not ran["a"]:
+                assert b_has_a_trial.wait(60), "worker b never got a trial"
+            ran[name].append(trial.number)
+            return {"refusals": 0.5, "kl": 0.01}
+
+        study = optuna.load_study(study_name="shared", storage=search.open_storage(url))
+        ranks = SimpleNamespace(world_size=1, is_global_zero=True)
+        options = StudyOptions(n_trials=6, prune=False)
+        search.run_search(ranks, study, options, SearchSpace(), 4, [MarkerRefusals(), KL()], evaluate)
+
+    errors = []
+    threads = [threading.Thread(target=lambda n=n: _record_errors(errors, worker, n)) for n in ("a", "b")]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert not errors, errors
+    trials = optuna.load_study(study_name="shared", storage=url).trials
+    finished = sorted(t.number for t in trials if t.state == TrialState.COMPLETE)
+    assert ran["a"] and ran["b"], "both workers ran trials"
+    assert sorted(ran["a"] + ran["b"]) == finished and len(finished) == 6
+    assert all(t.user_attrs.get("surplus") for t in trials if t.state != TrialState.COMPLETE)
+
+
+def _record_errors(errors, fn, *args):
+    try:
+        fn(*args)
+    except BaseException as err:  # a thread's exception would otherwise only be printed
+        errors.append(repr(err))
