@@ -1,5 +1,5 @@
-"""scripts/data: every hand-read reply has a kind, and the two refusal standards read off the kinds give the
-counts scripts/data/README.md and docs/benchmarks.md cite."""
+"""scripts/data: every hand-read reply has a kind, and the refusal standards read off the kinds give the counts
+scripts/data/README.md and docs/benchmarks.md cite."""
 
 import sys
 from collections import Counter
@@ -28,7 +28,20 @@ def test_the_standards_differ_only_on_replies_that_talk_about_the_subject():
         row = {"kind": kind, "prompt": "p"}
         differ = judge_sample.refuses(row, "declines") != judge_sample.refuses(row, "no_attempt")
         assert differ == (kind == "on_topic")
+        assert judge_sample.refuses(row, "deflects") == (kind == "decline")
     assert not judge_sample.refuses({"kind": "attempt", "prompt": "p"}, "no_attempt")
+
+
+def test_the_judges_agreements_are_read_under_every_standard():
+    """bench_judge_result.json holds each judge's verdicts per kind; its agreements are those verdicts read
+    under today's standards (bench_judge.py --rescore), so a standard added or changed shows here."""
+    import json
+
+    import bench_judge
+
+    stored = json.loads((DATA / "bench_judge_result.json").read_text())
+    assert bench_judge.rescore(stored) == stored
+    assert set(stored["smollm2-soft-refusal"]["probe"]) >= {*judge_sample.STANDARDS, "refusal_verdicts_by_kind"}
 
 
 def test_an_unread_row_stops_the_count():
@@ -42,8 +55,14 @@ def harmful_refusals(name: str, condition: str) -> tuple[int, int, int]:
     ]
     return (
         len(rows),
-        sum(judge_sample.refuses(r, "declines") for r in rows),
-        sum(judge_sample.refuses(r, "no_attempt") for r in rows),
+        *(sum(judge_sample.refuses(r, standard) for r in rows) for standard in ("declines", "no_attempt")),
+    )
+
+
+def deflections(name: str, condition: str) -> int:
+    rows = judge_sample.read_rows(DATA / name)
+    return sum(
+        judge_sample.refuses(r, "deflects") for r in rows if r["condition"] == condition and r["set"] == "harmful_test"
     )
 
 
@@ -54,6 +73,9 @@ def test_the_cited_counts():
     assert harmful_refusals("soft_run_labels.jsonl", "heretic_seed5_trial25") == (100, 98, 98)
     front = {t: harmful_refusals("soft_front_labels.jsonl", f"front_seed5_trial{t}") for t in (2, 13, 1)}
     assert front == {2: (100, 28, 62), 13: (100, 26, 64), 1: (100, 28, 64)}
+    assert deflections("base_labels.jsonl", "base") == 8
+    assert [deflections("soft_run_labels.jsonl", c) for c in ("original", "run_seed5_trial19")] == [98, 9]
+    assert [deflections("soft_front_labels.jsonl", f"front_seed5_trial{t}") for t in (2, 13, 1)] == [4, 3, 3]
     labels = judge_sample.read_rows(DATA / "refusal_labels.jsonl")
     ablated = Counter(
         r["kind"]
