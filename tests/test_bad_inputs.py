@@ -171,6 +171,19 @@ CASES = [
         lambda c: c.args("run", "--study.n_trials", "5", *data_flag("validation_harmful", long_prompt_file(c))),
         "exceeds the model's 128 positions",
     ),
+    # ---- a KL budget for the pick (study.max_kl)
+    Case("kl-budget-not-positive", lambda c: c.args("run", "--study.max_kl", "0"), "study.max_kl=0.0"),
+    Case(
+        "kl-budget-under-every-trial",
+        lambda c: c.args("export", "--study.max_kl", "1e-9"),
+        "no completed trial has kl <= 1e-09 (study.max_kl); the lowest is trial",
+        cache_may_change=True,
+    ),
+    Case(
+        "kl-budget-without-a-kl-objective",
+        lambda c: c.fresh("run", "--config", str(no_kl_config(c)), "--study.max_kl", "0.1"),
+        "study.max_kl needs the kl scorer as an objective",
+    ),
     # ---- silent wrong answers (item 12)
     Case("negative-trial-evaluate", lambda c: c.args("evaluate", "--trial", "-1"), "not a trial number"),
     Case("negative-trial-export", lambda c: c.args("export", "--trial", "-1"), "not a trial number"),
@@ -253,6 +266,11 @@ def capability_config(ctx: Ctx) -> Path:
     return write(ctx.tmp / "capability.yaml", text)
 
 
+def no_kl_config(ctx: Ctx) -> Path:
+    text = "module:\n  scorers:\n    - class_path: abliterate.scorers.MarkerRefusals\n"
+    return write(ctx.tmp / "no_kl.yaml", text + "    - class_path: abliterate.scorers.Degeneration\n")
+
+
 def remote_code_model(ctx: Ctx) -> Path:
     from test_remote_code import make_model_dir
 
@@ -306,6 +324,7 @@ def test_bad_input_gets_one_line_and_changes_nothing(case, finished_run, organis
         before = ([f for f in before[0] if not f.startswith("cache")], before[1])
         after = ([f for f in after[0] if not f.startswith("cache")], after[1])
     assert after == before
+    assert not (tmp_path / "fresh" / "study.db").exists(), "stopped before a search on a new run dir"
     assert (tmp_path / "mine" / "notes.txt").read_text() == "mine" if (tmp_path / "mine").exists() else True
 
 

@@ -105,6 +105,22 @@ def test_a_pick_above_the_target_names_contrastive_pca_only_when_the_space_lacks
         assert f"refusal rate of {refusals:.3f}" in caplog.text
 
 
+def test_a_kl_budget_leaves_the_pick_to_the_trials_within_it(caplog):
+    """The soft organism's front (docs/benchmarks.md): min_kl_under alone takes 0 refusals at KL 0.057; under
+    a budget of 0.05 it takes the lowest KL at refusal_target + steer_margin, saying so."""
+    from abliterate.pareto import within_budget
+
+    trials = synthetic_trials([(0.0, 0.0797), (0.01, 0.0478), (0.0, 0.0574), (0.05, 0.039), None, (0.3, 0.01)])
+    assert select_trial(trials, "min_kl_under", 0.0, fallback_target=0.02).number == 2
+    kept = within_budget(trials, 1, 0.05, "kl")
+    assert [t.number for t in kept] == [1, 3, 5]
+    assert select_trial(kept, "min_kl_under", 0.0, fallback_target=0.02).number == 1
+    assert "no trial reaches refusal rate <= 0.000" in caplog.text
+    assert [t.number for t in within_budget(trials, 1, 0.0478, "kl")] == [1, 3, 5], "at the budget counts"
+    with pytest.raises(AbliterateError, match=r"no completed trial has kl <= 0.005 .* lowest is trial 5 at 0.0100"):
+        within_budget(trials, 1, 0.005, "kl")
+
+
 def test_select_knee_and_number():
     # a convex front whose knee is (0.1, 0.1)
     trials = synthetic_trials([(1.0, 0.0), (0.1, 0.1), (0.05, 0.6), (0.0, 1.0), (0.5, 0.5)])
@@ -194,6 +210,8 @@ def test_search_options_validate():
         StudyOptions(refusal_target=5)
     with pytest.raises(AbliterateError, match="steer_margin"):
         StudyOptions(steer_margin=-0.1)
+    with pytest.raises(AbliterateError, match="max_kl"):
+        StudyOptions(max_kl=-0.01)
 
 
 def test_interactive_choice_from_front(capsys):

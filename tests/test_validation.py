@@ -1,4 +1,5 @@
-"""The pick re-scored on held-out harmful prompts (data.validation_harmful, validation.py)."""
+"""The pick re-scored on held-out harmful prompts (data.validation_harmful, validation.py), and the pick within a KL
+budget (study.max_kl)."""
 
 import json
 import logging
@@ -184,3 +185,23 @@ def test_inspect_stars_the_validated_trial_that_export_takes(
     assert f"validation picks trial {exported}" in caplog.text
     assert "refuses" not in caplog.text  # the rates export cached, not generated again
     assert (run / "inspect" / "pareto.png").is_file()
+
+
+def test_export_under_a_kl_budget_takes_a_trial_within_it(finished_organism_run, tmp_path, caplog):
+    """A budget under the default pick's KL: the export is the least-refusing trial within it, and says so."""
+    run, config, card = copy_run(finished_organism_run, tmp_path / "copy")
+    study = optuna.load_study(study_name="abliterate", storage=f"sqlite:///{run / 'study.db'}")
+    completed = [t for t in study.trials if t.state == TrialState.COMPLETE]
+    budget = (card["kl"] + min(t.values[1] for t in completed)) / 2
+    within = [t for t in completed if t.values[1] <= budget]
+    assert within and card["kl"] > budget, "the fixture's trials no longer straddle a budget"
+    caplog.clear()
+    with caplog.at_level(logging.INFO):
+        main(
+            ["export", "--output_dir", str(run), "--config", str(config), "--export_dir", str(tmp_path / "model")]
+            + ["--study.max_kl", str(budget), *TRAINER]
+        )
+    exported = json.loads((tmp_path / "model" / "abliterate.json").read_text())
+    assert exported["trial"] == min(within, key=lambda t: (t.values[0], t.values[1])).number
+    assert exported["kl"] <= budget < card["kl"]
+    assert f"the pick is made among {len(within)} of {len(completed)} completed trials" in caplog.text

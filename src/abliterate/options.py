@@ -208,6 +208,10 @@ class StudyOptions:
     the pick looks when no trial reaches the target, before it falls back to the fewest refusals."""
     select: str = "min_kl_under"
     """trial selection: min_kl_under, knee, or a trial number."""
+    max_kl: float | None = None
+    """a damage budget: min_kl_under and knee pick only among trials whose KL objective is at most this; where
+    none of them reaches refusal_target, min_kl_under takes the lowest KL at refusal_target + steer_margin, else
+    the fewest refusals, with a warning. The search is unchanged, so changing it on a finished run only re-picks."""
     validation_candidates: int = 4
     """with data.validation_harmful set, min_kl_under re-scores up to this many of its lowest-KL candidates
     (trials at or under refusal_target) on those prompts, and picks the first that refuses at most
@@ -240,6 +244,8 @@ class StudyOptions:
             raise AbliterateError("study.validation_candidates must be >= 1")
         if not 0.0 <= self.validation_tolerance <= 1.0:
             raise AbliterateError("study.validation_tolerance must be a fraction in [0, 1]")
+        if self.max_kl is not None and not self.max_kl > 0:
+            raise AbliterateError(f"study.max_kl={self.max_kl}: use a KL budget above 0, or null for none")
         if self.select not in ("min_kl_under", "knee") and not self.select.isdigit():
             raise AbliterateError(f"study.select={self.select!r}: use min_kl_under, knee, or a trial number")
 

@@ -77,6 +77,20 @@ def under_target(
     return target, []
 
 
+def within_budget(trials: Sequence[FrozenTrial], index: int, budget: float, name: str) -> list[FrozenTrial]:
+    """The completed trials whose objective `index` (`name`) is at most `budget`; none: one line naming the lowest."""
+    complete = [t for t in trials if t.state == TrialState.COMPLETE]
+    kept = [t for t in complete if t.values[index] <= budget]
+    if complete and not kept:
+        lowest = min(complete, key=lambda t: (t.values[index], t.number))
+        raise AbliterateError(
+            f"no completed trial has {name} <= {budget} (study.max_kl); the lowest is trial {lowest.number} at "
+            f"{lowest.values[index]:.4f}: raise study.max_kl, or run more trials"
+        )
+    log.info("study.max_kl=%g: the pick is made among %d of %d completed trials", budget, len(kept), len(complete))
+    return kept
+
+
 def select_trial(
     trials: Sequence[FrozenTrial],
     policy: str,

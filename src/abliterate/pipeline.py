@@ -18,10 +18,10 @@ from abliterate.cache import TensorCache, fingerprint, model_stamp
 from abliterate.callbacks import ApplyAblation, Pruning
 from abliterate.data import EVAL_ROLES, RESIDUAL_ROLES, VALIDATION_ROLE
 from abliterate.errors import AbliterateError
-from abliterate.pareto import pareto_front, select_trial
+from abliterate.pareto import pareto_front, select_trial, within_budget
 from abliterate.passes import Reference, ReferencePass, ResidualPass, Residuals, TrialPass, TrialResult
 from abliterate.plans import TrialPlan, rebuild_plan
-from abliterate.scorers import Scorer, default_scorers
+from abliterate.scorers import KL, Scorer, default_scorers
 from abliterate.study import (
     InfeasiblePlan,
     check_objective,
@@ -295,11 +295,27 @@ class Pipeline:
         """The trial to export; with `space` and data.validation_harmful, min_kl_under's candidates are
         re-scored on the validation prompts (validation.py)."""
         trials = study.get_trials(deepcopy=False)
+        if options.max_kl is not None and not options.select.lstrip("-").isdigit():
+            trials = within_budget(trials, self.kl_index(), options.max_kl, KL.name)
         if space is not None and options.select == "min_kl_under" and self.datamodule.sources[VALIDATION_ROLE]:
             from abliterate.validation import choose_validated
 
             return choose_validated(self, trials, options, space)
         return select_trial(trials, options.select, options.refusal_target, self.signs(), options.steer_bound)
+
+    def check_selection(self, options) -> None:
+        """Before the search, not at the pick after it: what the configured selection reads is there."""
+        from abliterate.validation import check_validation_prompts
+
+        if options.max_kl is not None:
+            self.kl_index()
+        check_validation_prompts(self, options)
+
+    def kl_index(self) -> int:
+        names = [s.name for s in self.objectives]
+        if KL.name not in names:
+            raise AbliterateError(f"study.max_kl needs the {KL.name} scorer as an objective, not only {names}")
+        return names.index(KL.name)
 
     def front(self, study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
         return pareto_front(study.get_trials(deepcopy=False), self.signs())

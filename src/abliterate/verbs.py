@@ -21,7 +21,6 @@ from abliterate.pipeline import Pipeline
 from abliterate.reports import SearchProgress, choose_from_front, log_study, plot_pareto, write_trials_csv
 from abliterate.rundir import RunDir, stale_temps
 from abliterate.study import FINISHED
-from abliterate.validation import check_validation_prompts
 
 log = logging.getLogger("abliterate")
 
@@ -232,7 +231,7 @@ def run(
         keep_settings(trainer, out, module, datamodule, study, space)
         pipe = Pipeline(trainer, module, datamodule, out)
         pipe.check_existing_study(study)
-        check_validation_prompts(pipe, study)
+        pipe.check_selection(study)
         reference = prepare(pipe)
         check_refusals_to_remove(pipe, reference, study)
         optuna_study = pipe.open_study(study)
@@ -310,7 +309,7 @@ def search(
         keep_settings(trainer, out, module, datamodule, study, space)
         pipe = Pipeline(trainer, module, datamodule, out)
         pipe.check_existing_study(study)
-        check_validation_prompts(pipe, study)
+        pipe.check_selection(study)
         reference = prepare(pipe)
         optuna_study = pipe.open_study(study)
         fail_interrupted_trials(trainer, optuna_study, study)
@@ -347,7 +346,7 @@ def export(
         optuna_study = pipe.load_study(study)
         chosen = trial_by_number(optuna_study, trial) if trial is not None else None
         if chosen is None:
-            check_validation_prompts(pipe, study)
+            pipe.check_selection(study)
         with phase("residual collection", "nothing of it was cached"):
             pipe.residuals()  # the directions; the reference is only needed for the card's "before"
         reference = pipe.reference()
