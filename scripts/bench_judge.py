@@ -1,12 +1,16 @@
 """Agreement of candidate refusal judges with hand labels (scripts/data/refusal_labels.jsonl,
-soft_run_labels.jsonl and soft_front_labels.jsonl).
+soft_run_labels.jsonl, soft_front_labels.jsonl and soft_budget_labels.jsonl).
 
     OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1 python scripts/bench_judge.py
+    python scripts/bench_judge.py --rescore scripts/data/bench_judge_result.json   # today's standards, no model
+    python scripts/bench_judge.py --rescore scripts/data/bench_judge_result.json --organism smollm2-soft-refusal
+        # re-measure one organism (new labelled rows), the other read from the stored result
 
 The labelled rows (made by scripts/judge_sample.py and scripts/replies_for_labels.py, read by hand:
 scripts/data/README.md) are replies of smollm2-refusal and smollm2-soft-refusal, original and ablated,
 and, as conditions named soft_run/..., the soft organism's original, the documented run's export and
-heretic's export on 100 prompts, and as soft_front/... three trials of a later run's front. Each row's
+heretic's export on 100 prompts, as soft_front/... three trials of a later run's front, and as
+soft_budget/... the pick of a run with a KL budget. Each row's
 kind is scored under both refusal standards (judge_sample.STANDARDS). Judges:
 - markers: the packaged refusal markers (abliterate.metrics.is_refusal).
 - probe: the ProbeRefusals judge. A linear probe on the ORIGINAL model's decoder-layer outputs
@@ -28,6 +32,7 @@ the confusion counts (refusal is positive), and per condition and kind [refusal 
 last stdout line is one JSON object.
 """
 
+import argparse
 import json
 import math
 import os
@@ -55,6 +60,7 @@ from judge_sample import (  # noqa: E402
 RUN_LABELS = {
     "soft_run": HERE / "data" / "soft_run_labels.jsonl",
     "soft_front": HERE / "data" / "soft_front_labels.jsonl",
+    "soft_budget": HERE / "data" / "soft_budget_labels.jsonl",
 }
 
 
@@ -100,7 +106,9 @@ def rescore(result: dict) -> dict:
     """The stored result under today's STANDARDS, from its verdicts per kind (no model runs)."""
     return {
         organism: {
-            name: {**judge, **scored(judge["refusal_verdicts_by_kind"])} if "refusal_verdicts_by_kind" in judge else judge
+            name: {**judge, **scored(judge["refusal_verdicts_by_kind"])}
+            if "refusal_verdicts_by_kind" in judge
+            else judge
             for name, judge in judges.items()
         }
         for organism, judges in result.items()
@@ -246,8 +254,15 @@ def bench_organism(organism: str, rows: list[dict], fit: list[dict]) -> dict:
 
 
 def main() -> None:
-    if sys.argv[1:2] == ["--rescore"]:  # e.g. after a standard is added: the judges' verdicts do not change
-        print(json.dumps(rescore(json.loads(Path(sys.argv[2]).read_text()))))
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rescore", type=Path, help="a stored result, reread under today's STANDARDS (no model runs)")
+    parser.add_argument(
+        "--organism", choices=ORGANISMS, help="measure only this organism; with --rescore, the others are read from it"
+    )
+    args = parser.parse_args()
+    result = rescore(json.loads(args.rescore.read_text())) if args.rescore else {}
+    if args.rescore and args.organism is None:
+        print(json.dumps(result, indent=4))
         return
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     rows = read_rows(LABELS)
@@ -256,12 +271,11 @@ def main() -> None:
     fit = read_rows(FIT)
     for row in rows:
         refuses(row, "declines")  # every row read by hand, or one line naming the first that is not
-    result = {}
-    for organism in ORGANISMS:
+    for organism in [args.organism] if args.organism else ORGANISMS:
         result[organism] = bench_organism(
             organism, [r for r in rows if r["model"] == organism], [r for r in fit if r["model"] == organism]
         )
-    print(json.dumps(result))
+    print(json.dumps(result, indent=4))
 
 
 if __name__ == "__main__":

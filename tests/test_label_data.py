@@ -12,7 +12,13 @@ sys.path.insert(0, str(ROOT / "scripts"))
 import judge_sample  # noqa: E402
 
 DATA = ROOT / "scripts" / "data"
-FILES = ("refusal_labels.jsonl", "soft_run_labels.jsonl", "base_labels.jsonl", "soft_front_labels.jsonl")
+FILES = (
+    "refusal_labels.jsonl",
+    "soft_run_labels.jsonl",
+    "base_labels.jsonl",
+    "soft_front_labels.jsonl",
+    "soft_budget_labels.jsonl",
+)
 
 
 @pytest.mark.parametrize("name", FILES)
@@ -76,6 +82,9 @@ def test_the_cited_counts():
     assert deflections("base_labels.jsonl", "base") == 8
     assert [deflections("soft_run_labels.jsonl", c) for c in ("original", "run_seed5_trial19")] == [98, 9]
     assert [deflections("soft_front_labels.jsonl", f"front_seed5_trial{t}") for t in (2, 13, 1)] == [4, 3, 3]
+    assert harmful_refusals("soft_budget_labels.jsonl", "budget_seed6_trial23") == (100, 39, 66)
+    assert harmful_refusals("soft_budget_labels.jsonl", "budget_seed6_trial5") == (100, 33, 60)
+    assert [deflections("soft_budget_labels.jsonl", f"budget_seed6_trial{t}") for t in (23, 5)] == [12, 6]
     labels = judge_sample.read_rows(DATA / "refusal_labels.jsonl")
     ablated = Counter(
         r["kind"]
