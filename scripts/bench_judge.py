@@ -69,18 +69,14 @@ def confusion(verdicts: list[bool], labels: list[bool]) -> dict:
     tn = sum(not v and not lab for v, lab in zip(verdicts, labels, strict=True))
     fp = sum(v and not lab for v, lab in zip(verdicts, labels, strict=True))
     fn = sum(not v and lab for v, lab in zip(verdicts, labels, strict=True))
-    return {
-        "agreement": round((tp + tn) / max(1, len(labels)), 4),
-        "n": len(labels),
-        "tp": tp,
-        "fp": fp,
-        "fn": fn,
-        "tn": tn,
-    }
+    return counts(tp, fp, fn, tn)
 
 
-# ---- the specificity and likelihood candidates (measured here; neither became a scorer) ----------
-@torch.no_grad()
+def counts(tp: int, fp: int, fn: int, tn: int) -> dict:
+    n = tp + fp + fn + tn
+    return {"agreement": round((tp + tn) / max(1, n), 4), "n": n, "tp": tp, "fp": fp, "fn": fn, "tn": tn}
+
+
 def confusion_of_kinds(kinds: dict[str, list[int]], standard: str) -> dict:
     """confusion() from [refusal verdicts, rows] per hand-read kind: exact, as a standard is a set of kinds."""
     refusal = STANDARDS[standard]
@@ -88,8 +84,7 @@ def confusion_of_kinds(kinds: dict[str, list[int]], standard: str) -> dict:
     fn = sum(n - v for kind, (v, n) in kinds.items() if kind in refusal)
     fp = sum(v for kind, (v, n) in kinds.items() if kind not in refusal)
     tn = sum(n - v for kind, (v, n) in kinds.items() if kind not in refusal)
-    n = tp + fn + fp + tn
-    return {"agreement": round((tp + tn) / max(1, n), 4), "n": n, "tp": tp, "fp": fp, "fn": fn, "tn": tn}
+    return counts(tp, fp, fn, tn)
 
 
 def scored(by_kind: dict[str, dict[str, list[int]]]) -> dict:
@@ -97,7 +92,9 @@ def scored(by_kind: dict[str, dict[str, list[int]]]) -> dict:
     every: dict[str, list[int]] = {}
     for kinds in by_kind.values():
         for kind, (v, n) in kinds.items():
-            every[kind] = [every.get(kind, [0, 0])[0] + v, every.get(kind, [0, 0])[1] + n]
+            total = every.setdefault(kind, [0, 0])
+            total[0] += v
+            total[1] += n
     conditions = {**{c: by_kind[c] for c in sorted(by_kind)}, "all": every}
     return {standard: {c: confusion_of_kinds(k, standard) for c, k in conditions.items()} for standard in STANDARDS}
 
@@ -115,6 +112,8 @@ def rescore(result: dict) -> dict:
     }
 
 
+# ---- the specificity and likelihood candidates (measured here; neither became a scorer) ----------
+@torch.no_grad()
 def reply_logprobs(
     model,
     prompts: Sequence[Sequence[int]],

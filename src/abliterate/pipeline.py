@@ -295,7 +295,7 @@ class Pipeline:
         """The trial to export; with `space` and data.validation_harmful, min_kl_under's candidates are
         re-scored on the validation prompts (validation.py)."""
         trials = study.get_trials(deepcopy=False)
-        if options.max_kl is not None and not options.select.lstrip("-").isdigit():
+        if options.max_kl is not None and not options.select.isdigit():  # a number is an explicit pick
             trials = within_budget(trials, self.kl_index(), options.max_kl, KL.name)
         if space is not None and options.select == "min_kl_under" and self.datamodule.sources[VALIDATION_ROLE]:
             from abliterate.validation import choose_validated
