@@ -128,6 +128,7 @@ ADDED_LATER = {
     ("study", "steer_margin"): 0.0,
     ("study", "validation_candidates"): 4,
     ("study", "validation_tolerance"): 0.0,
+    ("study", "max_kl"): None,
 }
 """Options added after cells were kept, each at the value that runs what ran before it: left out of a cell's
 settings at that value, so the kept cells keep their names."""
@@ -209,8 +210,14 @@ def cell_settings(variant: str, seed: int, args, inputs) -> dict:
     settings = json.loads(json.dumps(settings, default=_plain))
     if not cell_args.validation:  # the validation options act only with its prompts
         settings["study"] = {k: v for k, v in settings["study"].items() if not k.startswith("validation_")}
+    return without_added_later(settings)
+
+
+def without_added_later(settings: dict) -> dict:
+    """settings without the ADDED_LATER options at the value that runs as before them."""
+    settings = {k: dict(v) if isinstance(v, dict) else v for k, v in settings.items()}
     for (group, name), value in ADDED_LATER.items():
-        if settings[group].get(name) == value:
+        if group in settings and name in settings[group] and settings[group][name] == value:
             del settings[group][name]
     return settings
 
@@ -228,14 +235,26 @@ def settings_digest(settings: dict) -> str:
 def find_cell(cell_dirs: list[Path], variant: str, seed: int, settings: dict) -> Path:
     """The cell file for these settings in the first of cell_dirs that has one (OUT/cells, then the kept cells):
     its own name, else a cell that ran the same settings under another variant (when a lever becomes a default,
-    its cells are the new baseline's). Where none has it, its path in cell_dirs[0], to be written."""
+    its cells are the new baseline's), or a cell whose recorded settings are these (ran_with). Where none has it,
+    its path in cell_dirs[0], to be written."""
     name, digest = cell_name(variant, seed, settings), settings_digest(settings)
     for cells in cell_dirs:
         own = cells / f"{name}.json"
-        same = sorted(cells.glob(f"*-s{seed}-{digest}.json"))
-        if own.is_file() or same:
-            return own if own.is_file() else same[0]
+        if own.is_file():
+            return own
+        same = sorted(cells.glob(f"*-s{seed}-{digest}.json")) or [
+            path for path in sorted(cells.glob(f"*-s{seed}-*.json")) if ran_with(path) == settings
+        ]
+        if same:
+            return same[0]
     return cell_dirs[0] / f"{name}.json"
+
+
+def ran_with(path: Path) -> dict | None:
+    """A cell file's settings as cell_settings makes them today: a cell that ran while an option was being added
+    has it in its settings at the value that runs as before it, and is the same cell as one without it."""
+    settings = json.loads(path.read_text()).get("settings")
+    return without_added_later(settings) if settings else None
 
 
 def digest_of(path: Path) -> str:

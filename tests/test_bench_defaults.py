@@ -237,6 +237,20 @@ def test_a_cell_that_ran_the_same_settings_under_another_variant_is_found(tmp_pa
     assert not bench_defaults.find_cell([cells], "baseline", 102, {**settings, "seed": 102}).exists()
 
 
+def test_a_cell_that_ran_while_an_option_was_added_is_found_by_its_recorded_settings(tmp_path):
+    """A kept cell that recorded an ADDED_LATER option at its before-value (it ran after the option landed) is the
+    cell of today's settings, which leave that option out: found, not run again under a second name."""
+    settings = {"seed": 128, "study": {"refusal_target": 0.02}}
+    recorded = {"seed": 128, "study": {"refusal_target": 0.02, "max_kl": None}}
+    assert bench_defaults.ADDED_LATER[("study", "max_kl")] is None
+    old = tmp_path / f"{bench_defaults.cell_name('validation_100_tolerant', 128, recorded)}.json"
+    old.write_text(json.dumps({"settings": recorded}))
+    assert bench_defaults.find_cell([tmp_path], "validation_100_tolerant", 128, settings) == old
+    # At any other value the option is a setting: another cell.
+    budget = {"seed": 128, "study": {"refusal_target": 0.02, "max_kl": 0.05}}
+    assert not bench_defaults.find_cell([tmp_path], "validation_100_tolerant", 128, budget).exists()
+
+
 def test_kept_cells_are_found_after_the_run_s_own_and_new_cells_go_to_the_run(tmp_path):
     out, kept = tmp_path / "out", tmp_path / "kept"
     out.mkdir(), kept.mkdir()
