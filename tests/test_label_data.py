@@ -50,6 +50,24 @@ def test_the_judges_agreements_are_read_under_every_standard():
     assert set(stored["smollm2-soft-refusal"]["probe"]) >= {*judge_sample.STANDARDS, "refusal_verdicts_by_kind"}
 
 
+@pytest.mark.parametrize("judges", ["probe,oracle", "markers,likelihood"])
+def test_bench_judge_refuses_judges_it_cannot_measure_in_one_line(judges):
+    import subprocess
+
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "bench_judge.py"), "--judges", judges],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 2
+    assert done.stdout == ""
+    assert done.stderr.strip().splitlines() == [
+        "bench_judge: --judges takes some of markers,probe,probe_with_prompt,specificity,likelihood; "
+        "likelihood needs probe"
+    ]
+
+
 def test_an_unread_row_stops_the_count():
     with pytest.raises(SystemExit, match="kind None"):
         judge_sample.refuses({"kind": None, "prompt": "Write a script"}, "declines")
