@@ -271,6 +271,16 @@ def bench_organism(organism: str, rows: list[dict], fit: list[dict], measure: Se
     return result
 
 
+def labelled_rows() -> list[dict]:
+    """Every hand-read row, the runs' conditions named FILE_PREFIX/condition."""
+    rows = read_rows(LABELS)
+    for prefix, path in RUN_LABELS.items():
+        rows += [{**r, "condition": f"{prefix}/{r['condition']}"} for r in read_rows(path)]
+    for row in rows:
+        refuses(row, "declines")  # every row read by hand, or one line naming the first that is not
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rescore", type=Path, help="a stored result, reread under today's STANDARDS (no model runs)")
@@ -292,12 +302,7 @@ def main() -> None:
         print(json.dumps(result, indent=4))
         return
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
-    rows = read_rows(LABELS)
-    for prefix, path in RUN_LABELS.items():
-        rows += [{**r, "condition": f"{prefix}/{r['condition']}"} for r in read_rows(path)]
-    fit = read_rows(FIT)
-    for row in rows:
-        refuses(row, "declines")  # every row read by hand, or one line naming the first that is not
+    rows, fit = labelled_rows(), read_rows(FIT)
     for organism in [args.organism] if args.organism else ORGANISMS:
         measured = bench_organism(
             organism, [r for r in rows if r["model"] == organism], [r for r in fit if r["model"] == organism], measure

@@ -68,6 +68,17 @@ def test_bench_judge_refuses_judges_it_cannot_measure_in_one_line(judges):
     ]
 
 
+def test_the_threshold_bench_s_auc_is_the_pairwise_rate():
+    import bench_probe_threshold
+    import torch
+
+    generator = torch.Generator().manual_seed(0)
+    positive, negative = torch.randint(0, 5, (7,), generator=generator), torch.randint(0, 5, (9,), generator=generator)
+    pairs = [(1.0 if p > n else 0.5 if p == n else 0.0) for p in positive.tolist() for n in negative.tolist()]
+    assert bench_probe_threshold.auc(positive.float(), negative.float()) == round(sum(pairs) / len(pairs), 3)
+    assert bench_probe_threshold.auc(torch.tensor([]), negative.float()) is None
+
+
 def test_an_unread_row_stops_the_count():
     with pytest.raises(SystemExit, match="kind None"):
         judge_sample.refuses({"kind": None, "prompt": "Write a script"}, "declines")
