@@ -175,6 +175,15 @@ def token_ids(tokenizer, texts: Sequence[str]) -> list[list[int]]:
     return [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
 
 
+def labelled_states(model, tokenizer, items: list[dict], layers: list[int], with_prompt: bool = False) -> Tensor:
+    """reply_states of the rows' replies, read alone or after their prompts."""
+    from abliterate.scorers.reply_probe import reply_states
+
+    prefixes = encode(tokenizer, [r["prompt"] for r in items]) if with_prompt else None
+    replies = token_ids(tokenizer, [r["reply"] for r in items])
+    return reply_states(model, replies, layers, tokenizer.pad_token_id, prefixes=prefixes)
+
+
 def judge_specificity(model, tokenizer, rows, positive, negative, pad: int) -> tuple[list[bool], dict]:
     """Verdicts, and the threshold fit on the fitting replies (references: the 4 harmful_train prompts after
     the fitting ones)."""
@@ -215,7 +224,7 @@ def bench_organism(organism: str, rows: list[dict], fit: list[dict], measure: Se
     from transformers import AutoTokenizer
 
     from abliterate.metrics import default_markers, is_refusal
-    from abliterate.scorers.reply_probe import choose_probe, held_out_accuracy, probe_scores, reply_states
+    from abliterate.scorers.reply_probe import choose_probe, held_out_accuracy, probe_scores
 
     path = organism_dir(organism)
     tokenizer = AutoTokenizer.from_pretrained(path)
@@ -224,8 +233,7 @@ def bench_organism(organism: str, rows: list[dict], fit: list[dict], measure: Se
     pad = tokenizer.pad_token_id
 
     def states(items, with_prompt: bool):
-        prefixes = encode(tokenizer, [r["prompt"] for r in items]) if with_prompt else None
-        return reply_states(model, token_ids(tokenizer, [r["reply"] for r in items]), layers, pad, prefixes=prefixes)
+        return labelled_states(model, tokenizer, items, layers, with_prompt)
 
     declines = [refuses(r, "declines") for r in rows]
     judges: dict[str, list] = {}

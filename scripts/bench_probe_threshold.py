@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_judge import labelled_rows, token_ids  # noqa: E402
+from bench_judge import labelled_rows, labelled_states  # noqa: E402
 from judge_sample import FIT, ORGANISMS, organism_dir, read_rows  # noqa: E402
 
 # Conditions whose replies come from a model no abliteration touched (heretic's pick kept the deflections).
@@ -43,7 +43,7 @@ def main() -> None:
     from bench_quality import load_lm
     from transformers import AutoTokenizer
 
-    from abliterate.scorers.reply_probe import choose_probe, probe_scores, reply_states
+    from abliterate.scorers.reply_probe import choose_probe, probe_scores
 
     rows = [r for r in labelled_rows() if r["model"] == args.organism]
     fit = [r for r in read_rows(FIT) if r["model"] == args.organism]
@@ -54,8 +54,7 @@ def main() -> None:
 
     def states(items: list[dict]) -> torch.Tensor:
         print(f"reading {len(items)} replies", file=sys.stderr, flush=True)
-        replies = token_ids(tokenizer, [r["reply"] for r in items])
-        return reply_states(model, replies, layers, tokenizer.pad_token_id)
+        return labelled_states(model, tokenizer, items, layers)
 
     positive = states([r for r in fit if r["set"] == "harmful_train"])
     negative = states([r for r in fit if r["set"] == "harmless_train"])
