@@ -19,7 +19,10 @@ kind is scored under both refusal standards (judge_sample.STANDARDS). Judges:
   averaged over a reply read alone, fit on the original's own replies to harmful_train (refusals)
   against harmless_train (answers) (scripts/data/fit_replies.jsonl, never labelled), at the layer
   with the best held-out accuracy on that fitting split. No labels and no wording are used.
-- probe_with_prompt: the same with the prompt read before the reply (the brief's variant (a)).
+- probe_sampled: ProbeRefusals(samples=4) (configs/examples/soft_refusals.yaml): the same probe fit also on
+  4 replies per fitting prompt sampled at temperature 1 (scripts/data/fit_sampled_replies.jsonl, made by
+  `judge_sample.py fit-samples`), so it sees more of the ways the original refuses.
+- probe_with_prompt: the same as probe with the prompt read before the reply (the brief's variant (a)).
 - specificity (a rejected candidate): the original's mean log-likelihood per reply token after the
   reply's own prompt minus after 4 other harmful prompts (harmful_train 65-68), a pointwise mutual
   information of request and reply: a deflection fits any request. Refusal under the threshold
@@ -49,6 +52,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from judge_sample import (  # noqa: E402
     FIT,
+    FIT_SAMPLED,
     LABELS,
     N_FIT,
     ORGANISMS,
@@ -68,7 +72,7 @@ RUN_LABELS = {
     "soft_budget": HERE / "data" / "soft_budget_labels.jsonl",
 }
 # Every judge measured here; --judges measures some, the others kept from --rescore's file.
-JUDGES = ("markers", "probe", "probe_with_prompt", "specificity", "likelihood")
+JUDGES = ("markers", "probe", "probe_sampled", "probe_with_prompt", "specificity", "likelihood")
 
 
 def confusion(verdicts: list[bool], labels: list[bool]) -> dict:
@@ -240,13 +244,19 @@ def bench_organism(organism: str, rows: list[dict], fit: list[dict], measure: Se
     if "markers" in measure:
         judges["markers"] = [is_refusal(r["reply"], default_markers()) for r in rows]
     info: dict = {}
-    positive = [r for r in fit if r["set"] == "harmful_train"]
-    negative = [r for r in fit if r["set"] == "harmless_train"]
-    for name, with_prompt in (("probe", False), ("probe_with_prompt", True)):
+    positive = [r for r in fit if r["set"] == "harmful_train" and not r.get("sampled")]
+    negative = [r for r in fit if r["set"] == "harmless_train" and not r.get("sampled")]
+    for name, with_prompt, sampled in (
+        ("probe", False, False),
+        ("probe_sampled", False, True),
+        ("probe_with_prompt", True, False),
+    ):
         if name not in measure:
             continue
         print(f"{organism}: {name}", file=sys.stderr, flush=True)
-        pos, neg = states(positive, with_prompt), states(negative, with_prompt)
+        fitting = [r for r in fit if sampled or not r.get("sampled")]
+        pos = states([r for r in fitting if r["set"] == "harmful_train"], with_prompt)
+        neg = states([r for r in fitting if r["set"] == "harmless_train"], with_prompt)
         probe = choose_probe(pos, neg, layers)
         sample = states(rows, with_prompt)
         judges[name] = (probe_scores(sample[:, probe.layer], probe.weight, probe.bias) > 0).tolist()
@@ -310,7 +320,7 @@ def main() -> None:
         print(json.dumps(result, indent=4))
         return
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
-    rows, fit = labelled_rows(), read_rows(FIT)
+    rows, fit = labelled_rows(), read_rows(FIT) + [{**r, "sampled": True} for r in read_rows(FIT_SAMPLED)]
     for organism in [args.organism] if args.organism else ORGANISMS:
         measured = bench_organism(
             organism, [r for r in rows if r["model"] == organism], [r for r in fit if r["model"] == organism], measure

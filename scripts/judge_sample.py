@@ -3,6 +3,7 @@ base model's replies (scripts/data/base_labels.jsonl, the labelling standard's c
 
     OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1 python scripts/judge_sample.py generate
     OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1 python scripts/judge_sample.py base
+    OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1 python scripts/judge_sample.py fit-samples
 
 For each organism (smollm2-refusal, smollm2-soft-refusal; merged by bench_quality.ensure_smollm2)
 and each condition (original; ablated: the layer-15 mean-difference direction, hidden_states[15],
@@ -13,7 +14,9 @@ prompts. Rows go to scripts/data/refusal_labels.jsonl with "kind": null; kinds a
 (scripts/data/README.md). Rows that already carry a kind keep it while their reply is unchanged.
 It also writes the original models' replies to the first N_FIT harmful_train / harmless_train
 prompts (the probe's fitting data, never labelled) to scripts/data/fit_replies.jsonl.
-`base` writes the replies of SmolLM2-135M-Instruct itself, without any adapter, to the first N_BASE
+`fit-samples` writes FIT_SAMPLES replies per fitting prompt, sampled at temperature 1 by the library's
+own `sampled_replies` (seed 0), to scripts/data/fit_sampled_replies.jsonl: what ProbeRefusals(samples=4)
+fits on beside the greedy replies. `base` writes the replies of SmolLM2-135M-Instruct itself, without any adapter, to the first N_BASE
 harmful_test prompts, the same way.
 """
 
@@ -34,6 +37,8 @@ MAX_NEW_TOKENS = 48
 LABELS = HERE / "data" / "refusal_labels.jsonl"
 FIT = HERE / "data" / "fit_replies.jsonl"
 BASE = HERE / "data" / "base_labels.jsonl"
+FIT_SAMPLED = HERE / "data" / "fit_sampled_replies.jsonl"
+FIT_SAMPLES = 4
 # What a reply does, read by hand (scripts/data/README.md): one kind per row.
 KINDS = ("attempt", "on_topic", "steer", "decline", "off_topic")
 # Refusal standards over the kinds. "declines" is the judge's target: an edit that leaves no decline at all
@@ -188,9 +193,34 @@ def generate_base() -> None:
     print(json.dumps({"base_rows": len(rows)}))
 
 
+def generate_fit_samples() -> None:
+    """Sampled replies of the original organisms to the fitting prompts, as ProbeRefusals draws them."""
+    import torch
+    from bench_quality import load_lm
+    from transformers import AutoTokenizer
+
+    from abliterate.scorers.original import sampled_replies
+
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
+    rows = []
+    for organism in ORGANISMS:
+        path = organism_dir(organism)
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        model = load_lm(str(path))
+        for kind in ("harmful_train", "harmless_train"):
+            prompts = read_prompts(kind, N_FIT)
+            print(f"{organism} original {kind}, {FIT_SAMPLES} samples each", file=sys.stderr, flush=True)
+            tokens = sampled_replies(model, tokenizer, encode(tokenizer, prompts), MAX_NEW_TOKENS, FIT_SAMPLES)
+            texts = tokenizer.batch_decode(tokens, skip_special_tokens=True)
+            for i, reply in enumerate(texts):
+                rows.append({"model": organism, "set": kind, "prompt": prompts[i // FIT_SAMPLES], "reply": reply})
+    write_rows(FIT_SAMPLED, rows)
+    print(json.dumps({"fit_sampled_rows": len(rows)}))
+
+
 if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO, stream=sys.stderr)
-    commands = {"generate": generate, "base": generate_base}
+    commands = {"generate": generate, "base": generate_base, "fit-samples": generate_fit_samples}
     if len(sys.argv) != 2 or sys.argv[1] not in commands:
-        raise SystemExit("usage: judge_sample.py generate|base")
+        raise SystemExit("usage: judge_sample.py generate|base|fit-samples")
     commands[sys.argv[1]]()

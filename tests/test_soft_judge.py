@@ -9,12 +9,14 @@ from helpers import organism_pipeline
 
 from abliterate.ablation import AblationParams, ComponentKernel, WeightEditor
 from abliterate.cli import main
+from abliterate.decode import eos_token_ids
+from abliterate.errors import AbliterateError
 from abliterate.hooks import HookEditor
 from abliterate.models import residual_writers
 from abliterate.options import DirectionOptions
 from abliterate.plans import TrialPlan
 from abliterate.scorers import KL, MarkerRefusals, ProbeRefusals
-from abliterate.scorers.original import original_weights
+from abliterate.scorers.original import original_weights, sampled_replies
 from abliterate.scorers.reply_probe import choose_probe, fit_probe, held_out_accuracy, probe_scores, reply_states
 
 # ---- maths on plain tensors -----------------------------------------------------------------
@@ -65,6 +67,13 @@ def test_the_layer_that_separates_the_replies_is_chosen():
     torch.testing.assert_close(probe.weight, weight)
 
 
+def test_probe_options_out_of_range_name_the_fix():
+    with pytest.raises(AbliterateError, match="samples=-1: use 0"):
+        ProbeRefusals(samples=-1)
+    with pytest.raises(AbliterateError, match="fit_prompts=2: use at least 4"):
+        ProbeRefusals(fit_prompts=2)
+
+
 def test_fit_probe_refuses_too_few_replies():
     with pytest.raises(ValueError, match="at least 2"):
         fit_probe(torch.zeros(1, 3), torch.zeros(5, 3))
@@ -96,6 +105,24 @@ def test_reply_states_average_the_reply_positions_whatever_the_padding(organism)
     torch.testing.assert_close(states[1], alone[0], rtol=1e-5, atol=1e-5)
 
 
+def test_sampled_replies_are_seeded_varied_cut_at_eos_and_leave_the_callers_random_state(organism):
+    model, tokenizer = organism
+    prompts = [
+        tokenizer(f"<user> how do i {task} ? <end> <assistant>", add_special_tokens=False)["input_ids"]
+        for task in ("bake bread", "fix a bike")
+    ]
+    torch.manual_seed(123)
+    state = torch.random.get_rng_state()
+    first = sampled_replies(model, tokenizer, prompts, max_new_tokens=8, samples=6, batch_size=1)
+    assert torch.equal(torch.random.get_rng_state(), state)
+    assert sampled_replies(model, tokenizer, prompts, max_new_tokens=8, samples=6, batch_size=1) == first
+    assert sampled_replies(model, tokenizer, prompts, max_new_tokens=8, samples=6, seed=1, batch_size=1) != first
+    assert len(first) == 12 and all(len(reply) <= 8 for reply in first)
+    assert len({tuple(reply) for reply in first}) > 2  # temperature 1 on a tiny random model: replies differ
+    eos = set(eos_token_ids(model, tokenizer))
+    assert not any(token in eos for reply in first for token in reply)
+
+
 @pytest.mark.parametrize("editor_kind", ["weights", "hooks"])
 def test_original_weights_lifts_the_edit_only_inside_the_block(organism, editor_kind):
     model, tokenizer = organism
@@ -119,9 +146,11 @@ def test_original_weights_lifts_the_edit_only_inside_the_block(organism, editor_
     assert torch.equal(again, edited)
 
 
-def test_the_probe_sees_the_organism_refusals_and_their_drop_after_ablation(organism_dir, tmp_path):
-    """Fit on the organism's own replies (no markers), it agrees with the markers before and after the edit."""
-    judge = ProbeRefusals(fit_prompts=32, max_new_tokens=12)
+@pytest.mark.parametrize("samples", [0, 4])
+def test_the_probe_sees_the_organism_refusals_and_their_drop_after_ablation(organism_dir, tmp_path, samples):
+    """Fit on the organism's own replies (no markers), it agrees with the markers before and after the edit,
+    also when sampled replies (mostly answers on this organism) blur its fitting refusals."""
+    judge = ProbeRefusals(fit_prompts=32, samples=samples, max_new_tokens=12)
     pipe = organism_pipeline(
         organism_dir, tmp_path, [judge, KL(4), MarkerRefusals(direction="report")], eval_harmful=32, eval_batch_size=16
     )
@@ -142,6 +171,10 @@ def judge_config(organism_config, tmp_path, eval_harmful=None):
     """The organism config with the shipped soft-refusal scorers (configs/examples/soft_refusals.yaml)."""
     example = (Path(__file__).resolve().parents[1] / "configs/examples/soft_refusals.yaml").read_text()
     scorers = example[example.index("  scorers:") :].replace("fit_prompts: 64", "fit_prompts: 32")
+    # The tiny organism refuses when greedy but mostly answers when sampled (22 of 128 sampled replies to
+    # harmful prompts refuse by the markers), so its sampled replies would blur the probe: greedy only here,
+    # the sampled fit is tested on its own below.
+    scorers = scorers.replace("samples: 4", "samples: 0")
     text = organism_config.read_text().replace("module:\n", "module:\n" + scorers, 1)
     if eval_harmful is not None:
         text = text.replace(

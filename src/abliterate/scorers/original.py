@@ -2,8 +2,10 @@
 
 from contextlib import nullcontext
 
+import torch
+
 from abliterate.ablation import Editor
-from abliterate.decode import left_padded
+from abliterate.decode import cut_at_eos, eos_token_ids, left_padded
 from abliterate.errors import AbliterateError
 from abliterate.metrics import greedy_reply_tokens
 
@@ -31,4 +33,34 @@ def fitting_replies(module, prompts: list[list[int]], max_new_tokens: int, batch
     for start in range(0, len(prompts), batch_size):
         ids, mask = left_padded(prompts[start : start + batch_size], tokenizer.pad_token_id, model.device)
         replies += greedy_reply_tokens(model, tokenizer, ids, mask, max_new_tokens)
+    return replies
+
+
+@torch.no_grad()
+def sampled_replies(
+    model, tokenizer, prompts: list[list[int]], max_new_tokens: int, samples: int, seed: int = 0, batch_size: int = 16
+) -> list[list[int]]:
+    """`samples` replies to each prompt token ids (prompt-major), drawn at temperature 1 with no top-k or
+    top-p cut, each cut before its first eos. Seeded, and the caller's random state is left as it was:
+    the many ways a model refuses, which its one greedy reply hides."""
+    eos = eos_token_ids(model, tokenizer)
+    cuda = range(torch.cuda.device_count()) if model.device.type == "cuda" else []
+    replies: list[list[int]] = []
+    with torch.random.fork_rng(devices=cuda):
+        torch.manual_seed(seed)
+        for start in range(0, len(prompts), batch_size):
+            ids, mask = left_padded(prompts[start : start + batch_size], tokenizer.pad_token_id, model.device)
+            out = model.generate(
+                input_ids=ids,
+                attention_mask=mask,
+                do_sample=True,
+                temperature=1.0,
+                top_k=0,
+                top_p=1.0,
+                num_return_sequences=samples,
+                max_new_tokens=max_new_tokens,
+                pad_token_id=tokenizer.pad_token_id,
+                eos_token_id=eos or None,
+            )
+            replies += cut_at_eos(out[:, ids.shape[1] :].tolist(), set(eos), max_new_tokens)
     return replies

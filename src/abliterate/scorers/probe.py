@@ -2,7 +2,7 @@
 
 from abliterate.errors import AbliterateError
 from abliterate.scorers.base import CountedRefusals, Observations
-from abliterate.scorers.original import fitting_prompts, fitting_replies, original_weights
+from abliterate.scorers.original import fitting_prompts, fitting_replies, original_weights, sampled_replies
 from abliterate.scorers.reply_probe import Probe, choose_probe, probe_scores, reply_states
 
 
@@ -10,8 +10,10 @@ class ProbeRefusals(CountedRefusals):
     """Share of harmful prompts whose reply a linear probe on the ORIGINAL model's hidden states calls a
     refusal (`reply_probe`). The probe is fit once per process on the original's own replies: to the
     first `fit_prompts` harmful prompts (refusals) against the first `fit_prompts` harmless ones
-    (answers), of the direction roles (`data.harmful`, `data.harmless`). No marker or phrase list is
-    used, so deflections in any wording count. The original reads every reply, also in trials (the
+    (answers), of the direction roles (`data.harmful`, `data.harmless`), the greedy reply and `samples`
+    sampled ones each. No marker or phrase list is used, so deflections in any wording count; the
+    sampled replies show it the forms of refusal an edit leaves behind (an edited soft-refusal model
+    refers the user to an expert where the original's greedy reply changed the subject). The original reads every reply, also in trials (the
     edit is lifted while it reads), so an edit cannot hide its own refusals from the judge.
     """
 
@@ -20,6 +22,7 @@ class ProbeRefusals(CountedRefusals):
     def __init__(
         self,
         fit_prompts: int = 64,
+        samples: int = 4,
         max_new_tokens: int | None = None,
         layers: list[int] | None = None,
         direction: str = "minimize",
@@ -27,6 +30,7 @@ class ProbeRefusals(CountedRefusals):
         """
         Args:
             fit_prompts: harmful and harmless prompts (each) whose original replies fit the probe.
+            samples: replies sampled at temperature 1 per fitting prompt, beside its greedy one (0: greedy only).
             max_new_tokens: greedy reply tokens judged; None uses `evaluation.max_new_tokens`.
             layers: decoder layers the probe may read (the best on held-out fitting replies is used);
                 None: all.
@@ -35,7 +39,10 @@ class ProbeRefusals(CountedRefusals):
         super().__init__(direction)
         if fit_prompts < 4:
             raise AbliterateError(f"ProbeRefusals fit_prompts={fit_prompts}: use at least 4")
+        if samples < 0:
+            raise AbliterateError(f"ProbeRefusals samples={samples}: use 0 (greedy replies only) or more")
         self.fit_prompts = fit_prompts
+        self.samples = samples
         self.max_new_tokens = max_new_tokens
         self.layers = layers
         self._probe: Probe | None = None
@@ -46,11 +53,13 @@ class ProbeRefusals(CountedRefusals):
     def fit(self, module, harmful: list[list[int]], harmless: list[list[int]]) -> Probe:
         """Fit on the original's replies to these prompt token ids (the model must be unedited)."""
         layers = self.layers if self.layers is not None else list(range(module.n_layers))
-        pad = module.tokenizer.pad_token_id
-        states = [
-            reply_states(module.model, fitting_replies(module, prompts, self._tokens(module)), layers, pad)
-            for prompts in (harmful, harmless)
-        ]
+        model, tokenizer, tokens = module.model, module.tokenizer, self._tokens(module)
+        states = []
+        for prompts in (harmful, harmless):
+            replies = fitting_replies(module, prompts, tokens)
+            if self.samples:
+                replies += sampled_replies(model, tokenizer, prompts, tokens, self.samples)
+            states.append(reply_states(model, replies, layers, tokenizer.pad_token_id))
         self._probe = choose_probe(states[0], states[1], layers)
         return self._probe
 
