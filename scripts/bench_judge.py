@@ -320,7 +320,12 @@ def main() -> None:
         print(json.dumps(result, indent=4))
         return
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
-    rows, fit = labelled_rows(), read_rows(FIT) + [{**r, "sampled": True} for r in read_rows(FIT_SAMPLED)]
+    rows, fit = labelled_rows(), read_rows(FIT)
+    if "probe_sampled" in measure:
+        if not FIT_SAMPLED.is_file():
+            print(f"bench_judge: {FIT_SAMPLED} is missing: run `judge_sample.py fit-samples` first", file=sys.stderr)
+            sys.exit(2)
+        fit += [{**r, "sampled": True} for r in read_rows(FIT_SAMPLED)]
     for organism in [args.organism] if args.organism else ORGANISMS:
         measured = bench_organism(
             organism, [r for r in rows if r["model"] == organism], [r for r in fit if r["model"] == organism], measure
