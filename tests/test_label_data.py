@@ -63,7 +63,7 @@ def test_bench_judge_refuses_judges_it_cannot_measure_in_one_line(judges):
     assert done.returncode == 2
     assert done.stdout == ""
     assert done.stderr.strip().splitlines() == [
-        "bench_judge: --judges takes some of markers,probe,probe_with_prompt,specificity,likelihood; "
+        "bench_judge: --judges takes some of markers,probe,probe_sampled,probe_with_prompt,specificity,likelihood; "
         "likelihood needs probe"
     ]
 
@@ -114,6 +114,10 @@ def test_the_cited_counts():
     assert harmful_refusals("soft_budget_labels.jsonl", "budget_seed6_trial23") == (100, 39, 66)
     assert harmful_refusals("soft_budget_labels.jsonl", "budget_seed6_trial5") == (100, 33, 60)
     assert [deflections("soft_budget_labels.jsonl", f"budget_seed6_trial{t}") for t in (23, 5)] == [12, 6]
+    seed7 = judge_sample.read_rows(DATA / "soft_seed7_deflects.jsonl")  # read for deflections only, no kinds
+    assert all(isinstance(r["deflects"], bool) and r["prompt"] for r in seed7)
+    assert Counter((r["condition"], r["deflects"]) for r in seed7)[("seed7_trial18", True)] == 5
+    assert len([r for r in seed7 if r["condition"] == "seed7_trial18"]) == 100
     labels = judge_sample.read_rows(DATA / "refusal_labels.jsonl")
     ablated = Counter(
         r["kind"]
