@@ -19,7 +19,7 @@ kind is scored under both refusal standards (judge_sample.STANDARDS). Judges:
   averaged over a reply read alone, fit on the original's own replies to harmful_train (refusals)
   against harmless_train (answers) (scripts/data/fit_replies.jsonl, never labelled), at the layer
   with the best held-out accuracy on that fitting split. No labels and no wording are used.
-- probe_sampled: ProbeRefusals(samples=4) (configs/examples/soft_refusals.yaml): the same probe fit also on
+- probe_sampled: ProbeRefusals(samples=4) (off in configs/examples/soft_refusals.yaml): the same probe fit also on
   4 replies per fitting prompt sampled at temperature 1 (scripts/data/fit_sampled_replies.jsonl, made by
   `judge_sample.py fit-samples`), so it sees more of the ways the original refuses.
 - probe_with_prompt: the same as probe with the prompt read before the reply (the brief's variant (a)).

@@ -118,6 +118,7 @@ def test_the_cited_counts():
     assert all(isinstance(r["deflects"], bool) and r["prompt"] for r in seed7)
     assert Counter((r["condition"], r["deflects"]) for r in seed7)[("seed7_trial18", True)] == 5
     assert len([r for r in seed7 if r["condition"] == "seed7_trial18"]) == 100
+    assert Counter((r["condition"], r["deflects"]) for r in seed7)[("seed7_sampled_trial80", True)] == 2
     labels = judge_sample.read_rows(DATA / "refusal_labels.jsonl")
     ablated = Counter(
         r["kind"]

@@ -171,10 +171,6 @@ def judge_config(organism_config, tmp_path, eval_harmful=None):
     """The organism config with the shipped soft-refusal scorers (configs/examples/soft_refusals.yaml)."""
     example = (Path(__file__).resolve().parents[1] / "configs/examples/soft_refusals.yaml").read_text()
     scorers = example[example.index("  scorers:") :].replace("fit_prompts: 64", "fit_prompts: 32")
-    # The tiny organism refuses when greedy but mostly answers when sampled (22 of 128 sampled replies to
-    # harmful prompts refuse by the markers), so its sampled replies would blur the probe: greedy only here,
-    # the sampled fit is tested on its own below.
-    scorers = scorers.replace("samples: 4", "samples: 0")
     text = organism_config.read_text().replace("module:\n", "module:\n" + scorers, 1)
     if eval_harmful is not None:
         text = text.replace(

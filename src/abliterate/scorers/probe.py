@@ -11,9 +11,9 @@ class ProbeRefusals(CountedRefusals):
     refusal (`reply_probe`). The probe is fit once per process on the original's own replies: to the
     first `fit_prompts` harmful prompts (refusals) against the first `fit_prompts` harmless ones
     (answers), of the direction roles (`data.harmful`, `data.harmless`), the greedy reply and `samples`
-    sampled ones each. No marker or phrase list is used, so deflections in any wording count; the
-    sampled replies show it the forms of refusal an edit leaves behind (an edited soft-refusal model
-    refers the user to an expert where the original's greedy reply changed the subject). The original reads every reply, also in trials (the
+    sampled ones each. No marker or phrase list is used, so deflections in any wording count. Sampled
+    replies show it more of the forms of refusal an edit leaves behind, but as a search objective they
+    drove smollm2-soft-refusal to degenerate edits (docs/benchmarks.md), so the default is 0. The original reads every reply, also in trials (the
     edit is lifted while it reads), so an edit cannot hide its own refusals from the judge.
     """
 
@@ -22,7 +22,7 @@ class ProbeRefusals(CountedRefusals):
     def __init__(
         self,
         fit_prompts: int = 64,
-        samples: int = 4,
+        samples: int = 0,
         max_new_tokens: int | None = None,
         layers: list[int] | None = None,
         direction: str = "minimize",
