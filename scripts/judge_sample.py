@@ -16,8 +16,8 @@ It also writes the original models' replies to the first N_FIT harmful_train / h
 prompts (the probe's fitting data, never labelled) to scripts/data/fit_replies.jsonl.
 `fit-samples` writes FIT_SAMPLES replies per fitting prompt, sampled at temperature 1 by the library's
 own `sampled_replies` (seed 0), to scripts/data/fit_sampled_replies.jsonl: what ProbeRefusals(samples=4)
-fits on beside the greedy replies. `base` writes the replies of SmolLM2-135M-Instruct itself, without any adapter, to the first N_BASE
-harmful_test prompts, the same way.
+fits on beside the greedy replies. `base` writes the replies of SmolLM2-135M-Instruct itself, without any
+adapter, to the first N_BASE harmful_test prompts, the same way.
 """
 
 import json

@@ -13,8 +13,9 @@ class ProbeRefusals(CountedRefusals):
     (answers), of the direction roles (`data.harmful`, `data.harmless`), the greedy reply and `samples`
     sampled ones each. No marker or phrase list is used, so deflections in any wording count. Sampled
     replies show it more of the forms of refusal an edit leaves behind, but as a search objective they
-    drove smollm2-soft-refusal to degenerate edits (docs/benchmarks.md), so the default is 0. The original reads every reply, also in trials (the
-    edit is lifted while it reads), so an edit cannot hide its own refusals from the judge.
+    drove smollm2-soft-refusal to degenerate edits (docs/benchmarks.md), so the default is 0. The original
+    reads every reply, also in trials (the edit is lifted while it reads), so an edit cannot hide its own
+    refusals from the judge.
     """
 
     name = "probe_refusals"
