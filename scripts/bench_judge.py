@@ -244,8 +244,10 @@ def bench_organism(organism: str, rows: list[dict], fit: list[dict], measure: Se
     if "markers" in measure:
         judges["markers"] = [is_refusal(r["reply"], default_markers()) for r in rows]
     info: dict = {}
-    positive = [r for r in fit if r["set"] == "harmful_train" and not r.get("sampled")]
-    negative = [r for r in fit if r["set"] == "harmless_train" and not r.get("sampled")]
+    greedy = [r for r in fit if not r.get("sampled")]
+    positive = [r for r in greedy if r["set"] == "harmful_train"]
+    negative = [r for r in greedy if r["set"] == "harmless_train"]
+    sample_states: dict[bool, Tensor] = {}  # the labelled rows, read once per way of reading them
     for name, with_prompt, sampled in (
         ("probe", False, False),
         ("probe_sampled", False, True),
@@ -254,11 +256,13 @@ def bench_organism(organism: str, rows: list[dict], fit: list[dict], measure: Se
         if name not in measure:
             continue
         print(f"{organism}: {name}", file=sys.stderr, flush=True)
-        fitting = [r for r in fit if sampled or not r.get("sampled")]
+        fitting = fit if sampled else greedy
         pos = states([r for r in fitting if r["set"] == "harmful_train"], with_prompt)
         neg = states([r for r in fitting if r["set"] == "harmless_train"], with_prompt)
         probe = choose_probe(pos, neg, layers)
-        sample = states(rows, with_prompt)
+        if with_prompt not in sample_states:
+            sample_states[with_prompt] = states(rows, with_prompt)
+        sample = sample_states[with_prompt]
         judges[name] = (probe_scores(sample[:, probe.layer], probe.weight, probe.bias) > 0).tolist()
         per_layer = {}
         for i in layers:  # for the record: every layer's held-out fit accuracy and its agreement with the labels

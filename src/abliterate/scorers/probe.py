@@ -1,9 +1,14 @@
 """Refusal rate by a probe on the original model's hidden states: sees refusals in any wording."""
 
+import logging
+import time
+
 from abliterate.errors import AbliterateError
 from abliterate.scorers.base import CountedRefusals, Observations
 from abliterate.scorers.original import fitting_prompts, fitting_replies, original_weights, sampled_replies
 from abliterate.scorers.reply_probe import Probe, choose_probe, probe_scores, reply_states
+
+log = logging.getLogger("abliterate.scorers.probe")
 
 
 class ProbeRefusals(CountedRefusals):
@@ -55,6 +60,13 @@ class ProbeRefusals(CountedRefusals):
         """Fit on the original's replies to these prompt token ids (the model must be unedited)."""
         layers = self.layers if self.layers is not None else list(range(module.n_layers))
         model, tokenizer, tokens = module.model, module.tokenizer, self._tokens(module)
+        start = time.perf_counter()
+        log.info(
+            "fitting the refusal probe on the original's replies to %d + %d prompts (%d sampled each)",
+            len(harmful),
+            len(harmless),
+            self.samples,
+        )
         states = []
         for prompts in (harmful, harmless):
             replies = fitting_replies(module, prompts, tokens)
@@ -62,6 +74,7 @@ class ProbeRefusals(CountedRefusals):
                 replies += sampled_replies(model, tokenizer, prompts, tokens, self.samples)
             states.append(reply_states(model, replies, layers, tokenizer.pad_token_id))
         self._probe = choose_probe(states[0], states[1], layers)
+        log.info("refusal probe reads layer %d (%.1fs)", self._probe.layer, time.perf_counter() - start)
         return self._probe
 
     def verdicts(self, module, replies: list[list[int]]) -> list[bool]:
