@@ -68,6 +68,23 @@ def test_bench_judge_refuses_judges_it_cannot_measure_in_one_line(judges):
     ]
 
 
+@pytest.mark.skipif((DATA / "fit_sampled_replies.jsonl").is_file(), reason="the sampled fitting replies exist here")
+def test_bench_judge_without_the_sampled_fitting_replies_says_how_to_make_them():
+    import subprocess
+
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "bench_judge.py"), "--judges", "probe_sampled"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 2
+    assert done.stdout == ""
+    assert done.stderr.strip().splitlines() == [
+        f"bench_judge: {DATA / 'fit_sampled_replies.jsonl'} is missing: run `judge_sample.py fit-samples` first"
+    ]
+
+
 def test_the_threshold_bench_s_auc_is_the_pairwise_rate():
     import bench_probe_threshold
     import torch
