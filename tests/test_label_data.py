@@ -50,16 +50,16 @@ def test_the_judges_agreements_are_read_under_every_standard():
     assert set(stored["smollm2-soft-refusal"]["probe"]) >= {*judge_sample.STANDARDS, "refusal_verdicts_by_kind"}
 
 
-@pytest.mark.parametrize("judges", ["probe,oracle", "markers,likelihood"])
-def test_bench_judge_refuses_judges_it_cannot_measure_in_one_line(judges):
+def bench_judge_run(*args: str):
     import subprocess
 
-    done = subprocess.run(
-        [sys.executable, str(ROOT / "scripts" / "bench_judge.py"), "--judges", judges],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    script = ROOT / "scripts" / "bench_judge.py"
+    return subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True, timeout=120)
+
+
+@pytest.mark.parametrize("judges", ["probe,oracle", "markers,likelihood"])
+def test_bench_judge_refuses_judges_it_cannot_measure_in_one_line(judges):
+    done = bench_judge_run("--judges", judges)
     assert done.returncode == 2
     assert done.stdout == ""
     assert done.stderr.strip().splitlines() == [
@@ -70,14 +70,7 @@ def test_bench_judge_refuses_judges_it_cannot_measure_in_one_line(judges):
 
 @pytest.mark.skipif((DATA / "fit_sampled_replies.jsonl").is_file(), reason="the sampled fitting replies exist here")
 def test_bench_judge_without_the_sampled_fitting_replies_says_how_to_make_them():
-    import subprocess
-
-    done = subprocess.run(
-        [sys.executable, str(ROOT / "scripts" / "bench_judge.py"), "--judges", "probe_sampled"],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    done = bench_judge_run("--judges", "probe_sampled")
     assert done.returncode == 2
     assert done.stdout == ""
     assert done.stderr.strip().splitlines() == [
