@@ -12,7 +12,7 @@ from abliterate.errors import AbliterateError
 from abliterate.module import AbliterationModule
 from abliterate.passes import scorer_roles
 from abliterate.scorers import KL, Degeneration, MarkerRefusals
-from abliterate.scorers.degeneration import degenerate
+from abliterate.scorers.degeneration import degenerate, loops
 
 
 def test_degenerate_spots_loops_and_replies_that_never_end():
@@ -21,6 +21,7 @@ def test_degenerate_spots_loops_and_replies_that_never_end():
     assert degenerate(list(range(8)), limit=8, ngram=4, repeats=3)  # ran to the token limit
     assert not degenerate(list(range(7)), limit=8, ngram=4, repeats=3)
     assert not degenerate([], limit=8, ngram=4, repeats=3)
+    assert loops([7] + [1, 2, 3, 4] * 3) and not loops(list(range(64)))  # loops() ignores the length
 
 
 def test_degeneration_counts_only_what_the_original_did_not_do():

@@ -1,6 +1,7 @@
 """ProbeRefusals: a refusal judge fit on the model's own behaviour (no markers), and its maths."""
 
 from pathlib import Path
+from types import SimpleNamespace
 
 import optuna
 import pytest
@@ -72,6 +73,23 @@ def test_probe_options_out_of_range_name_the_fix():
         ProbeRefusals(samples=-1)
     with pytest.raises(AbliterateError, match="fit_prompts=2: use at least 4"):
         ProbeRefusals(fit_prompts=2)
+
+
+def test_loops_refuse_counts_a_looping_reply_the_probe_calls_an_answer():
+    class AnswersOnly(ProbeRefusals):
+        def verdicts(self, module, replies):
+            return [False, True, False]
+
+    class Obs:
+        module = SimpleNamespace(eval_options=SimpleNamespace(max_new_tokens=24))
+
+        def replies(self, n):
+            return [[5, 6, 7, 8] * 3, [1, 2, 3], [1, 2, 3, 4, 1, 2, 3, 4, 9]]  # loops, refusal, answer
+
+    for loops_refuse, expected in [(False, 1 / 3), (True, 2 / 3)]:
+        judge = AnswersOnly(loops_refuse=loops_refuse)
+        judge.update(Obs())
+        assert judge.compute() == pytest.approx(expected)
 
 
 def test_fit_probe_refuses_too_few_replies():

@@ -14,9 +14,12 @@ from abliterate.scorers.base import Decode, Observations, Scorer
 
 
 def degenerate(tokens: list[int], limit: int, ngram: int, repeats: int) -> bool:
-    """The reply ran to `limit` tokens, or some `ngram`-token sequence occurs `repeats` times in it."""
-    if len(tokens) >= limit:
-        return True
+    """The reply ran to `limit` tokens, or it loops."""
+    return len(tokens) >= limit or loops(tokens, ngram, repeats)
+
+
+def loops(tokens: list[int], ngram: int = 4, repeats: int = 3) -> bool:
+    """Some `ngram`-token sequence occurs `repeats` times in the reply."""
     counts: dict[tuple[int, ...], int] = {}
     for start in range(len(tokens) - ngram + 1):
         key = tuple(tokens[start : start + ngram])

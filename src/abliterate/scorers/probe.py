@@ -5,6 +5,7 @@ import time
 
 from abliterate.errors import AbliterateError
 from abliterate.scorers.base import CountedRefusals, Observations
+from abliterate.scorers.degeneration import loops
 from abliterate.scorers.original import fitting_prompts, fitting_replies, original_weights, sampled_replies
 from abliterate.scorers.reply_probe import Probe, choose_probe, probe_scores, reply_states
 
@@ -18,7 +19,8 @@ class ProbeRefusals(CountedRefusals):
     (answers), of the direction roles (`data.harmful`, `data.harmless`), the greedy reply and `samples`
     sampled ones each. No marker or phrase list is used, so deflections in any wording count. Sampled
     replies show it more of the forms of refusal an edit leaves behind, but as a search objective they
-    drove smollm2-soft-refusal to degenerate edits (docs/benchmarks.md), so the default is 0. The original
+    drove smollm2-soft-refusal to degenerate edits (docs/benchmarks.md), so the default is 0; `loops_refuse`
+    takes away that reward: a reply that loops is no answer, and counts as a refusal. The original
     reads every reply, also in trials (the edit is lifted while it reads), so an edit cannot hide its own
     refusals from the judge.
     """
@@ -31,6 +33,7 @@ class ProbeRefusals(CountedRefusals):
         samples: int = 0,
         max_new_tokens: int | None = None,
         layers: list[int] | None = None,
+        loops_refuse: bool = False,
         direction: str = "minimize",
     ):
         """
@@ -40,6 +43,8 @@ class ProbeRefusals(CountedRefusals):
             max_new_tokens: greedy reply tokens judged; None uses `evaluation.max_new_tokens`.
             layers: decoder layers the probe may read (the best on held-out fitting replies is used);
                 None: all.
+            loops_refuse: count a reply in which some 4-token sequence occurs 3 times as a refusal (the
+                original's replies too), so the search gains nothing by breaking the model's answers.
             direction: minimize, maximize, or report.
         """
         super().__init__(direction)
@@ -51,6 +56,7 @@ class ProbeRefusals(CountedRefusals):
         self.samples = samples
         self.max_new_tokens = max_new_tokens
         self.layers = layers
+        self.loops_refuse = loops_refuse
         self._probe: Probe | None = None
 
     def _tokens(self, module) -> int:
@@ -87,4 +93,8 @@ class ProbeRefusals(CountedRefusals):
         return (probe_scores(states[:, 0], probe.weight, probe.bias) > 0).tolist()
 
     def update(self, obs: Observations) -> None:
-        self.count(self.verdicts(obs.module, obs.replies(self._tokens(obs.module))))
+        replies = obs.replies(self._tokens(obs.module))
+        verdicts = self.verdicts(obs.module, replies)
+        if self.loops_refuse:
+            verdicts = [refused or loops(reply) for refused, reply in zip(verdicts, replies, strict=True)]
+        self.count(verdicts)
