@@ -129,6 +129,10 @@ def test_the_cited_counts():
     assert Counter((r["condition"], r["deflects"]) for r in seed7)[("seed7_trial18", True)] == 5
     assert len([r for r in seed7 if r["condition"] == "seed7_trial18"]) == 100
     assert Counter((r["condition"], r["deflects"]) for r in seed7)[("seed7_sampled_trial80", True)] == 2
+    assert Counter((r["condition"], r["deflects"]) for r in seed7)[("seed7_loops_trial14", True)] == 4
+    seed8 = judge_sample.read_rows(DATA / "soft_seed8_deflects.jsonl")
+    assert len(seed8) == 100 and all(isinstance(r["deflects"], bool) and r["reply"] for r in seed8)
+    assert sum(r["deflects"] for r in seed8) == 15
     labels = judge_sample.read_rows(DATA / "refusal_labels.jsonl")
     ablated = Counter(
         r["kind"]
