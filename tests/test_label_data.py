@@ -126,10 +126,11 @@ def test_the_cited_counts():
     assert [deflections("soft_budget_labels.jsonl", f"budget_seed6_trial{t}") for t in (23, 5)] == [12, 6]
     seed7 = judge_sample.read_rows(DATA / "soft_seed7_deflects.jsonl")  # read for deflections only, no kinds
     assert all(isinstance(r["deflects"], bool) and r["prompt"] for r in seed7)
-    assert Counter((r["condition"], r["deflects"]) for r in seed7)[("seed7_trial18", True)] == 5
+    seed7_deflections = Counter(r["condition"] for r in seed7 if r["deflects"])
+    assert seed7_deflections["seed7_trial18"] == 5
     assert len([r for r in seed7 if r["condition"] == "seed7_trial18"]) == 100
-    assert Counter((r["condition"], r["deflects"]) for r in seed7)[("seed7_sampled_trial80", True)] == 2
-    assert Counter((r["condition"], r["deflects"]) for r in seed7)[("seed7_loops_trial14", True)] == 4
+    assert seed7_deflections["seed7_sampled_trial80"] == 2
+    assert seed7_deflections["seed7_loops_trial14"] == 4
     seed8 = judge_sample.read_rows(DATA / "soft_seed8_deflects.jsonl")
     assert len(seed8) == 100 and all(isinstance(r["deflects"], bool) and r["reply"] for r in seed8)
     assert sum(r["deflects"] for r in seed8) == 15
