@@ -131,9 +131,10 @@ def test_the_cited_counts():
     assert len([r for r in seed7 if r["condition"] == "seed7_trial18"]) == 100
     assert seed7_deflections["seed7_sampled_trial80"] == 2
     assert seed7_deflections["seed7_loops_trial14"] == 4
-    seed8 = judge_sample.read_rows(DATA / "soft_seed8_deflects.jsonl")
-    assert len(seed8) == 100 and all(isinstance(r["deflects"], bool) and r["reply"] for r in seed8)
-    assert sum(r["deflects"] for r in seed8) == 15
+    for seed, deflecting in ((8, 15), (9, 12), (10, 9)):  # one pick each, read for deflections only
+        rows = judge_sample.read_rows(DATA / f"soft_seed{seed}_deflects.jsonl")
+        assert len(rows) == 100 and all(isinstance(r["deflects"], bool) and r["reply"] for r in rows)
+        assert sum(r["deflects"] for r in rows) == deflecting
     labels = judge_sample.read_rows(DATA / "refusal_labels.jsonl")
     ablated = Counter(
         r["kind"]
