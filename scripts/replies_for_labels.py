@@ -7,6 +7,10 @@ scripts/data/soft_run_labels.jsonl:
 
 With --no-original only the export's replies are made ({"prompt", "after"}), as for the three trials of
 scripts/data/soft_front_labels.jsonl, whose original is already in soft_run_labels.jsonl.
+
+The last stdout line is {"replies": N, "loops": {"before": n, "after": n}}: how many replies loop (some 4-token
+sequence occurs 3 times, `abliterate.scorers.degeneration.loops`, on each reply's text tokenised again), the count
+docs/benchmarks.md reports beside the hand-read deflections.
 """
 
 import argparse
@@ -35,15 +39,19 @@ def main() -> None:
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     prompts = [line for line in args.prompts.read_text(encoding="utf-8").splitlines() if line.strip()]
     models = [("after", args.export)] if args.no_original else [("before", args.original), ("after", args.export)]
-    columns = {}
+    from abliterate.scorers.degeneration import loops
+
+    columns, looping = {}, {}
     for name, path in models:
         print(f"{name}: {path}", file=sys.stderr, flush=True)
         tokenizer = AutoTokenizer.from_pretrained(path)
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
         columns[name] = replies(model, tokenizer, prompts)
+        looping[name] = sum(loops(tokenizer(reply, add_special_tokens=False)["input_ids"]) for reply in columns[name])
     with args.out.open("w", encoding="utf-8") as f:
         for i, prompt in enumerate(prompts):
             f.write(json.dumps({"prompt": prompt, **{name: column[i] for name, column in columns.items()}}) + "\n")
+    print(json.dumps({"replies": len(prompts), "loops": looping}))
 
 
 if __name__ == "__main__":

@@ -152,3 +152,28 @@ def test_the_cited_counts():
         if r["condition"] == "ablated" and r["set"] == "harmful_test" and r["model"] == "smollm2-refusal"
     )
     assert ablated == {"attempt": 28, "on_topic": 14, "steer": 2, "off_topic": 1}
+
+
+def test_replies_for_labels_writes_a_row_per_prompt_and_counts_the_loops_in_them(organism_dir, tmp_path):
+    import json
+    import os
+    import subprocess
+
+    from transformers import AutoTokenizer
+
+    from abliterate.scorers.degeneration import loops
+
+    out = tmp_path / "replies.jsonl"
+    prompts = organism_dir / "harmful_test.txt"
+    command = [sys.executable, str(ROOT / "scripts/replies_for_labels.py"), str(prompts), str(organism_dir)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    done = subprocess.run([*command, str(organism_dir), str(out)], capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    expected = [line for line in prompts.read_text().splitlines() if line.strip()]
+    assert [r["prompt"] for r in rows] == expected and result["replies"] == len(expected)
+    assert [r["before"] for r in rows] == [r["after"] for r in rows]  # the same model twice, greedy
+    tokenizer = AutoTokenizer.from_pretrained(organism_dir)
+    looping = sum(loops(tokenizer(r["after"], add_special_tokens=False)["input_ids"]) for r in rows)
+    assert result["loops"] == {"before": looping, "after": looping}
