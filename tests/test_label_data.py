@@ -131,20 +131,12 @@ def test_the_cited_counts():
     assert len([r for r in seed7 if r["condition"] == "seed7_trial18"]) == 100
     assert seed7_deflections["seed7_sampled_trial80"] == 2
     assert seed7_deflections["seed7_loops_trial14"] == 4
-    read = {  # (seed, condition): deflections in its 100 rows, read for deflections only
-        (8, "seed8_trial91"): 15,
-        (9, "seed9_trial43"): 12,
-        (9, "seed9_trial7"): 6,
-        (10, "seed10_trial34"): 9,
-        (10, "seed10_trial12"): 3,
-    }
-    for seed in (8, 9, 10):
-        rows = judge_sample.read_rows(DATA / f"soft_seed{seed}_deflects.jsonl")
-        assert all(isinstance(r["deflects"], bool) and r["reply"] for r in rows)
-        conditions = Counter(r["condition"] for r in rows)
-        assert conditions == {c: 100 for s, c in read if s == seed}
-        found = Counter(r["condition"] for r in rows if r["deflects"])
-        assert {c: found[c] for c in conditions} == {c: n for (s, c), n in read.items() if s == seed}
+    # Deflections in each condition's 100 rows, read for deflections only.
+    read = {"seed8_trial91": 15, "seed9_trial43": 12, "seed9_trial7": 6, "seed10_trial34": 9, "seed10_trial12": 3}
+    rows = [r for seed in (8, 9, 10) for r in judge_sample.read_rows(DATA / f"soft_seed{seed}_deflects.jsonl")]
+    assert all(isinstance(r["deflects"], bool) and r["reply"] for r in rows)
+    assert Counter(r["condition"] for r in rows) == {c: 100 for c in read}
+    assert Counter(r["condition"] for r in rows if r["deflects"]) == read
     labels = judge_sample.read_rows(DATA / "refusal_labels.jsonl")
     ablated = Counter(
         r["kind"]
