@@ -31,16 +31,19 @@ def main() -> None:
     parser.add_argument("out", type=Path, help="JSON lines to write")
     parser.add_argument("--no-original", action="store_true", help="skip the original's replies")
     args = parser.parse_args()
-    if not args.prompts.is_file():
-        parser.error(f"{args.prompts} is not a file")
+    models = [("after", args.export)] if args.no_original else [("before", args.original), ("after", args.export)]
+    bad = [f"{args.prompts} is not a file"] if not args.prompts.is_file() else []
+    bad += [f"{path} is not a model dir" for _, path in models if not Path(path, "config.json").is_file()]
+    if bad:  # one line, exit 2, nothing written
+        print(f"replies_for_labels: {'; '.join(bad)}: pass a prompt file and saved model dirs", file=sys.stderr)
+        sys.exit(2)
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
-    prompts = [line for line in args.prompts.read_text(encoding="utf-8").splitlines() if line.strip()]
-    models = [("after", args.export)] if args.no_original else [("before", args.original), ("after", args.export)]
     from abliterate.scorers.degeneration import loops
 
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
+    prompts = [line for line in args.prompts.read_text(encoding="utf-8").splitlines() if line.strip()]
     columns, looping = {}, {}
     for name, path in models:
         print(f"{name}: {path}", file=sys.stderr, flush=True)

@@ -169,3 +169,9 @@ def test_replies_for_labels_writes_a_row_per_prompt_and_counts_the_loops_in_them
     tokenizer = AutoTokenizer.from_pretrained(organism_dir)
     looping = sum(loops(tokenizer(r["after"], add_special_tokens=False)["input_ids"]) for r in rows)
     assert result["loops"] == {"before": looping, "after": looping}
+    # A missing model dir: one line naming it, exit 2, nothing written.
+    missing = subprocess.run(
+        [*command, str(tmp_path / "nope"), str(tmp_path / "x.jsonl")], capture_output=True, text=True
+    )
+    assert missing.returncode == 2 and "nope is not a model dir" in missing.stderr
+    assert len(missing.stderr.strip().splitlines()) == 1 and not (tmp_path / "x.jsonl").exists()
