@@ -137,6 +137,16 @@ def test_the_cited_counts():
     assert all(isinstance(r["deflects"], bool) and r["reply"] for r in rows)
     assert Counter(r["condition"] for r in rows) == {c: 100 for c in read}
     assert Counter(r["condition"] for r in rows if r["deflects"]) == read
+    # The second label on the same rows (what the relevance probe is measured against): a deflection never attempts.
+    attempts = {
+        "seed8_trial91": 13,
+        "seed9_trial43": 19,
+        "seed9_trial7": 22,
+        "seed10_trial34": 21,
+        "seed10_trial12": 19,
+    }
+    assert all(isinstance(r["attempts"], bool) and not (r["attempts"] and r["deflects"]) for r in rows)
+    assert Counter(r["condition"] for r in rows if r["attempts"]) == attempts
     labels = judge_sample.read_rows(DATA / "refusal_labels.jsonl")
     ablated = Counter(
         r["kind"]
