@@ -77,6 +77,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rows", type=Path, help="also write each row with its verdict here (JSON lines)")
     args = parser.parse_args()
+    if args.rows and not args.rows.parent.is_dir():  # before minutes of work: one line, exit 2
+        print(f"relevance_probe: --rows {args.rows}: {args.rows.parent} is not a folder: pass a path in one", file=sys.stderr)
+        sys.exit(2)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     path = organism_dir("smollm2-soft-refusal")

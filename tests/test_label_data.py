@@ -1,6 +1,7 @@
 """scripts/data: every hand-read reply has a kind, and the refusal standards read off the kinds give the counts
 scripts/data/README.md and docs/benchmarks.md cite."""
 
+import subprocess
 import sys
 from collections import Counter
 from pathlib import Path
@@ -50,16 +51,14 @@ def test_the_judges_agreements_are_read_under_every_standard():
     assert set(stored["smollm2-soft-refusal"]["probe"]) >= {*judge_sample.STANDARDS, "refusal_verdicts_by_kind"}
 
 
-def bench_judge_run(*args: str):
-    import subprocess
-
-    script = ROOT / "scripts" / "bench_judge.py"
+def run_script(name: str, *args: str):
+    script = ROOT / "scripts" / name
     return subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True, timeout=120)
 
 
 @pytest.mark.parametrize("judges", ["probe,oracle", "markers,likelihood"])
 def test_bench_judge_refuses_judges_it_cannot_measure_in_one_line(judges):
-    done = bench_judge_run("--judges", judges)
+    done = run_script("bench_judge.py", "--judges", judges)
     assert done.returncode == 2
     assert done.stdout == ""
     assert done.stderr.strip().splitlines() == [
@@ -68,9 +67,20 @@ def test_bench_judge_refuses_judges_it_cannot_measure_in_one_line(judges):
     ]
 
 
+def test_relevance_probe_refuses_a_rows_path_in_no_folder_before_any_work(tmp_path):
+    out = tmp_path / "nowhere" / "rows.jsonl"
+    done = run_script("relevance_probe.py", "--rows", str(out))
+    assert done.returncode == 2
+    assert done.stdout == ""
+    assert done.stderr.strip().splitlines() == [
+        f"relevance_probe: --rows {out}: {out.parent} is not a folder: pass a path in one"
+    ]
+    assert list(tmp_path.iterdir()) == []
+
+
 @pytest.mark.skipif((DATA / "fit_sampled_replies.jsonl").is_file(), reason="the sampled fitting replies exist here")
 def test_bench_judge_without_the_sampled_fitting_replies_says_how_to_make_them():
-    done = bench_judge_run("--judges", "probe_sampled")
+    done = run_script("bench_judge.py", "--judges", "probe_sampled")
     assert done.returncode == 2
     assert done.stdout == ""
     assert done.stderr.strip().splitlines() == [
@@ -159,7 +169,6 @@ def test_the_cited_counts():
 def test_replies_for_labels_writes_a_row_per_prompt_and_counts_the_loops_in_them(organism_dir, tmp_path):
     import json
     import os
-    import subprocess
 
     from transformers import AutoTokenizer
 
