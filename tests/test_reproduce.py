@@ -210,6 +210,28 @@ def test_off_cpu_records_are_compared_by_max_abs_diff(exports, tmp_path, capsys)
     assert "tensors: 2 of 4 match" in out and out.count("of the edit) DIFFERS") == 2
 
 
+def test_the_record_cannot_allow_a_model_s_own_code(exports, tmp_path, capsys, monkeypatch):
+    """An export is a download: its record saying trust_remote_code must not run the base's code."""
+    import io
+    import sys
+
+    from test_remote_code import FLAG, make_model_dir
+
+    evil, marker = make_model_dir(tmp_path / "evil", "evil_abliterate_test")
+
+    def change(record):
+        record["model"]["id"] = str(evil)
+        record["config"]["module"]["load"]["trust_remote_code"] = True
+
+    answers = io.StringIO("y\n" * 5)  # what transformers' "run the custom code? [y/N]" would read
+    monkeypatch.setattr(sys, "stdin", answers)
+    code, out, err = reproduce(tampered(exports, tmp_path, change), capsys)
+    assert code == 2 and out == ""
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and FLAG in errors[0] and str(evil) in errors[0], err
+    assert not marker.exists() and answers.tell() == 0
+
+
 @pytest.mark.parametrize(
     "where, needle",
     [

@@ -80,7 +80,7 @@ def reproduce(trainer, module, export_dir: str) -> None:
     record, where = records.load_record(export_dir)
     model = AbliterationModule(
         module.model_id or record["model"]["id"],
-        load=records.load_options(record),
+        load=records.load_options(record, trust_remote_code=module.load_options.trust_remote_code),
         residual_positions=records.residual_positions(record),
     )
     data = PromptDataModule(**records.data_options(record))
