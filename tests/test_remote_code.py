@@ -127,3 +127,18 @@ def test_the_option_does_run_the_code(evil, tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "EvilTokenizer"
     assert marker.exists()
+
+
+def test_the_classifier_refuses_remote_code_without_its_option(evil, stdin_says_yes):
+    from abliterate.classifier import RefusalClassifier
+    from abliterate.options import ClassifierOptions
+
+    path, marker = evil
+    with pytest.raises(AbliterateError) as info:
+        RefusalClassifier(ClassifierOptions(model=str(path))).refusal_scores(["I can't help with that."])
+    assert str(info.value) == (
+        f"classifier.model={str(path)!r} needs its own Python code to load (auto_map in its config files); "
+        "pass --classifier.trust_remote_code true only if you trust that code"
+    )
+    assert not marker.exists()
+    assert stdin_says_yes.tell() == 0

@@ -53,9 +53,15 @@ class RefusalClassifier:
             raise AbliterateError(
                 f"classifier.model={opts.model!r}: no such directory; pass a hub id or local dir of a {opts.task} model"
             )
-        try:
-            pipe = pipeline(opts.task, model=str(path) if looks_local else opts.model, device=self.device)
+        model = str(path) if looks_local else opts.model
+        try:  # trust_remote_code always passed: left unset, transformers asks on stdin and runs the code on "y"
+            pipe = pipeline(opts.task, model=model, device=self.device, trust_remote_code=opts.trust_remote_code)
         except Exception as err:  # loaders raise OSError, ValueError, hub errors, ...
+            if isinstance(err, ValueError) and "trust_remote_code=True" in str(err):
+                raise AbliterateError(
+                    f"classifier.model={opts.model!r} needs its own Python code to load (auto_map in its config "
+                    "files); pass --classifier.trust_remote_code true only if you trust that code"
+                ) from None
             raise AbliterateError(
                 f"classifier.model={opts.model!r}: cannot load it as a {opts.task} model "
                 f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}); "

@@ -284,6 +284,8 @@ class ClassifierOptions:
     """responses per classifier forward pass."""
     recheck_top: int = 5
     """Pareto trials (fewest marker refusals first) re-checked with the classifier after the search."""
+    trust_remote_code: bool = False
+    """let the classifier model's own Python code (auto_map) run; only for code you trust."""
 
     def __post_init__(self) -> None:
         if self.task not in CLASSIFIER_TASKS:
