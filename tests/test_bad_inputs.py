@@ -328,6 +328,49 @@ def test_bad_input_gets_one_line_and_changes_nothing(case, finished_run, organis
     assert (tmp_path / "mine" / "notes.txt").read_text() == "mine" if (tmp_path / "mine").exists() else True
 
 
+def dead_pid() -> int:
+    child = subprocess.Popen([sys.executable, "-c", ""])
+    child.wait()
+    return child.pid
+
+
+def listing(path: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(path.iterdir())}
+
+
+def test_a_failed_command_leaves_no_half_made_run_dir_and_no_user_file_touched(
+    organism_config, organism_dir, tmp_path, capsys
+):
+    missing_model = tmp_path / "no-such-model"
+    # A new run dir (and a parent): gone again after the failure.
+    code, _, err = run_cli(cli_args("run", organism_config, missing_model, tmp_path / "new" / "run"), capsys)
+    assert code == 2 and "no-such-model" in err, err[-2000:]
+    assert not (tmp_path / "new").exists()
+    code, _, err = run_cli(["export", "--output_dir", str(tmp_path / "typo-run"), "--trial", "1"], capsys)
+    assert code == 2 and "has no study.db" in err, err[-2000:]
+    assert not (tmp_path / "typo-run").exists()
+    # A user's dir: a temp-looking file of theirs and their notes stay, and nothing of ours is left.
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    write(mine / "notes.txt", "mine")
+    write(mine / f".report.tmp-{dead_pid()}", "also mine")
+    before = listing(mine)
+    code, _, err = run_cli(cli_args("run", organism_config, missing_model, mine), capsys)
+    assert code == 2 and "Traceback" not in err, err[-2000:]
+    assert listing(mine) == before
+    # A user's own config.yaml there: refused before anything reads or replaces it.
+    write(mine / "config.yaml", "# my hand-tuned settings\nstudy: {n_trials: 5}\n")
+    before = listing(mine)
+    code, out, err = run_cli(cli_args("run", organism_config, organism_dir, mine), capsys)
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert code == 2 and out == "" and len(errors) == 1, err[-2000:]
+    assert errors[0] == (
+        f"error: {mine / 'config.yaml'} was not written by abliterate, which keeps a run's settings in "
+        "OUTPUT_DIR/config.yaml; choose another --output_dir, or move that file"
+    )
+    assert listing(mine) == before
+
+
 # ---- cases that need more than one command -------------------------------------------------------
 def test_a_second_writer_is_refused_and_a_reader_leaves_the_study_alone(finished_run, organism_dir, tmp_path, capsys):
     config, finished = finished_run

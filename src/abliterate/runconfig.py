@@ -12,7 +12,35 @@ from pathlib import Path
 
 import yaml
 
+from abliterate.errors import AbliterateError
+from abliterate.rundir import LOCK_FILE, atomic_path
+
 CONFIG_FILE = "config.yaml"
+# The first line of every config.yaml abliterate writes: how a run's settings are told from a user's own file.
+HEADER = "# abliterate: this run's settings; verbs on this dir read them below your own configs and flags\n"
+
+
+def foreign_settings(out: Path) -> Path | None:
+    """OUTPUT_DIR/config.yaml when no abliterate run wrote it (a user's own file: never read, never replaced).
+    Run dirs from before the header have the lock file every abliterate writer leaves."""
+    path = out / CONFIG_FILE
+    if not path.is_file() or (out / LOCK_FILE).exists():
+        return None
+    try:
+        with path.open(encoding="utf-8", errors="replace") as file:
+            first = file.readline()
+    except OSError as err:
+        raise AbliterateError(f"cannot read {path} ({err.strerror}); choose another --output_dir") from None
+    return None if first == HEADER else path
+
+
+def check_settings_owner(out: Path) -> None:
+    """Refuse a run dir whose config.yaml is somebody else's, before anything reads or replaces it."""
+    if (path := foreign_settings(out)) is not None:
+        raise AbliterateError(
+            f"{path} was not written by abliterate, which keeps a run's settings in OUTPUT_DIR/{CONFIG_FILE}; "
+            "choose another --output_dir, or move that file"
+        )
 
 
 def scorer_entry(scorer) -> dict:
@@ -62,10 +90,8 @@ def resolved_config(out: Path, module, datamodule, study=None, space=None) -> di
 
 def save_run_config(out: Path, config: dict) -> None:
     """Write OUTPUT_DIR/config.yaml atomically."""
-    from abliterate.rundir import atomic_path
-
     with atomic_path(out / CONFIG_FILE) as tmp:
-        tmp.write_text(yaml.safe_dump(config, sort_keys=False))
+        tmp.write_text(HEADER + yaml.safe_dump(config, sort_keys=False))
 
 
 def output_dir_of(argv: list[str], configs=()) -> str:
@@ -87,5 +113,7 @@ def with_run_config(argv: list[str], configs=()) -> list[str]:
     the run's settings, below everything the user typed."""
     if not argv or argv[0] == "demo" or "-h" in argv or "--help" in argv:
         return argv
-    path = Path(output_dir_of(argv, configs)) / CONFIG_FILE
+    out = Path(output_dir_of(argv, configs))
+    check_settings_owner(out)
+    path = out / CONFIG_FILE
     return [argv[0], "--config", str(path), *argv[1:]] if path.is_file() else argv

@@ -83,6 +83,33 @@ def stale_temps(parent: Path, name: str | None = None) -> list[tuple[Path, str]]
     return stale
 
 
+@contextmanager
+def undone_on_failure(path: Path, settings: frozenset[str]) -> Iterator[None]:
+    """Around a verb that makes or fills the run dir `path`: when it fails having added nothing but the files
+    named in `settings` (its config, the lock), take those back, and the dirs it created, so that bad input
+    leaves no half-made run dir. Anything that was there before, or that the verb made besides, is kept."""
+    created = []  # the dirs this verb will create, deepest first
+    missing = path
+    while not missing.exists() and missing != missing.parent:
+        created.append(missing)
+        missing = missing.parent
+    try:
+        before = set(os.listdir(path)) if path.is_dir() else set()
+    except OSError:
+        before = None  # unreadable: never undo
+    try:
+        yield
+    except BaseException:
+        with suppress(OSError):
+            added = set(os.listdir(path)) - before if before is not None else {None}
+            if added <= settings:
+                for name in added:
+                    (path / name).unlink(missing_ok=True)
+                for directory in created:
+                    directory.rmdir()  # stops at the first that is not empty
+        raise
+
+
 class RunDir:
     """A run dir (study.db, cache/, ...) that one process at a time may write."""
 

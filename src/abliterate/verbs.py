@@ -19,10 +19,15 @@ from abliterate.hub import check_push, push
 from abliterate.options import ClassifierOptions, DirectionOptions, HubOptions, SearchSpace, StudyOptions
 from abliterate.pipeline import Pipeline
 from abliterate.reports import SearchProgress, choose_from_front, log_study, plot_pareto, write_trials_csv
-from abliterate.rundir import RunDir, stale_temps
+from abliterate.runconfig import CONFIG_FILE, check_settings_owner
+from abliterate.rundir import LOCK_FILE, OWNER_FILE, RunDir, stale_temps, undone_on_failure
 from abliterate.study import FINISHED
 
 log = logging.getLogger("abliterate")
+
+# The files of a run dir that are written through a temp sibling (rundir.atomic_path).
+TRIALS_CSV, PARETO_PNG = "trials.csv", "pareto.png"
+RUN_FILES = (CONFIG_FILE, TRIALS_CSV, PARETO_PNG, OWNER_FILE)
 
 
 @contextmanager
@@ -48,11 +53,13 @@ def writing(trainer, out: Path):
     if not trainer.is_global_zero:
         yield
         return
-    with RunDir(out).lock():
-        for path, _ in stale_temps(out):  # files a killed writer left half-written (trials.csv, config.yaml ...)
-            if path.is_file():
-                log.warning("removing %s, left by a writer whose process is gone", path)
-                path.unlink(missing_ok=True)
+    check_settings_owner(out)
+    with undone_on_failure(out, frozenset((CONFIG_FILE, LOCK_FILE))), RunDir(out).lock():
+        for name in RUN_FILES:  # what a killed writer of these left half-written; any other file is not ours
+            for path, _ in stale_temps(out, name):
+                if path.is_file():
+                    log.warning("removing %s, left by a writer whose process is gone", path)
+                    path.unlink(missing_ok=True)
         yield
 
 
@@ -121,8 +128,8 @@ def report(pipe: Pipeline, study: optuna.Study, options: StudyOptions, space: Se
     front = pipe.front(study)
     names = [s.name for s in pipe.objectives]
     if pipe.trainer.is_global_zero:
-        write_trials_csv(study, pipe.run_dir / "trials.csv")
-        plot_pareto(trials, front, chosen, names, pipe.run_dir / "pareto.png")
+        write_trials_csv(study, pipe.run_dir / TRIALS_CSV)
+        plot_pareto(trials, front, chosen, names, pipe.run_dir / PARETO_PNG)
         log_study(trials, front, chosen, names, options.select)
         hint_more_directions(chosen, options, space)
         if interactive and sys.stdin.isatty() and sys.stdout.isatty():
