@@ -98,6 +98,7 @@ CASES = [
     # ---- parse errors (item 8)
     Case("unknown-flag", lambda c: c.args("run", "--study.bogus", "1"), "bogus"),
     Case("wrong-type", lambda c: c.args("run", "--study.n_trials", "many"), "n_trials"),
+    Case("negative-seed", lambda c: c.args("run", "--study.seed", "-1"), "study.seed=-1"),
     Case("bad-literal", lambda c: c.args("run", "--space.components", "[attn, everything]"), "components"),
     Case("bad-quantile", lambda c: c.args("run", "--space.winsorize", "[0.99, 1.5]"), "winsorize"),
     Case("no-positions", lambda c: c.args("run", "--module.residual_positions", "0"), "residual_positions"),

@@ -1,6 +1,7 @@
 """The chat REPL on the tiny organism: multi-turn history, /reset, /system, Ctrl-C, quitting, and
 --compare (original and abliterated replies from one model in memory)."""
 
+import io
 from types import SimpleNamespace
 
 import pytest
@@ -188,9 +189,17 @@ def test_compare_labels_original_and_abliterated_replies_of_one_model(organism_d
     assert out.count("[original]") == 3 and out.count("[abliterated]") == 3 and "[stopped]" in out
 
 
-def test_compare_needs_a_trial(organism_dir, tmp_path, monkeypatch, capsys):
+@pytest.mark.parametrize(
+    "flags, needle",
+    [
+        (["--compare", "true"], "--compare needs --trial N"),
+        (["--max_new_tokens", "0"], "--max_new_tokens 0: a reply needs at least 1 token"),
+    ],
+)
+def test_chat_refuses_bad_flags_before_loading(flags, needle, organism_dir, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
-    code, _, err = run_cli(["chat", "--model", str(organism_dir), "--compare", "true"], capsys)
+    monkeypatch.setattr("sys.stdin", io.StringIO("hello\n\n"))
+    code, _, err = run_cli(["chat", "--model", str(organism_dir), *flags], capsys)
     errors = [line for line in err.splitlines() if line.startswith("error:")]
-    assert code == 2 and len(errors) == 1 and "--compare needs --trial N" in errors[0], err
+    assert code == 2 and len(errors) == 1 and needle in errors[0], err
     assert "Traceback" not in err

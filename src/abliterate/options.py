@@ -240,6 +240,8 @@ class StudyOptions:
             raise AbliterateError(f"study.workers={self.workers}: use 1 for one process, or more for parallel workers")
         if self.n_startup_trials < 0:
             raise AbliterateError("study.n_startup_trials must be >= 0")
+        if not 0 <= self.seed < 2**32:  # the sampler's numpy generator takes no other seed
+            raise AbliterateError(f"study.seed={self.seed}: use a seed from 0 to 2**32 - 1")
         if self.validation_candidates < 1:
             raise AbliterateError("study.validation_candidates must be >= 1")
         if not 0.0 <= self.validation_tolerance <= 1.0:

@@ -62,6 +62,8 @@ def chat(
 
     if compare and trial is None:
         raise AbliterateError("--compare needs --trial N: the trial whose replies are shown beside the original's")
+    if max_new_tokens < 1:
+        raise AbliterateError(f"--max_new_tokens {max_new_tokens}: a reply needs at least 1 token")
     module.configure_model()
     if trial is not None:
         pipe = Pipeline(trainer, module, datamodule, run_dir_of(output_dir))
