@@ -22,6 +22,7 @@ FLOORS = {
         "scorers",
         "prompts",
         "prompt_files",
+        "prompt_splits",
         "cache",
         "export",
         "adapters",

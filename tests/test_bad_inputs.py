@@ -109,6 +109,13 @@ CASES = [
     ),
     Case("missing-config", lambda c: c.args("run", "--config", str(c.tmp / "nope.yaml")), "nope.yaml"),
     Case(
+        "prompt-source-typo",
+        lambda c: c.args(
+            "run", "--config", str(write(c.tmp / "t.yaml", "data: {harmful: {dataset: p.txt, limt: 5}}\n"))
+        ),
+        "data.harmful has unknown field limt (did you mean limit?); a prompt source takes dataset, config, split",
+    ),
+    Case(
         "config-is-a-list",
         lambda c: c.args("run", "--config", str(write(c.tmp / "list.yaml", "- a\n- b\n"))),
         "list.yaml",

@@ -97,12 +97,12 @@ class PromptDataModule(L.LightningDataModule):
         """
         super().__init__()
         self.sources = {
-            "harmful": as_source(harmful),
-            "harmless": as_source(harmless),
-            "unhelpful": as_source(unhelpful),
-            "eval_harmful": as_source(eval_harmful),
-            "eval_harmless": as_source(eval_harmless),
-            VALIDATION_ROLE: as_source(validation_harmful),
+            "harmful": as_source(harmful, "harmful"),
+            "harmless": as_source(harmless, "harmless"),
+            "unhelpful": as_source(unhelpful, "unhelpful"),
+            "eval_harmful": as_source(eval_harmful, "eval_harmful"),
+            "eval_harmless": as_source(eval_harmless, "eval_harmless"),
+            VALIDATION_ROLE: as_source(validation_harmful, VALIDATION_ROLE),
         }
         self.system_prompt = system_prompt
         self.chat_template = chat_template

@@ -3,6 +3,10 @@
 Every `PromptSource` field has a docstring: LightningCLI turns them into `--help`.
 """
 
+import ast
+import contextlib
+import dataclasses
+import difflib
 import itertools
 import logging
 import os
@@ -16,6 +20,7 @@ import jinja2
 
 from abliterate.errors import AbliterateError, first_line
 from abliterate.prompt_files import BUILDERS, FILE_SUFFIXES, reading_files, utf8_problem
+from abliterate.prompt_splits import parse_split, split_names, split_parts, split_rows, streamed_rows
 
 log = logging.getLogger("abliterate.prompts")
 
@@ -62,8 +67,31 @@ class PromptSource:
 PromptSourceLike = PromptSource | str | os.PathLike
 
 
-def as_source(value: PromptSourceLike | None) -> PromptSource | None:
+def _not_a_source(fields: dict, role: str) -> AbliterateError:
+    """What is wrong with a role's mapping that jsonargparse could not make a PromptSource of (it then falls
+    through to the union's `str` and arrives here as the mapping's rendering)."""
+    known = [f.name for f in dataclasses.fields(PromptSource)]
+    unknown = [str(key) for key in fields if key not in known]
+    if unknown:
+        hints = [difflib.get_close_matches(key, known, n=1, cutoff=0.6) for key in unknown]
+        named = ", ".join(f"{k} (did you mean {h[0]}?)" if h else k for k, h in zip(unknown, hints, strict=True))
+        return AbliterateError(f"data.{role} has unknown field {named}; a prompt source takes {', '.join(known)}")
+    try:
+        PromptSource(**fields)
+    except AbliterateError as err:
+        return err
+    except TypeError as err:
+        return AbliterateError(f"data.{role} {fields}: {err}")
+    return AbliterateError(f"data.{role} {fields}: check each field's type (limit: a number, streaming: true/false)")
+
+
+def as_source(value: PromptSourceLike | None, role: str = "<role>") -> PromptSource | None:
     """A prompt role's source: a string or path is the `dataset` (hub id, dir or file) with default fields."""
+    if isinstance(value, str) and value.startswith("{"):
+        with contextlib.suppress(ValueError, SyntaxError, MemoryError, RecursionError):
+            fields = ast.literal_eval(value)
+            if isinstance(fields, dict):
+                raise _not_a_source(fields, role)
     if isinstance(value, str) and value.startswith("Namespace("):
         # jsonargparse's rendering of fields given without a dataset, e.g. --data.harmful.limit 5 after
         # --data.harmful p.txt (a field flag replaces a plain string) or with no dataset at all.
@@ -74,71 +102,14 @@ def as_source(value: PromptSourceLike | None) -> PromptSource | None:
     return PromptSource(os.fspath(value)) if isinstance(value, (str, os.PathLike)) else value
 
 
-# ---- split strings: `datasets` parses them ("train[:400]", "test[-5:]", "train[:10%]", "train+test") ----
-
-
-def _parse_split(source: PromptSource) -> datasets.ReadInstruction:
-    try:
-        return datasets.ReadInstruction.from_spec(source.split.strip())
-    except ValueError as error:
-        raise AbliterateError(
-            f"split {source.split!r} of {source.dataset} is not understood ({first_line(error)}); "
-            "set split: a name with an optional row slice, e.g. train[:400]"
-        ) from error
-
-
-def _parts(split: datasets.ReadInstruction) -> list:
-    """The parsed `+`-separated parts (splitname, from_, to, unit "abs" or "%").
-
-    `datasets` has no public accessor for them; streaming needs the raw bounds, since a stream's length is unknown.
-    """
-    return split._relative_instructions
-
-
-def _split_names(split: datasets.ReadInstruction) -> list[str]:
-    return list(dict.fromkeys(part.splitname for part in _parts(split)))
-
-
-def _split_rows(
-    source: PromptSource, split: datasets.ReadInstruction, lengths: dict[str, int]
-) -> list[tuple[str, range]]:
-    """(split name, rows) per part of `split`, given each split's length."""
-    try:
-        return [(part.splitname, range(part.from_, part.to)) for part in split.to_absolute(lengths)]
-    except ValueError as error:  # e.g. pct1_dropremainder rounding on fewer than 100 rows
-        raise AbliterateError(
-            f"split {source.split!r} of {source.dataset} does not apply ({first_line(error)}); set split like train[:400]"
-        ) from error
-
-
-def _streamed_rows(source: PromptSource, split: datasets.ReadInstruction) -> tuple[int, int]:
-    """(rows to skip, rows to read) for a streamed source; rows arrive in order, so only plain row numbers work."""
-    parts = _parts(split)
-    part = parts[0]
-    if len(parts) > 1 or part.unit == "%" or (part.from_ or 0) < 0 or (part.to or 0) < 0:
-        raise AbliterateError(
-            f"streaming {source.dataset} reads rows in order, so split {source.split!r} must be one split with non-negative row numbers; "
-            "set split like train[100:500], or streaming: false"
-        )
-    start = part.from_ or 0
-    count = None if part.to is None else max(part.to - start, 0)
-    if source.limit is not None:
-        count = source.limit if count is None else min(count, source.limit)
-    if count is None:
-        raise AbliterateError(
-            f"streaming {source.dataset} needs a row count; set limit (or a split slice end like {part.splitname}[:1000])"
-        )
-    return start, count
-
-
 def _select(source: PromptSource, split: datasets.ReadInstruction, splits: dict) -> datasets.Dataset:
     """The rows of map-style `splits` (name -> Dataset) that `split` selects."""
     if source.streaming:
-        start, count = _streamed_rows(source, split)  # same rules as any streamed source
-        name = _parts(split)[0].splitname
+        start, count = streamed_rows(source, split)  # same rules as any streamed source
+        name = split_parts(split)[0].splitname
         pieces = [(name, range(len(splits[name]))[start : start + count])]
     else:
-        pieces = _split_rows(source, split, {name: len(ds) for name, ds in splits.items()})
+        pieces = split_rows(source, split, {name: len(ds) for name, ds in splits.items()})
     selected = []
     for name, rows in pieces:
         ds = splits[name]
@@ -185,14 +156,14 @@ def _read_txt(source: PromptSource, path: Path, split: datasets.ReadInstruction)
             lines = (line.strip() for line in file)
             prompts = (line for line in lines if line)
             if source.streaming:
-                start, count = _streamed_rows(source, split)
+                start, count = streamed_rows(source, split)
                 return list(itertools.islice(prompts, start, start + count))
             rows = list(prompts)
     except UnicodeDecodeError as error:
         raise AbliterateError(f"{path} {utf8_problem(path) or first_line(error)}") from error
     # A text file has one split: every part of `split` names it.
-    lengths = dict.fromkeys(_split_names(split), len(rows))
-    rows = [rows[i] for _, part in _split_rows(source, split, lengths) for i in part]
+    lengths = dict.fromkeys(split_names(split), len(rows))
+    rows = [rows[i] for _, part in split_rows(source, split, lengths) for i in part]
     return rows if source.limit is None else rows[: source.limit]
 
 
@@ -206,7 +177,7 @@ def _read_dataset(source: PromptSource, ds: datasets.Dataset) -> list[str]:
 
 
 def _read_iterable(source: PromptSource, ds: datasets.IterableDataset, split: datasets.ReadInstruction) -> list[str]:
-    start, count = _streamed_rows(source, split)
+    start, count = streamed_rows(source, split)
     columns = ds.column_names  # None when the features are only known once rows are read
     _check_column(source, columns)
     text_columns = _string_columns(ds.features)
@@ -230,13 +201,13 @@ def _read_iterable(source: PromptSource, ds: datasets.IterableDataset, split: da
 def _read_saved(source: PromptSource, path: Path, split: datasets.ReadInstruction) -> list[str]:
     saved = datasets.load_from_disk(str(path))
     if isinstance(saved, datasets.DatasetDict):
-        missing = [name for name in _split_names(split) if name not in saved]
+        missing = [name for name in split_names(split) if name not in saved]
         if missing:
             raise AbliterateError(f"{path} has no split {missing[0]!r}; set split: one of {', '.join(saved)}")
         splits = dict(saved)
     else:
         # A saved Dataset is one split: every part of `split` names it.
-        splits = dict.fromkeys(_split_names(split), saved)
+        splits = dict.fromkeys(split_names(split), saved)
     return _read_dataset(source, _select(source, split, splits))
 
 
@@ -244,8 +215,8 @@ def _load_dataset(source: PromptSource, split: datasets.ReadInstruction, path: s
     """`datasets.load_dataset` for hub ids and dirs of data files."""
     try:
         if source.streaming:
-            _streamed_rows(source, split)  # one split, plain row numbers
-            ds = datasets.load_dataset(path, split=_parts(split)[0].splitname, streaming=True, **kwargs)
+            streamed_rows(source, split)  # one split, plain row numbers
+            ds = datasets.load_dataset(path, split=split_parts(split)[0].splitname, streaming=True, **kwargs)
         else:
             # datasets slices map-style splits itself ("train[:400]", "train[:10%]", "train+test").
             ds = datasets.load_dataset(path, split=str(split), **kwargs)
@@ -271,7 +242,7 @@ def _read_file(source: PromptSource, path: Path, split: datasets.ReadInstruction
         ds = datasets.load_dataset(builder, data_files=str(path), split="train", streaming=True)
         return _read_iterable(source, ds, split)
     ds = datasets.load_dataset(builder, data_files=str(path), split="train")
-    return _read_dataset(source, _select(source, split, dict.fromkeys(_split_names(split), ds)))
+    return _read_dataset(source, _select(source, split, dict.fromkeys(split_names(split), ds)))
 
 
 def _read(source: PromptSource, split: datasets.ReadInstruction) -> list[str]:
@@ -297,9 +268,9 @@ def _read(source: PromptSource, split: datasets.ReadInstruction) -> list[str]:
 def load_prompts(source: PromptSource) -> list[str]:
     """Prompts of `source`: prefix + text + suffix per row, stripped; split slice first, then `limit`."""
     start = time.perf_counter()
-    split = _parse_split(source)
+    split = parse_split(source)
     if source.streaming:
-        _streamed_rows(source, split)  # a stream without a row count would never end
+        streamed_rows(source, split)  # a stream without a row count would never end
     texts = _read(source, split)
     prompts = [f"{source.prefix}{text}{source.suffix}".strip() for text in texts]
     if source.limit is not None:

@@ -209,9 +209,7 @@ def _section(record: dict, *keys: str):
 
 
 def load_options(record: dict, trust_remote_code: bool) -> LoadOptions:
-    """The recorded load options, pinned to the recorded dtype and, for a hub model, its resolved commit.
-    Whether the model's own code may run is the caller's setting, never the record's: an export is a
-    download, and what it says must not run code the user did not allow."""
+    """The recorded load options at the recorded dtype (and hub commit); remote code: the caller's say, never the record's."""
     options = dict(_section(record, "config", "module", "load"))
     options["dtypes"] = [_section(record, "model", "dtype")]
     options["trust_remote_code"] = trust_remote_code
