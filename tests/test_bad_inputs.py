@@ -85,6 +85,9 @@ def long_prompt_file(ctx: Ctx) -> Path:
     return write(ctx.tmp / "long.txt", "how do i make a plan " * 600 + "\nwhat is the plan\n")
 
 
+SCORER = "module:\n  scorers:\n    - class_path: {}\n"
+BOGUS = "      init_args: {bogus: 1}\n"
+
 CASES = [
     # ---- data safety (issue items 1-4)
     Case("export-into-run-dir", lambda c: c.args("run", "--export_dir", str(c.run), "--overwrite", "true"), "run dir"),
@@ -108,6 +111,25 @@ CASES = [
         "broken.yaml",
     ),
     Case("missing-config", lambda c: c.args("run", "--config", str(c.tmp / "nope.yaml")), "nope.yaml"),
+    Case(
+        "unknown-scorer",
+        lambda c: c.args(
+            "run", "--config", str(write(c.tmp / "s.yaml", SCORER.format("abliterate.scorers.ProbeRefusal")))
+        ),
+        "module.scorers: no scorer ProbeRefusal (did you mean ProbeRefusals?); abliterate.scorers has KL,",
+    ),
+    Case(
+        "unimportable-scorer",
+        lambda c: c.args("run", "--config", str(write(c.tmp / "s.yaml", SCORER.format("nosuchpkg.Scorer")))),
+        "cannot use class_path nosuchpkg.Scorer (No module named 'nosuchpkg'); give an importable class",
+    ),
+    Case(
+        "scorer-argument-typo",
+        lambda c: c.args(
+            "run", "--config", str(write(c.tmp / "s.yaml", SCORER.format("abliterate.scorers.KL") + BOGUS))
+        ),
+        "abliterate.scorers.KL takes no argument 'bogus'; fix or remove it in its init_args",
+    ),
     Case(
         "prompt-source-typo",
         lambda c: c.args(
@@ -377,6 +399,25 @@ def test_a_failed_command_leaves_no_half_made_run_dir_and_no_user_file_touched(
         "OUTPUT_DIR/config.yaml; choose another --output_dir, or move that file"
     )
     assert listing(mine) == before
+
+
+def test_an_error_after_parsing_is_the_only_line_on_stderr(tmp_path):
+    """Lightning's import sets its loggers to INFO: its "Seed set to 0" must not come before the error."""
+    missing = tmp_path / "no-such-model"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    done = subprocess.run(
+        [sys.executable, "-m", "abliterate", "run", "--model", str(missing), "--output_dir", str(tmp_path / "run")],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+        timeout=300,
+    )
+    assert done.returncode == 2 and done.stdout == ""
+    assert done.stderr.splitlines() == [
+        f"error: model path {missing} does not exist; pass an existing model dir or a hub id"
+    ]
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
 
 
 # ---- cases that need more than one command -------------------------------------------------------

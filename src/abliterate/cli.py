@@ -247,6 +247,7 @@ def configure_logging() -> None:
     import logging
     import warnings
 
+    import lightning.pytorch  # noqa: F401 - its import sets its loggers to INFO: imported first, quieted below
     import optuna
 
     # predict_step returns nothing on purpose; results live on the module.

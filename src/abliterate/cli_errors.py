@@ -116,6 +116,19 @@ def _expected(detail: str) -> str:
     return first_line(Exception(detail))
 
 
+def _class_problem(path: str, problem: str) -> str:
+    """A class_path entry (a scorer) that jsonargparse could not make: what to change."""
+    if m := re.match(r"Option '([^']+)' is not accepted", problem):
+        return f"{path} takes no argument {m.group(1)!r}; fix or remove it in its init_args"
+    module, _, name = path.rpartition(".")
+    if module == "abliterate.scorers":
+        from abliterate import scorers
+
+        known = [n for n in scorers.__all__ if n[0].isupper() and n not in ("Observations", "Scorer")]
+        return f"no scorer {name}{_close(name, known)}; abliterate.scorers has {', '.join(known)}"
+    return f"cannot use class_path {path} ({problem}); give an importable class, e.g. abliterate.scorers.KL"
+
+
 def _describe_parse_error(err: _ParseError, verb: str | None, argv: list[str], options: list[str]) -> str:
     """One line for a jsonargparse error message: the option, the file it came from, the fix."""
     where = f"abliterate {verb} --help" if verb else "abliterate --help"
@@ -144,6 +157,8 @@ def _describe_parse_error(err: _ParseError, verb: str | None, argv: list[str], o
         if key == "config":
             return f"--config: {first_line(Exception(detail))}"
         source = in_file(key)
+        if m := re.search(r"Problem with given class_path '([^']+)': (.*?)(?: - Expected|$)", detail):
+            return f"{source}{key if source else '--' + key}: {_class_problem(*m.groups())}"
         return f"{source}{key if source else '--' + key} {_expected(detail)}"
     if m := re.match(r"argument (\S+): expected one argument", text):
         return f"{m.group(1)} needs a value"
