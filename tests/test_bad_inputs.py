@@ -112,6 +112,28 @@ CASES = [
     ),
     Case("missing-config", lambda c: c.args("run", "--config", str(c.tmp / "nope.yaml")), "nope.yaml"),
     Case(
+        "model-is-a-file",
+        lambda c: [*c.args("run"), "--model", str(c.organism / "config.json")],
+        "is a file; pass its dir",
+    ),
+    Case(
+        "bad-device-map",
+        lambda c: c.args("run", "--module.load.device_map", "bogus"),
+        "module.load.device_map='bogus': use auto, balanced, balanced_low_0, sequential or a device like cuda:0",
+    ),
+    Case(
+        "zero-directions",
+        lambda c: c.args("directions", "--direction.method", "contrastive_pca", "--direction.k", "0"),
+        "direction.k=0: use 1 or more directions per layer",
+    ),
+    Case(
+        "empty-prompt-dir",
+        lambda c: c.args("run", *data_flag("harmful", c.tmp / "emptydir")),
+        "emptydir: the dir holds no dataset",
+        setup=lambda c: (c.tmp / "emptydir").mkdir(),
+        cache_may_change=True,
+    ),
+    Case(
         "unknown-scorer",
         lambda c: c.args(
             "run", "--config", str(write(c.tmp / "s.yaml", SCORER.format("abliterate.scorers.ProbeRefusal")))

@@ -53,11 +53,12 @@ SHARED_EXPERT_NAMES = ("shared_expert", "shared_experts", "shared_mlp")
 _DTYPE_PROBLEM = re.compile(r"b?float16|bf16|fp16|\bhalf\b|dtype|float32|fp32|float8", re.IGNORECASE)
 
 
-def _check_local_path(model_id: str) -> None:
-    # Something that is clearly a path must exist: otherwise HF reports a confusing hub error.
+def _check_local_path(model_id: str) -> None:  # a clear path must exist and be a dir: else HF's hub errors confuse
     looks_like_path = model_id.startswith((".", "/", "~")) or Path(model_id).suffix in (".gguf", ".safetensors")
     if looks_like_path and not Path(model_id).expanduser().exists():
         raise AbliterateError(f"model path {model_id} does not exist; pass an existing model dir or a hub id")
+    if Path(model_id).expanduser().is_file():
+        raise AbliterateError(f"model path {model_id} is a file; pass its dir (a .gguf: and --module.load.gguf_file)")
 
 
 def _first_line(err: BaseException) -> str:

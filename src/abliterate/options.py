@@ -24,6 +24,10 @@ DEFAULT_THINK_TAGS: list[list[str]] = [
 thought cut at the budget] (gpt-oss ends its analysis channel with <|end|> and starts the final one)."""
 
 
+# accelerate's placement strategies (a device name, like cuda:0, puts the whole model there).
+DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")
+
+
 @dataclass
 class LoadOptions:
     """How the model is loaded."""
@@ -44,6 +48,18 @@ class LoadOptions:
     """how trials apply the ablation: weights (edit in place, then restore), hooks (project the writers'
     outputs; for 4-bit or disk-offloaded writers), auto (weights unless a writer cannot be edited)."""
 
+    def __post_init__(self) -> None:
+        import torch
+
+        if self.device_map is None or self.device_map in DEVICE_MAPS:
+            return
+        try:
+            torch.device(self.device_map)
+        except (RuntimeError, ValueError):
+            raise AbliterateError(
+                f"module.load.device_map={self.device_map!r}: use {', '.join(DEVICE_MAPS)} or a device like cuda:0"
+            ) from None
+
 
 @dataclass
 class DirectionOptions:
@@ -63,6 +79,8 @@ class DirectionOptions:
     lowered the picks' 16-token KL on every seed of docs/benchmarks.md's lever table."""
 
     def __post_init__(self) -> None:
+        if self.k < 1:
+            raise AbliterateError(f"direction.k={self.k}: use 1 or more directions per layer")
         if not 0.0 < self.winsorize <= 1.0:
             raise AbliterateError(f"direction.winsorize={self.winsorize}: give a quantile in (0, 1], 1 for off")
 

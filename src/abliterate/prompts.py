@@ -221,6 +221,11 @@ def _load_dataset(source: PromptSource, split: datasets.ReadInstruction, path: s
             # datasets slices map-style splits itself ("train[:400]", "train[:10%]", "train+test").
             ds = datasets.load_dataset(path, split=str(split), **kwargs)
     except (ConnectionError, FileNotFoundError) as error:
+        if Path(source.dataset).expanduser().is_dir():  # a local dir without data files
+            raise AbliterateError(
+                f"could not load {source.dataset}: the dir holds no dataset ({first_line(error)}); point at a "
+                f"dir saved by datasets' save_to_disk, a dir of {'/'.join(FILE_SUFFIXES)} files, or one such file"
+            ) from error
         raise AbliterateError(
             f"could not load {source.dataset}: not a local file or dir, and not available from the hub ({first_line(error)}); "
             "check the dataset path or id, or download it first"
