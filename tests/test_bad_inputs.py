@@ -69,8 +69,10 @@ def cli_args(verb: str, config: Path, organism_dir: Path, run: Path, *extra: str
     return [verb, "--config", str(config), "--model", str(organism_dir), "--output_dir", str(run), *extra]
 
 
-def snapshot(run: Path) -> tuple[list[str], list]:
+def snapshot(run: Path) -> tuple[list[str], list, str | None]:
+    """The run dir's file names, its study's trials and its kept settings (config.yaml)."""
     files = sorted(str(p.relative_to(run)) for p in run.rglob("*") if not p.name.startswith(".abliterate"))
+    settings = (run / "config.yaml").read_text() if (run / "config.yaml").is_file() else None
     trials = []
     if (run / "study.db").is_file():
         try:
@@ -78,7 +80,7 @@ def snapshot(run: Path) -> tuple[list[str], list]:
             trials = [(t.number, t.state.name, t.values) for t in study.trials]
         except Exception:  # a case that corrupts the study on purpose
             trials = [(run / "study.db").read_bytes()]
-    return files, trials
+    return files, trials, settings
 
 
 def long_prompt_file(ctx: Ctx) -> Path:
@@ -373,8 +375,8 @@ def test_bad_input_gets_one_line_and_changes_nothing(case, finished_run, organis
     assert "Traceback" not in err and "usage:" not in err, err[-3000:]
     after = snapshot(ctx.run)
     if case.cache_may_change:
-        before = ([f for f in before[0] if not f.startswith("cache")], before[1])
-        after = ([f for f in after[0] if not f.startswith("cache")], after[1])
+        before = ([f for f in before[0] if not f.startswith("cache")], *before[1:])
+        after = ([f for f in after[0] if not f.startswith("cache")], *after[1:])
     assert after == before
     assert not (tmp_path / "fresh" / "study.db").exists(), "stopped before a search on a new run dir"
     assert (tmp_path / "mine" / "notes.txt").read_text() == "mine" if (tmp_path / "mine").exists() else True

@@ -64,7 +64,8 @@ def writing(trainer, out: Path):
 
 
 def keep_settings(trainer, out: Path, module, datamodule, study=None, space=None) -> None:
-    """OUTPUT_DIR/config.yaml: what later verbs on this run dir, and trial workers, start from."""
+    """OUTPUT_DIR/config.yaml: what later verbs on this run dir, and trial workers, start from. Written once
+    the settings have loaded a model and prompts, so a refused or failed command leaves the last good ones."""
     from abliterate.runconfig import resolved_config, save_run_config
     from abliterate.workers import is_worker
 
@@ -235,12 +236,12 @@ def run(
             check_export_target(target, overwrite or previous is not None, out)
             check_export_format(export_format, space.norm_preserving)
             check_push(hub)
-        keep_settings(trainer, out, module, datamodule, study, space)
         pipe = Pipeline(trainer, module, datamodule, out)
         pipe.check_existing_study(study)
         pipe.check_selection(study)
         reference = prepare(pipe)
         check_refusals_to_remove(pipe, reference, study)
+        keep_settings(trainer, out, module, datamodule, study, space)  # once the model and prompts have loaded
         optuna_study = pipe.open_study(study)
         fail_interrupted_trials(trainer, optuna_study, study)
         search_study(pipe, optuna_study, study, space, reference)
@@ -293,10 +294,10 @@ def directions(trainer, module, datamodule, output_dir: str, options: DirectionO
                 f"got {n}: use a smaller k or more prompts"
             )
     with writing(trainer, out):
-        keep_settings(trainer, out, module, datamodule)
         pipe = Pipeline(trainer, module, datamodule, out)
         with phase("residual collection", "nothing of it was cached"):
             pipe.residuals()
+        keep_settings(trainer, out, module, datamodule)  # once the model and prompts have loaded
         result = module.directions_for(options)
         path = out / "directions.safetensors"
         if trainer.is_global_zero:
@@ -313,11 +314,11 @@ def search(
 
     out = run_dir_of(output_dir)
     with writing(trainer, out) if not is_worker() else nullcontext():
-        keep_settings(trainer, out, module, datamodule, study, space)
         pipe = Pipeline(trainer, module, datamodule, out)
         pipe.check_existing_study(study)
         pipe.check_selection(study)
         reference = prepare(pipe)
+        keep_settings(trainer, out, module, datamodule, study, space)  # once the model and prompts have loaded
         optuna_study = pipe.open_study(study)
         fail_interrupted_trials(trainer, optuna_study, study)
         search_study(pipe, optuna_study, study, space, reference)
