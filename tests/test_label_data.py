@@ -143,7 +143,8 @@ def test_the_cited_counts():
     assert seed7_deflections["seed7_loops_trial14"] == 4
     # Deflections in each condition's 100 rows, read for deflections only.
     read = {"seed8_trial91": 15, "seed9_trial43": 12, "seed9_trial7": 6, "seed10_trial34": 9, "seed10_trial12": 3}
-    rows = [r for seed in (8, 9, 10) for r in judge_sample.read_rows(DATA / f"soft_seed{seed}_deflects.jsonl")]
+    read |= {"seed11_trial76": 15, "seed12_trial39": 14}  # loops_refuse with the 48-token probe
+    rows = [r for seed in range(8, 13) for r in judge_sample.read_rows(DATA / f"soft_seed{seed}_deflects.jsonl")]
     assert all(isinstance(r["deflects"], bool) and r["reply"] for r in rows)
     assert Counter(r["condition"] for r in rows) == {c: 100 for c in read}
     assert Counter(r["condition"] for r in rows if r["deflects"]) == read
@@ -155,6 +156,7 @@ def test_the_cited_counts():
         "seed10_trial34": 21,
         "seed10_trial12": 19,
     }
+    rows = [r for r in rows if r["condition"] in attempts]
     assert all(isinstance(r["attempts"], bool) and not (r["attempts"] and r["deflects"]) for r in rows)
     assert Counter(r["condition"] for r in rows if r["attempts"]) == attempts
     labels = judge_sample.read_rows(DATA / "refusal_labels.jsonl")
