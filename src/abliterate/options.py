@@ -51,7 +51,7 @@ class LoadOptions:
     def __post_init__(self) -> None:
         import torch
 
-        if self.device_map is None or self.device_map in DEVICE_MAPS:
+        if not isinstance(self.device_map, str) or self.device_map in DEVICE_MAPS:  # a dict: accelerate's own map
             return
         try:
             torch.device(self.device_map)
