@@ -88,10 +88,11 @@ def _not_a_source(fields: dict, role: str) -> AbliterateError:
 def as_source(value: PromptSourceLike | None, role: str = "<role>") -> PromptSource | None:
     """A prompt role's source: a string or path is the `dataset` (hub id, dir or file) with default fields."""
     if isinstance(value, str) and value.startswith("{"):
+        fields = None
         with contextlib.suppress(ValueError, SyntaxError, MemoryError, RecursionError):
             fields = ast.literal_eval(value)
-            if isinstance(fields, dict):
-                raise _not_a_source(fields, role)
+        if isinstance(fields, dict):
+            raise _not_a_source(fields, role)
     if isinstance(value, str) and value.startswith("Namespace("):
         # jsonargparse's rendering of fields given without a dataset, e.g. --data.harmful.limit 5 after
         # --data.harmful p.txt (a field flag replaces a plain string) or with no dataset at all.
