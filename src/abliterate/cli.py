@@ -257,7 +257,13 @@ def configure_logging() -> None:
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     # Lightning repeats its device banner on every Trainer call (one per trial).
-    for name in ("lightning.pytorch.utilities.rank_zero", "lightning.pytorch.accelerators.cuda", "lightning.fabric"):
+    # Its "Seed set to 0" would come before any error; the DDP rank banners stay (lightning.fabric).
+    quiet = (
+        "lightning.pytorch.utilities.rank_zero",
+        "lightning.pytorch.accelerators.cuda",
+        "lightning.fabric.utilities.seed",
+    )
+    for name in quiet:
         logging.getLogger(name).setLevel(logging.WARNING)
     for name in ("httpx", "urllib3", "datasets", "filelock", "huggingface_hub"):
         logging.getLogger(name).setLevel(logging.WARNING)
